@@ -1,0 +1,21 @@
+//! iresnetc: a compiler for invertible residual networks.
+//!
+//! Pipeline: [`spec`] (TOML) -> [`ir`] (petgraph) -> [`passes`] (shapes,
+//! Lipschitz certificate) -> codegen / ONNX; [`reference`] is the f64 oracle
+//! every backend is tested against.
+
+pub mod error;
+pub mod fsutil;
+pub mod ir;
+pub mod kernels;
+pub mod npy;
+pub mod ops;
+pub mod passes;
+pub mod pipeline;
+pub mod reference;
+pub mod spec;
+pub mod spectral;
+pub mod tensor;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,78 @@
+//! The front half of the compiler as one call: model file -> verified,
+//! spectrally normalized and certified graph.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::ir::{self, Graph};
+use crate::passes::{self, shapes::ShapeReport, LipschitzReport};
+use crate::spec::ModelSpec;
+use crate::weights;
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub graph: Graph,
+    pub shapes: ShapeReport,
+    pub lipschitz: LipschitzReport,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions<'a> {
+    /// safetensors file; None = deterministic init.
+    pub weights: Option<&'a Path>,
+    /// Init seed (overrides the spec's `seed`).
+    pub seed: Option<u64>,
+}
+
+/// Parses, builds, loads or initializes weights, infers shapes, normalizes
+/// and certifies. `progress(done, total)` reports the Lipschitz pass.
+pub fn load_model(path: &Path, opts: &LoadOptions<'_>, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Model> {
+    let spec = ModelSpec::from_file(path)?;
+    load_spec(spec, opts, progress)
+}
+
+pub fn load_spec(spec: ModelSpec, opts: &LoadOptions<'_>, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Model> {
+    let mut graph = ir::build(&spec)?;
+    graph.params = match opts.weights {
+        Some(w) => weights::load(&graph, w)?,
+        None => weights::init(&graph, opts.seed.unwrap_or(spec.seed)),
+    };
+    let shapes = passes::infer_shapes(&mut graph)?;
+    let lipschitz = passes::lipschitz::certify_with_progress(&mut graph, progress)?;
+    Ok(Model {
+        graph,
+        shapes,
+        lipschitz,
+    })
+}
+
+/// Cost and certificate summary (what `iresnetc inspect --json` prints and
+/// what a bundle's report.json holds).
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary<'a> {
+    pub model: &'a str,
+    pub kind: crate::spec::ModelKind,
+    pub input: &'a [usize],
+    pub parameters: usize,
+    pub forward_flops_per_sample: u64,
+    pub stage_shapes: &'a [Vec<usize>],
+    pub latent_dim: usize,
+    pub lipschitz: &'a LipschitzReport,
+}
+
+impl Model {
+    pub fn summary(&self) -> Summary<'_> {
+        Summary {
+            model: &self.graph.spec.name,
+            kind: self.graph.spec.kind,
+            input: &self.graph.spec.input,
+            parameters: self.graph.param_count(),
+            forward_flops_per_sample: 2 * self.graph.forward_macs(),
+            stage_shapes: &self.shapes.stage_shapes,
+            latent_dim: self.graph.latent_dim(),
+            lipschitz: &self.lipschitz,
+        }
+    }
+}

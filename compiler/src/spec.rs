@@ -1,0 +1,447 @@
+//! The model file: a TOML description of an i-ResNet flow or classifier.
+//!
+//! Parsing is strict (`deny_unknown_fields`) so that a typo is an error rather
+//! than a silently ignored setting; [`ModelSpec::validate`] then checks what serde
+//! cannot (shapes that cannot be squeezed, `c` outside (0,1), ...), always naming
+//! the file and the field.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Flow (density model, z + log-det) or classifier (logits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Flow,
+    Classifier,
+}
+
+/// Activations with Lipschitz constant <= 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Elu,
+    Relu,
+    /// `x * sigmoid(softplus(b) * x) / 1.1`, one learned scalar `b` per activation.
+    LipSwish,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub name: String,
+    pub kind: ModelKind,
+    /// Per-sample input shape: `[C, H, W]` for images, `[D]` for vectors.
+    pub input: Vec<usize>,
+    /// Space-to-depth 2x2 on the input, before anything else.
+    #[serde(default)]
+    pub squeeze: bool,
+    /// Injective zero-padding of the channels up to this count (after the initial squeeze).
+    #[serde(default)]
+    pub pad_channels: Option<usize>,
+    /// Seed of the deterministic initialization used when no weights file is given.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub lipschitz: LipschitzSpec,
+    pub stages: Vec<StageSpec>,
+    #[serde(default)]
+    pub head: Option<HeadSpec>,
+    #[serde(default)]
+    pub inverse: InverseSpec,
+    #[serde(default)]
+    pub logdet: LogDetSpec,
+    #[serde(default)]
+    pub data: DataSpec,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub blocks: usize,
+    /// Hidden channels of the convolutional residual branch (image models).
+    #[serde(default)]
+    pub width: Option<usize>,
+    /// Kernel sizes of the branch's convolutions, `[3, 1, 3]` by default (image models).
+    #[serde(default)]
+    pub kernels: Option<Vec<usize>>,
+    /// Hidden widths of the MLP branch, e.g. `[128, 128, 128, 128]` (vector models).
+    #[serde(default)]
+    pub hidden: Option<Vec<usize>>,
+    #[serde(default)]
+    pub activation: Activation,
+    /// Space-to-depth 2x2 at the start of the stage.
+    #[serde(default)]
+    pub squeeze: bool,
+    /// Factor out half of the channels after the stage (flows only).
+    #[serde(default)]
+    pub factor_out: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LipschitzSpec {
+    /// Target spectral norm per layer; `W <- W / max(1, sigma / coeff)`.
+    pub coeff: f64,
+    /// Power iteration stops when the relative change of sigma is below this.
+    pub power_tol: f64,
+    /// ... or after this many iterations.
+    pub power_max_iters: usize,
+}
+
+impl Default for LipschitzSpec {
+    fn default() -> Self {
+        Self {
+            coeff: 0.9,
+            power_tol: 1e-6,
+            power_max_iters: 200,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadSpec {
+    pub classes: usize,
+    /// Eval-form batch norm before the ReLU -> global average pool -> linear head.
+    pub batchnorm: bool,
+    pub bn_eps: f64,
+}
+
+impl Default for HeadSpec {
+    fn default() -> Self {
+        Self {
+            classes: 10,
+            batchnorm: true,
+            bn_eps: 1e-5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InverseSpec {
+    /// Stop the fixed point when the largest elementwise step is below this.
+    pub tol: f64,
+    pub max_iters: usize,
+}
+
+impl Default for InverseSpec {
+    fn default() -> Self {
+        Self {
+            tol: 1e-6,
+            max_iters: 100,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Estimator {
+    /// Full Jacobian, `ln|det|` (small dimensions only).
+    Exact,
+    /// Truncated power series with Hutchinson probes (biased, cheap).
+    #[default]
+    Series,
+    /// Russian-roulette series (unbiased).
+    Roulette,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    #[default]
+    Gaussian,
+    Rademacher,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RouletteDist {
+    #[default]
+    Geometric,
+    Poisson,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogDetSpec {
+    pub estimator: Estimator,
+    /// Series terms (the deterministic part for roulette).
+    pub terms: usize,
+    pub probes: usize,
+    pub probe: ProbeKind,
+    pub seed: u64,
+    pub roulette: RouletteDist,
+    /// Geometric success probability, or Poisson mean.
+    pub roulette_param: f64,
+}
+
+impl Default for LogDetSpec {
+    fn default() -> Self {
+        Self {
+            estimator: Estimator::Series,
+            terms: 5,
+            probes: 1,
+            probe: ProbeKind::Gaussian,
+            seed: 0,
+            roulette: RouletteDist::Geometric,
+            roulette_param: 0.5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSpec {
+    /// Inputs are 8-bit images scaled to [0, 1]: density mode dequantizes
+    /// `x <- (255 x + U(0,1)) / 256 - 0.5` and reports bits/dim.
+    pub dequantize: bool,
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self { dequantize: false }
+    }
+}
+
+impl ModelSpec {
+    /// Parse and validate a model file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` is only used in messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
+        let spec: ModelSpec = toml::from_str(text).map_err(|e| Error::SpecParse {
+            file: path.to_path_buf(),
+            message: one_line(&e.to_string()),
+        })?;
+        spec.validate(path)?;
+        Ok(spec)
+    }
+
+    pub fn is_image(&self) -> bool {
+        self.input.len() == 3
+    }
+
+    /// Checks what the types cannot express; every error names file and field.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, reason: String| Error::SpecInvalid {
+            file: path.to_path_buf(),
+            field: field.to_string(),
+            reason,
+        };
+        if self.name.trim().is_empty() {
+            return Err(bad("name", "must not be empty".into()));
+        }
+        if !matches!(self.input.len(), 1 | 3) || self.input.contains(&0) {
+            return Err(bad(
+                "input",
+                format!(
+                    "expected [C, H, W] or [D] with positive sizes, got {:?}",
+                    self.input
+                ),
+            ));
+        }
+        let lip = &self.lipschitz;
+        if !(lip.coeff > 0.0 && lip.coeff < 1.0) {
+            return Err(bad(
+                "lipschitz.coeff",
+                format!(
+                    "must be in (0, 1) for the blocks to be invertible, got {}",
+                    lip.coeff
+                ),
+            ));
+        }
+        if !(lip.power_tol > 0.0 && lip.power_tol < 1.0) {
+            return Err(bad("lipschitz.power_tol", "must be in (0, 1)".into()));
+        }
+        if lip.power_max_iters == 0 {
+            return Err(bad("lipschitz.power_max_iters", "must be >= 1".into()));
+        }
+        if !(self.inverse.tol > 0.0 && self.inverse.tol.is_finite()) {
+            return Err(bad("inverse.tol", "must be a positive number".into()));
+        }
+        if self.inverse.max_iters == 0 {
+            return Err(bad("inverse.max_iters", "must be >= 1".into()));
+        }
+        let ld = &self.logdet;
+        if ld.terms == 0 {
+            return Err(bad("logdet.terms", "must be >= 1".into()));
+        }
+        if ld.probes == 0 {
+            return Err(bad("logdet.probes", "must be >= 1".into()));
+        }
+        match ld.roulette {
+            RouletteDist::Geometric if !(ld.roulette_param > 0.0 && ld.roulette_param < 1.0) => {
+                return Err(bad(
+                    "logdet.roulette_param",
+                    "geometric success probability must be in (0, 1)".into(),
+                ))
+            }
+            RouletteDist::Poisson
+                if !(ld.roulette_param > 0.0 && ld.roulette_param.is_finite()) =>
+            {
+                return Err(bad(
+                    "logdet.roulette_param",
+                    "Poisson mean must be positive".into(),
+                ))
+            }
+            _ => {}
+        }
+        if self.stages.is_empty() {
+            return Err(bad("stages", "at least one [[stages]] table is needed".into()));
+        }
+        match (self.kind, &self.head) {
+            (ModelKind::Classifier, None) => {
+                return Err(bad("head", "a classifier needs a [head] table".into()))
+            }
+            (ModelKind::Flow, Some(_)) => {
+                return Err(bad("head", "a flow has no classifier head".into()))
+            }
+            (_, Some(h)) if h.classes == 0 => {
+                return Err(bad("head.classes", "must be >= 1".into()))
+            }
+            (_, Some(h)) if !(h.bn_eps > 0.0) => {
+                return Err(bad("head.bn_eps", "must be positive".into()))
+            }
+            _ => {}
+        }
+        if self.data.dequantize && !self.is_image() {
+            return Err(bad(
+                "data.dequantize",
+                "only image models ([C, H, W] input) can be dequantized".into(),
+            ));
+        }
+
+        // Walk the shapes the way the graph builder will, so impossible
+        // configurations are reported against the field that causes them.
+        let mut shape = self.input.clone();
+        if self.squeeze {
+            shape = squeezed(&shape).map_err(|r| bad("squeeze", r))?;
+        }
+        if let Some(c) = self.pad_channels {
+            if !self.is_image() {
+                return Err(bad("pad_channels", "only for image models".into()));
+            }
+            if c < shape[0] {
+                return Err(bad(
+                    "pad_channels",
+                    format!(
+                        "{c} is fewer than the {} channels it pads (padding must be injective)",
+                        shape[0]
+                    ),
+                ));
+            }
+            shape[0] = c;
+        }
+        let last = self.stages.len() - 1;
+        for (i, st) in self.stages.iter().enumerate() {
+            let f = |name: &str| format!("stages[{i}].{name}");
+            if st.blocks == 0 {
+                return Err(bad(&f("blocks"), "must be >= 1".into()));
+            }
+            if st.squeeze {
+                shape = squeezed(&shape).map_err(|r| bad(&f("squeeze"), r))?;
+            }
+            if self.is_image() {
+                if st.hidden.is_some() {
+                    return Err(bad(
+                        &f("hidden"),
+                        "MLP widths are for vector models; use width and kernels".into(),
+                    ));
+                }
+                match st.width {
+                    None => {
+                        return Err(bad(&f("width"), "image stages need a hidden width".into()))
+                    }
+                    Some(0) => return Err(bad(&f("width"), "must be >= 1".into())),
+                    _ => {}
+                }
+                let ks = st.kernels.clone().unwrap_or_else(|| vec![3, 1, 3]);
+                if ks.is_empty() {
+                    return Err(bad(&f("kernels"), "needs at least one kernel size".into()));
+                }
+                if let Some(k) = ks.iter().find(|&&k| k % 2 == 0 || k == 0) {
+                    return Err(bad(
+                        &f("kernels"),
+                        format!("kernel size {k} is not odd: 'same' padding needs odd sizes"),
+                    ));
+                }
+            } else {
+                if st.width.is_some() || st.kernels.is_some() {
+                    return Err(bad(
+                        &f("width"),
+                        "width/kernels are for image models; use hidden for vectors".into(),
+                    ));
+                }
+                match &st.hidden {
+                    None => {
+                        return Err(bad(
+                            &f("hidden"),
+                            "vector stages need MLP widths, e.g. [128, 128]".into(),
+                        ))
+                    }
+                    Some(h) if h.is_empty() || h.contains(&0) => {
+                        return Err(bad(
+                            &f("hidden"),
+                            "widths must be a non-empty list of positive sizes".into(),
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            if st.factor_out {
+                if self.kind != ModelKind::Flow {
+                    return Err(bad(&f("factor_out"), "only flows factor out".into()));
+                }
+                if i == last {
+                    return Err(bad(
+                        &f("factor_out"),
+                        "the last stage keeps all its channels (they are the final latent)".into(),
+                    ));
+                }
+                if shape[0] % 2 != 0 || shape[0] < 2 {
+                    return Err(bad(
+                        &f("factor_out"),
+                        format!("cannot factor out half of {} channels", shape[0]),
+                    ));
+                }
+                shape[0] /= 2;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Space-to-depth 2x2 on a `[C, H, W]` shape.
+pub fn squeezed(shape: &[usize]) -> std::result::Result<Vec<usize>, String> {
+    if shape.len() != 3 {
+        return Err("squeeze needs an image shape [C, H, W]".into());
+    }
+    let (c, h, w) = (shape[0], shape[1], shape[2]);
+    if h % 2 != 0 || w % 2 != 0 {
+        return Err(format!("cannot squeeze a {h}x{w} image: sizes must be even"));
+    }
+    Ok(vec![4 * c, h / 2, w / 2])
+}
+
+/// toml's messages span several lines (with a source excerpt); keep one.
+fn one_line(msg: &str) -> String {
+    let mut parts = msg
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with('^'))
+        .collect::<Vec<_>>();
+    parts.dedup();
+    parts.join(": ")
+}

@@ -1,0 +1,227 @@
+//! The `iresnetc` binary as a user runs it: round trips through `.npy` files,
+//! and bad input of every kind giving a one-line error, exit code 2, no panic
+//! and no output file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_iresnetc"))
+}
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("iresnetc-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn read(path: &Path, per_sample: &[usize]) -> Vec<Vec<f64>> {
+    iresnetc::npy::read_batch(path, "x", per_sample).unwrap().samples
+}
+
+/// Runs and expects failure: exit code 2, a single-line message containing every `needle`.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let out = bin().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "args {args:?}: stderr {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    for n in needles {
+        assert!(err.contains(n), "args {args:?}: `{n}` not in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn toy2d_forward_then_inverse_round_trips() {
+    let d = tmpdir("toy");
+    let x: Vec<Vec<f64>> = (0..8).map(|i| vec![(i as f64 * 0.37).sin() * 2.0, (i as f64 * 0.91).cos()]).collect();
+    let xin = d.join("x.npy");
+    iresnetc::npy::write(&xin, &x, &[2], true).unwrap();
+    let toy = models().join("toy2d.toml");
+    let (z, ld, back) = (d.join("z.npy"), d.join("ld.npy"), d.join("back.npy"));
+    let st = bin()
+        .args(["run", toy.to_str().unwrap(), "--backend", "cpu", "--mode", "forward"])
+        .args(["--input", xin.to_str().unwrap(), "--output", z.to_str().unwrap()])
+        .args(["--logdet-out", ld.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = bin()
+        .args(["run", toy.to_str().unwrap(), "--backend", "cpu", "--mode", "inverse"])
+        .args(["--input", z.to_str().unwrap(), "--output", back.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // The f32 input was widened to f64: compare against exactly those values.
+    let x32: Vec<Vec<f64>> = x.iter().map(|r| r.iter().map(|&v| v as f32 as f64).collect()).collect();
+    let back = read(&back, &[2]);
+    let err = x32.iter().flatten().zip(back.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(err < 1e-6, "round trip error {err:e}");
+    assert_eq!(read(&ld, &[]).len(), 8);
+}
+
+#[test]
+fn bad_model_files() {
+    let d = tmpdir("spec");
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("malformed.toml", "name = \"x\"\nkind = flow\n", &["malformed.toml"]),
+        (
+            "unknown.toml",
+            "name = \"x\"\nkind = \"flow\"\ninput = [2]\nbogus = 1\n[[stages]]\nblocks = 1\nhidden = [4]\n",
+            &["unknown.toml", "bogus"],
+        ),
+        (
+            "odd.toml",
+            "name = \"x\"\nkind = \"flow\"\ninput = [3, 5, 6]\nsqueeze = true\n[[stages]]\nblocks = 1\nwidth = 4\n",
+            &["odd.toml", "squeeze", "5x6"],
+        ),
+        (
+            "factor.toml",
+            "name = \"x\"\nkind = \"flow\"\ninput = [3, 4, 4]\n[[stages]]\nblocks = 1\nwidth = 4\nfactor_out = true\n[[stages]]\nblocks = 1\nwidth = 4\n",
+            &["factor.toml", "stages[0].factor_out", "3 channels"],
+        ),
+        (
+            "coeff.toml",
+            "name = \"x\"\nkind = \"flow\"\ninput = [2]\n[lipschitz]\ncoeff = 1.0\n[[stages]]\nblocks = 1\nhidden = [4]\n",
+            &["coeff.toml", "lipschitz.coeff"],
+        ),
+        (
+            "negcoeff.toml",
+            "name = \"x\"\nkind = \"flow\"\ninput = [2]\n[lipschitz]\ncoeff = -0.5\n[[stages]]\nblocks = 1\nhidden = [4]\n",
+            &["negcoeff.toml", "lipschitz.coeff"],
+        ),
+    ];
+    for (file, text, needles) in cases {
+        let p = d.join(file);
+        std::fs::write(&p, text).unwrap();
+        fails_with(&["inspect", p.to_str().unwrap()], needles);
+    }
+    fails_with(&["inspect", d.join("missing.toml").to_str().unwrap()], &["missing.toml"]);
+}
+
+#[test]
+fn bad_arrays_and_nothing_written() {
+    let d = tmpdir("arrays");
+    let toy = models().join("toy2d.toml");
+    let out = d.join("out.npy");
+    let run = |input: &Path| -> Vec<String> {
+        vec![
+            "run".into(),
+            toy.to_str().unwrap().into(),
+            "--mode".into(),
+            "forward".into(),
+            "--input".into(),
+            input.to_str().unwrap().into(),
+            "--output".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    let as_refs = |v: &[String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    let wrong_shape = d.join("wrong_shape.npy");
+    iresnetc::npy::write(&wrong_shape, &[vec![1.0, 2.0, 3.0]], &[3], false).unwrap();
+    let a = as_refs(&run(&wrong_shape));
+    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["wrong_shape.npy", "input", "[B, 2]"]);
+
+    let nan = d.join("nan.npy");
+    iresnetc::npy::write(&nan, &[vec![1.0, f64::NAN]], &[2], false).unwrap();
+    let a = as_refs(&run(&nan));
+    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["nan.npy", "NaN"]);
+
+    let inf = d.join("inf.npy");
+    iresnetc::npy::write(&inf, &[vec![f64::INFINITY, 0.0]], &[2], true).unwrap();
+    let a = as_refs(&run(&inf));
+    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["inf.npy", "inf"]);
+
+    let ints = d.join("ints.npy");
+    npyz::to_file_1d(&ints, vec![1i32, 2]).unwrap();
+    let a = as_refs(&run(&ints));
+    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["ints.npy", "dtype"]);
+
+    let garbage = d.join("garbage.npy");
+    std::fs::write(&garbage, b"not an npy file").unwrap();
+    let a = as_refs(&run(&garbage));
+    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["garbage.npy"]);
+
+    assert!(!out.exists(), "an output was written despite the errors");
+}
+
+#[test]
+fn bad_weight_files() {
+    let d = tmpdir("weights");
+    let toml = d.join("m.toml");
+    std::fs::write(
+        &toml,
+        "name = \"m\"\nkind = \"flow\"\ninput = [2]\n[[stages]]\nblocks = 1\nhidden = [3]\n",
+    )
+    .unwrap();
+    let spec = iresnetc::spec::ModelSpec::from_file(&toml).unwrap();
+    let g = iresnetc::ir::build(&spec).unwrap();
+    let good = iresnetc::weights::init(&g, 1);
+
+    let write = |name: &str, p: &iresnetc::tensor::Params| {
+        let path = d.join(name);
+        iresnetc::weights::save(p, &path).unwrap();
+        path
+    };
+    let mut missing = good.clone();
+    missing.remove("stage0.block0.dense1.weight");
+    let mut extra = good.clone();
+    extra.insert("stage0.block0.dense9.weight".into(), iresnetc::tensor::Tensor::zeros(vec![2, 2]));
+    let mut shaped = good.clone();
+    shaped.insert("stage0.block0.dense0.weight".into(), iresnetc::tensor::Tensor::zeros(vec![2, 3]));
+    let mut nan = good.clone();
+    if let Some(t) = nan.get_mut("prior.mean") {
+        t.data[0] = f64::NAN;
+    }
+    let cases = [
+        (write("missing.safetensors", &missing), vec!["missing.safetensors", "stage0.block0.dense1.weight", "missing"]),
+        (write("extra.safetensors", &extra), vec!["extra.safetensors", "stage0.block0.dense9.weight"]),
+        (write("shaped.safetensors", &shaped), vec!["shaped.safetensors", "stage0.block0.dense0.weight", "[3, 2]"]),
+        (write("nan.safetensors", &nan), vec!["nan.safetensors", "prior.mean", "NaN"]),
+    ];
+    for (path, needles) in &cases {
+        fails_with(&["inspect", toml.to_str().unwrap(), "--weights", path.to_str().unwrap()], needles);
+    }
+    // Wrong dtype: an I32 tensor where a float is expected.
+    let bytes: Vec<u8> = [1i32, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut tensors = vec![];
+    for (n, t) in &good {
+        let b: Vec<u8> = t.data.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+        tensors.push((n.clone(), t.shape.clone(), b));
+    }
+    if let Some(t) = tensors.iter_mut().find(|t| t.0 == "prior.mean") {
+        t.2 = bytes;
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let dt = if n == "prior.mean" { safetensors::Dtype::I32 } else { safetensors::Dtype::F32 };
+            (n.clone(), safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap())
+        })
+        .collect();
+    let dtype = d.join("dtype.safetensors");
+    std::fs::write(&dtype, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+    fails_with(&["inspect", toml.to_str().unwrap(), "--weights", dtype.to_str().unwrap()], &["dtype.safetensors", "prior.mean", "I32"]);
+    // A truncated (corrupt) file.
+    let corrupt = d.join("corrupt.safetensors");
+    let full = std::fs::read(&cases[0].0).unwrap();
+    std::fs::write(&corrupt, &full[..full.len() / 2]).unwrap();
+    fails_with(&["inspect", toml.to_str().unwrap(), "--weights", corrupt.to_str().unwrap()], &["corrupt.safetensors"]);
+}
+
+#[test]
+fn inspect_reports_certificate() {
+    let out = bin().args(["inspect", models().join("cifar-tiny.toml").to_str().unwrap(), "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let max = v["lipschitz"]["max_block_bound"].as_f64().unwrap();
+    assert!(max > 0.0 && max < 1.0, "{max}");
+    assert_eq!(v["lipschitz"]["blocks"].as_array().unwrap().len(), 6);
+}

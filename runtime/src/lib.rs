@@ -1,0 +1,39 @@
+//! `iresnetc-runtime`: loads a bundle compiled by `iresnetc` and runs it, without the compiler.
+//!
+//! Layout, one module per concept:
+//! - [`plan`]: the serde types of `plan.json`, the contract with the compiler's codegen, and
+//!   their internal consistency check ([`Plan::validate`]).
+//! - [`bundle`]: reading a bundle directory (`plan.json`, the `.wgsl` files,
+//!   `weights.safetensors`) and checking the files against each other ([`Bundle::load`]).
+//! - [`device`]: listing and choosing a wgpu adapter (`IRESNETC_ADAPTER`, `WGPU_BACKEND`) and
+//!   opening it with its full limits; wgpu errors become [`RuntimeError`]s, never panics.
+//! - [`buffers`]: buffer sizes for a batch, checks against the device limits, the largest
+//!   batch that fits ([`max_batch_for_limits`]), weight upload, allocation.
+//! - [`executor`]: [`GpuExecutor`], which builds every pipeline once and runs an entry point
+//!   as a single submission (steps recorded into one encoder, `Repeat` unrolled), splitting
+//!   batches that exceed the limits.
+//! - [`error`]: [`RuntimeError`], one-line messages naming the file, limit or input at fault.
+//! - [`rng`]: the seeded generator shared with the compiler (probes, sampling noise), so
+//!   random streams are bit-identical on every backend.
+
+pub mod buffers;
+pub mod bundle;
+pub mod device;
+pub mod error;
+pub mod executor;
+pub mod plan;
+pub mod rng;
+
+pub use buffers::{buffer_bytes, check_limits, max_batch_for_limits};
+pub use bundle::{Bundle, WeightTensor};
+pub use device::{
+    has_hardware_gpu, list_adapters, AdapterSummary, GpuDevice, ADAPTER_ENV, BACKEND_ENV,
+};
+pub use error::{Result, RuntimeError};
+pub use executor::{GpuExecutor, Outputs, TimedRun};
+pub use plan::{
+    BufferDecl, BufferInit, EntryPoint, IoDecl, KernelDecl, ModelKind, Plan, Step, BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+};
+/// The wgpu this runtime was built against, for callers that need its types (limits, adapters).
+pub use wgpu;

@@ -1,0 +1,355 @@
+//! `plan.json`: the contract between the compiler's codegen and this runtime.
+//!
+//! A plan lists flat f32 storage buffers, WGSL kernels that bind them, and entry points
+//! (`forward`, `inverse`, `logdet`, ...) made of steps. Everything the runtime does is spelled
+//! out here, so the runtime needs no knowledge of the model. Field names are part of the bundle
+//! format: renaming one is a `BUNDLE_VERSION` bump; adding an optional one (`#[serde(default)]`)
+//! is not.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RuntimeError};
+
+/// Value of `Plan::format`; anything else is not an iresnetc bundle.
+pub const BUNDLE_FORMAT: &str = "iresnetc-bundle";
+/// The one plan version this runtime reads.
+pub const BUNDLE_VERSION: u32 = 1;
+
+/// File name of the plan inside a bundle directory.
+pub const PLAN_FILE: &str = "plan.json";
+/// File name of the weights inside a bundle directory.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Always [`BUNDLE_FORMAT`].
+    pub format: String,
+    /// Always [`BUNDLE_VERSION`] for bundles this runtime reads.
+    pub version: u32,
+    pub compiler_version: String,
+    pub model: String,
+    pub kind: ModelKind,
+    /// Shape of one sample, without the batch dimension.
+    pub input_shape: Vec<usize>,
+    pub buffers: Vec<BufferDecl>,
+    pub kernels: Vec<KernelDecl>,
+    pub entry_points: BTreeMap<String, EntryPoint>,
+    /// Free-form data for tools (the runtime never reads it).
+    #[serde(default)]
+    pub meta: serde_json::Value,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Flow,
+    Classifier,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct BufferDecl {
+    pub name: String,
+    /// Number of f32 elements; per sample when `per_sample` (the runtime multiplies by the batch).
+    pub elems: u64,
+    pub per_sample: bool,
+    pub init: BufferInit,
+}
+
+/// What a buffer holds when a run starts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BufferInit {
+    /// Zeroed at the start of *every* run (an accumulator never carries a previous run's sum).
+    Zero,
+    /// Uploaded once from `weights.safetensors`; the tensor's element count must equal `elems`.
+    Weight { tensor: String },
+    /// Written from the caller's data before every run.
+    Input,
+    /// Read back after a run (if an entry point lists it as an output).
+    Output,
+    /// Contents undefined at the start of a run.
+    Scratch,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct KernelDecl {
+    pub name: String,
+    /// WGSL file, relative to the bundle directory.
+    pub file: String,
+    /// Name of the `@compute` function in that file.
+    pub entry: String,
+    /// Must equal the `@workgroup_size` of `entry` (the runtime checks).
+    pub workgroup_size: [u32; 3],
+    /// Buffer names; element `i` is bound to `@group(0) @binding(i)`.
+    pub bindings: Vec<String>,
+    /// Optional: whether binding `i` is read-only. Empty means "take it from the WGSL"
+    /// (`var<storage, read>` vs `var<storage, read_write>`); when given, it must agree with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_only: Vec<bool>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct EntryPoint {
+    pub inputs: Vec<IoDecl>,
+    pub outputs: Vec<IoDecl>,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct IoDecl {
+    /// Name the caller uses (`run(entry, batch, &[(name, data)])`).
+    pub name: String,
+    /// The plan buffer the data goes to / comes from.
+    pub buffer: String,
+    /// Per-sample shape; its product must equal the buffer's `elems`.
+    pub shape: Vec<usize>,
+}
+
+impl IoDecl {
+    /// Elements of one sample.
+    pub fn elems(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// `workgroups = [x, y, z_per_sample]`; the runtime dispatches `[x, y, z_per_sample * batch]`,
+    /// and the kernel derives the sample index as `workgroup_id.z / z_per_sample`.
+    Dispatch {
+        kernel: String,
+        workgroups: [u32; 3],
+    },
+    /// Unrolled into the same submission: no CPU round trip between iterations.
+    Repeat { times: u32, steps: Vec<Step> },
+    /// Whole-buffer copy; both buffers must have the same size.
+    Copy { src: String, dst: String },
+    /// Sets every element of `buffer` to `value`.
+    Fill { buffer: String, value: f32 },
+}
+
+/// Finds a buffer by name; the second argument describes the reference for the error message.
+type BufferLookup<'p> = dyn Fn(&str, &dyn Fn() -> String) -> Result<&'p BufferDecl> + 'p;
+
+impl Plan {
+    pub fn buffer(&self, name: &str) -> Option<&BufferDecl> {
+        self.buffers.iter().find(|b| b.name == name)
+    }
+
+    pub fn kernel(&self, name: &str) -> Option<&KernelDecl> {
+        self.kernels.iter().find(|k| k.name == name)
+    }
+
+    /// Names of the weight tensors the plan needs, each once.
+    pub fn weight_tensors(&self) -> BTreeSet<&str> {
+        self.buffers
+            .iter()
+            .filter_map(|b| match &b.init {
+                BufferInit::Weight { tensor } => Some(tensor.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Checks the plan's internal consistency: every name resolves, sizes agree, no count is
+    /// zero. Says nothing about the WGSL or the weights (see `Bundle::load` and
+    /// `GpuExecutor::new`). Errors are `BundleCorrupt` on `plan.json`.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Err(RuntimeError::corrupt(PLAN_FILE, reason));
+        if self.format != BUNDLE_FORMAT {
+            return bad(format!(
+                "format is {:?}, expected {BUNDLE_FORMAT:?}",
+                self.format
+            ));
+        }
+        if self.version != BUNDLE_VERSION {
+            return Err(RuntimeError::BundleVersion {
+                found: self.version,
+                expected: BUNDLE_VERSION,
+            });
+        }
+
+        let mut buffers = BTreeMap::new();
+        for b in &self.buffers {
+            if buffers.insert(b.name.as_str(), b).is_some() {
+                return bad(format!("buffer {:?} is declared twice", b.name));
+            }
+            // wgpu refuses zero-sized bindings, and a zero-sized buffer is always a codegen bug.
+            if b.elems == 0 {
+                return bad(format!("buffer {:?} has 0 elements", b.name));
+            }
+            if let BufferInit::Weight { tensor } = &b.init {
+                if b.per_sample {
+                    return bad(format!(
+                        "buffer {:?} holds weight {tensor:?} but is per_sample (weights are shared by the batch)",
+                        b.name
+                    ));
+                }
+            }
+        }
+        let buffer = |name: &str, context: &dyn Fn() -> String| {
+            buffers.get(name).copied().ok_or_else(|| {
+                RuntimeError::corrupt(
+                    PLAN_FILE,
+                    format!("{} refers to unknown buffer {name:?}", context()),
+                )
+            })
+        };
+
+        let mut kernels = BTreeSet::new();
+        for k in &self.kernels {
+            if !kernels.insert(k.name.as_str()) {
+                return bad(format!("kernel {:?} is declared twice", k.name));
+            }
+            if k.file.is_empty() || k.entry.is_empty() {
+                return bad(format!("kernel {:?} has an empty file or entry", k.name));
+            }
+            if k.workgroup_size.contains(&0) {
+                return bad(format!(
+                    "kernel {:?} has workgroup_size {:?} (every dimension must be >= 1)",
+                    k.name, k.workgroup_size
+                ));
+            }
+            if k.bindings.is_empty() {
+                return bad(format!("kernel {:?} binds no buffer", k.name));
+            }
+            let mut bound = BTreeSet::new();
+            for (i, name) in k.bindings.iter().enumerate() {
+                buffer(name, &|| format!("kernel {:?} binding {i}", k.name))?;
+                // WebGPU forbids binding one buffer twice in a dispatch when one use writes it.
+                if !bound.insert(name.as_str()) {
+                    return bad(format!("kernel {:?} binds buffer {name:?} twice", k.name));
+                }
+            }
+            if !k.read_only.is_empty() && k.read_only.len() != k.bindings.len() {
+                return bad(format!(
+                    "kernel {:?} has {} bindings but {} read_only flags",
+                    k.name,
+                    k.bindings.len(),
+                    k.read_only.len()
+                ));
+            }
+        }
+
+        if self.entry_points.is_empty() {
+            return bad("no entry point".to_string());
+        }
+        for (ep_name, ep) in &self.entry_points {
+            for (role, ios) in [("input", &ep.inputs), ("output", &ep.outputs)] {
+                let mut names = BTreeSet::new();
+                for io in ios {
+                    if !names.insert(io.name.as_str()) {
+                        return bad(format!(
+                            "entry point {ep_name:?} has two {role}s named {:?}",
+                            io.name
+                        ));
+                    }
+                    let b = buffer(&io.buffer, &|| {
+                        format!("entry point {ep_name:?} {role} {:?}", io.name)
+                    })?;
+                    if io.elems() != b.elems {
+                        return bad(format!(
+                            "entry point {ep_name:?} {role} {:?} has shape {:?} ({} elements) but buffer {:?} has {} elements per {}",
+                            io.name,
+                            io.shape,
+                            io.elems(),
+                            b.name,
+                            b.elems,
+                            if b.per_sample { "sample" } else { "run" }
+                        ));
+                    }
+                    if role == "input" && matches!(b.init, BufferInit::Weight { .. }) {
+                        return bad(format!(
+                            "entry point {ep_name:?} input {:?} would overwrite weight buffer {:?}",
+                            io.name, b.name
+                        ));
+                    }
+                    // Outputs are concatenated over batch chunks, which only means something
+                    // for per-sample data.
+                    if role == "output" && !b.per_sample {
+                        return bad(format!(
+                            "entry point {ep_name:?} output {:?} reads buffer {:?}, which is not per_sample",
+                            io.name, b.name
+                        ));
+                    }
+                }
+            }
+            self.validate_steps(ep_name, &ep.steps, &buffer)?;
+        }
+        Ok(())
+    }
+
+    fn validate_steps<'p>(
+        &'p self,
+        ep_name: &str,
+        steps: &[Step],
+        buffer: &BufferLookup<'p>,
+    ) -> Result<()> {
+        let bad = |reason: String| Err(RuntimeError::corrupt(PLAN_FILE, reason));
+        let writable = |name: &str, what: &str| -> Result<()> {
+            let b = buffer(name, &|| format!("entry point {ep_name:?} {what}"))?;
+            if matches!(b.init, BufferInit::Weight { .. }) {
+                return bad(format!(
+                    "entry point {ep_name:?} {what} writes weight buffer {name:?}"
+                ));
+            }
+            Ok(())
+        };
+        for step in steps {
+            match step {
+                Step::Dispatch { kernel, workgroups } => {
+                    if self.kernel(kernel).is_none() {
+                        return bad(format!(
+                            "entry point {ep_name:?} dispatches unknown kernel {kernel:?}"
+                        ));
+                    }
+                    if workgroups.contains(&0) {
+                        return bad(format!(
+                            "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} (every count must be >= 1)"
+                        ));
+                    }
+                }
+                Step::Repeat { steps, .. } => self.validate_steps(ep_name, steps, buffer)?,
+                Step::Copy { src, dst } => {
+                    let s = buffer(src, &|| format!("entry point {ep_name:?} copy source"))?;
+                    writable(dst, "copy destination")?;
+                    let d = buffer(dst, &|| String::new())?;
+                    if src == dst {
+                        return bad(format!(
+                            "entry point {ep_name:?} copies buffer {src:?} onto itself"
+                        ));
+                    }
+                    if s.elems != d.elems || s.per_sample != d.per_sample {
+                        return bad(format!(
+                            "entry point {ep_name:?} copies {src:?} ({} elements{}) to {dst:?} ({} elements{}): sizes differ",
+                            s.elems,
+                            if s.per_sample { " per sample" } else { "" },
+                            d.elems,
+                            if d.per_sample { " per sample" } else { "" },
+                        ));
+                    }
+                }
+                Step::Fill {
+                    buffer: name,
+                    value,
+                } => {
+                    writable(name, "fill")?;
+                    if !value.is_finite() {
+                        return bad(format!(
+                            "entry point {ep_name:?} fills {name:?} with {value}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
