@@ -114,6 +114,8 @@ fn bad_arrays_and_nothing_written() {
         vec![
             "run".into(),
             toy.to_str().unwrap().into(),
+            "--backend".into(),
+            "cpu".into(),
             "--mode".into(),
             "forward".into(),
             "--input".into(),

@@ -1,48 +1,17 @@
-//! Subcommands of the `iresnetc` binary.
+//! `iresnetc run`: one entry point of a model on a backend.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
+use clap::ValueEnum;
 
+use super::{bar, load};
 use iresnetc::npy;
-use iresnetc::pipeline::{self, LoadOptions, Model};
 use iresnetc::reference::{LogDetMethod, Reference};
 use iresnetc::spec::{Estimator, ModelKind};
 
-#[derive(Parser, Debug)]
-#[command(name = "iresnetc", version, about = "Compiler and runtime for invertible residual networks (i-ResNet)")]
-pub struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Shapes per stage, parameters, FLOPs and the Lipschitz certificate.
-    Inspect {
-        model: PathBuf,
-        #[arg(long)]
-        weights: Option<PathBuf>,
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Print the IR (Graphviz DOT with --dot, else one line per node).
-    Graph {
-        model: PathBuf,
-        #[arg(long)]
-        dot: bool,
-    },
-    /// Run a model: forward, inverse, logdet, density, sample or classify.
-    Run(RunArgs),
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Mode {
+pub enum Mode {
     Forward,
     Inverse,
     Logdet,
@@ -52,168 +21,91 @@ enum Mode {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Backend {
+pub enum Backend {
+    /// A hardware GPU adapter if there is one, else tract on the CPU.
+    Auto,
+    /// wgpu on any adapter (lavapipe when forced or nothing else exists).
+    Wgpu,
+    /// tract running the exported ONNX graphs on the CPU.
+    Tract,
     /// The f64 reference executor.
     Cpu,
 }
 
 #[derive(clap::Args, Debug)]
-struct RunArgs {
-    /// A model file (.toml).
-    model: PathBuf,
-    #[arg(long, value_enum, default_value = "cpu")]
-    backend: Backend,
+pub struct RunArgs {
+    /// A model file (.toml) or a compiled bundle directory.
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Backend,
     #[arg(long, value_enum)]
-    mode: Mode,
+    pub mode: Mode,
     /// Input array (.npy, f32 or f64): images NCHW, vectors [B, D]; z [B, D] for inverse.
     #[arg(long)]
-    input: Option<PathBuf>,
+    pub input: Option<PathBuf>,
     /// Output array (.npy).
     #[arg(long)]
-    output: PathBuf,
+    pub output: PathBuf,
     /// Per-sample log-det (.npy) for forward mode.
     #[arg(long)]
-    logdet_out: Option<PathBuf>,
+    pub logdet_out: Option<PathBuf>,
     /// Weights (.safetensors); default: deterministic init from the seed.
     #[arg(long)]
-    weights: Option<PathBuf>,
+    pub weights: Option<PathBuf>,
     /// Seed of the weight initialization (default: the model file's `seed`).
     #[arg(long)]
-    seed: Option<u64>,
+    pub seed: Option<u64>,
     /// Seed of probes, roulette draws, dequantization noise and prior samples
     /// (default: the model file's `logdet.seed`).
     #[arg(long)]
-    probe_seed: Option<u64>,
+    pub probe_seed: Option<u64>,
     /// Override the model file's log-det estimator.
     #[arg(long, value_enum)]
-    estimator: Option<EstimatorArg>,
+    pub estimator: Option<EstimatorArg>,
     /// Number of samples for --mode sample.
     #[arg(long, default_value_t = 16)]
-    num: usize,
+    pub num: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum EstimatorArg {
+pub enum EstimatorArg {
     Exact,
     Series,
     Roulette,
 }
 
-pub fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
-        Cmd::Inspect {
-            model,
-            weights,
-            seed,
-            json,
-        } => inspect(&model, weights.as_deref(), seed, json),
-        Cmd::Graph { model, dot } => graph(&model, dot),
-        Cmd::Run(args) => run_model(&args),
-    }
-}
-
-fn bar(len: u64, msg: &'static str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{msg:>12} [{elapsed_precise}] {bar:30} {pos}/{len} {eta}") {
-        pb.set_style(style);
-    }
-    pb.set_message(msg);
-    pb
-}
-
-fn load(model: &Path, weights: Option<&Path>, seed: Option<u64>) -> Result<Model> {
-    let pb = bar(0, "certifying");
-    let progress = |done: usize, total: usize| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    };
-    let m = pipeline::load_model(model, &LoadOptions { weights, seed }, &progress)?;
-    pb.finish_and_clear();
-    Ok(m)
-}
-
-fn inspect(model: &Path, weights: Option<&Path>, seed: Option<u64>, json: bool) -> Result<()> {
-    let m = load(model, weights, seed)?;
-    let s = m.summary();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
-    }
-    let g = &m.graph;
-    println!("model {} ({:?}), input {:?}", s.model, s.kind, s.input);
-    for (i, sh) in s.stage_shapes.iter().enumerate() {
-        let blocks = g.blocks.iter().filter(|b| b.stage == i).count();
-        println!("  stage {i}: {blocks} blocks at {sh:?}");
-    }
-    if g.spec.kind == ModelKind::Flow {
-        println!("  latent dim {}", s.latent_dim);
-    }
-    println!(
-        "parameters {} ({:.2}M), forward {:.3} GFLOP/sample",
-        s.parameters,
-        s.parameters as f64 / 1e6,
-        s.forward_flops_per_sample as f64 / 1e9
-    );
-    let lip = s.lipschitz;
-    println!("\nlayers (c = {}):", lip.coeff);
-    println!(
-        "  {:<28} {:>8} {:>12} {:>7} {:>10} {:>10}",
-        "name", "kind", "sigma est.", "iters", "scale", "certified"
-    );
-    for l in &lip.layers {
-        println!(
-            "  {:<28} {:>8} {:>12.6} {:>6}{} {:>10.4} {:>10.6}",
-            l.name,
-            l.kind,
-            l.sigma_estimate,
-            l.power_iterations,
-            if l.converged { " " } else { "*" },
-            l.scale,
-            l.certified_bound
-        );
-    }
-    println!(
-        "\nblocks (inverse tol {:e}, {} log-det terms):",
-        g.spec.inverse.tol, g.spec.logdet.terms
-    );
-    println!(
-        "  {:<20} {:>10} {:>14} {:>16}",
-        "name", "Lip bound", "inverse iters", "trunc. bound"
-    );
-    for b in &lip.blocks {
-        println!(
-            "  {:<20} {:>10.6} {:>14} {:>16.4e}",
-            b.name, b.lipschitz_bound, b.inverse_iters, b.logdet_truncation_bound
-        );
-    }
-    println!("\nlargest block bound {:.6} (< 1: every block is invertible)", lip.max_block_bound);
-    if lip.layers.iter().any(|l| !l.converged) {
-        println!("* power iteration hit lipschitz.power_max_iters before the relative change fell below lipschitz.power_tol; the certified bound is unaffected");
-    }
-    println!("inverse iters: fixed-point steps after which the Banach bound guarantees an error below tol x |first step|");
-    Ok(())
-}
-
-fn graph(model: &Path, dot: bool) -> Result<()> {
-    let spec = iresnetc::spec::ModelSpec::from_file(model)?;
-    let g = iresnetc::ir::build(&spec)?;
-    if dot {
-        print!("{}", iresnetc::ir::to_dot(&g));
-    } else {
-        for ix in g.topo_order()? {
-            let n = g.node(ix);
-            let ins: Vec<&str> = g.inputs(ix).iter().map(|&i| g.node(i).name.as_str()).collect();
-            println!("{:<32} {:<14} {:?} <- {}", n.name, n.op.kind(), n.shape, ins.join(", "));
+pub fn run(a: &RunArgs) -> Result<()> {
+    match a.backend {
+        Backend::Cpu => run_reference(a),
+        Backend::Wgpu => super::compile::run_wgpu(a),
+        Backend::Tract => super::export::run_tract(a),
+        Backend::Auto => {
+            if iresnetc_runtime::device::has_hardware_gpu() {
+                super::compile::run_wgpu(a)
+            } else {
+                super::export::run_tract(a)
+            }
         }
     }
-    Ok(())
 }
 
-fn run_model(a: &RunArgs) -> Result<()> {
-    if a.model.is_dir() || a.model.extension().is_some_and(|e| e != "toml") {
-        bail!("{}: expected a model file (.toml)", a.model.display());
+/// Model file or bundle directory -> (model file, weights file).
+pub fn model_and_weights(a: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
+    if a.model.is_dir() {
+        let toml = a.model.join("model.toml");
+        if !toml.is_file() {
+            bail!("{}: not a bundle (no model.toml); compile one with `iresnetc compile`", a.model.display());
+        }
+        let w = a.weights.clone().unwrap_or_else(|| a.model.join("weights.safetensors"));
+        return Ok((toml, Some(w)));
     }
-    let m = load(&a.model, a.weights.as_deref(), a.seed)?;
+    Ok((a.model.clone(), a.weights.clone()))
+}
+
+/// The f64 reference executor.
+fn run_reference(a: &RunArgs) -> Result<()> {
+    let (model, weights) = model_and_weights(a)?;
+    let m = load(&model, weights.as_deref(), a.seed)?;
     let g = &m.graph;
     let r = Reference::new(g);
     let probe_seed = a.probe_seed.unwrap_or(g.spec.logdet.seed);

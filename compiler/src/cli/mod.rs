@@ -1,0 +1,171 @@
+//! Subcommands of the `iresnetc` binary, one file each.
+
+mod bench;
+mod compile;
+mod devices;
+mod export;
+mod run;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use iresnetc::npy;
+use iresnetc::pipeline::{self, LoadOptions, Model};
+use iresnetc::reference::{LogDetMethod, Reference};
+use iresnetc::spec::{Estimator, ModelKind};
+
+#[derive(Parser, Debug)]
+#[command(name = "iresnetc", version, about = "Compiler and runtime for invertible residual networks (i-ResNet)")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Shapes per stage, parameters, FLOPs and the Lipschitz certificate.
+    Inspect {
+        model: PathBuf,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the IR (Graphviz DOT with --dot, else one line per node).
+    Graph {
+        model: PathBuf,
+        #[arg(long)]
+        dot: bool,
+    },
+    /// Run a model: forward, inverse, logdet, density, sample or classify.
+    Run(run::RunArgs),
+    /// Compile a model to a bundle: fused WGSL kernels, plan, weights, report, ONNX.
+    Compile(compile::CompileArgs),
+    /// Export the forward graph (and optionally log-det / inverse) to ONNX.
+    ExportOnnx(export::ExportArgs),
+    /// List the GPU adapters wgpu can see.
+    Devices,
+    /// Benchmark backends and entry points.
+    Bench(bench::BenchArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Inspect {
+            model,
+            weights,
+            seed,
+            json,
+        } => inspect(&model, weights.as_deref(), seed, json),
+        Cmd::Graph { model, dot } => graph(&model, dot),
+        Cmd::Run(args) => run::run(&args),
+        Cmd::Compile(args) => compile::run(&args),
+        Cmd::ExportOnnx(args) => export::run(&args),
+        Cmd::Devices => devices::run(),
+        Cmd::Bench(args) => bench::run(&args),
+    }
+}
+
+pub(crate) fn bar(len: u64, msg: &'static str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{msg:>12} [{elapsed_precise}] {bar:30} {pos}/{len} {eta}") {
+        pb.set_style(style);
+    }
+    pb.set_message(msg);
+    pb
+}
+
+pub(crate) fn load(model: &Path, weights: Option<&Path>, seed: Option<u64>) -> Result<Model> {
+    let pb = bar(0, "certifying");
+    let progress = |done: usize, total: usize| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    };
+    let m = pipeline::load_model(model, &LoadOptions { weights, seed }, &progress)?;
+    pb.finish_and_clear();
+    Ok(m)
+}
+
+fn inspect(model: &Path, weights: Option<&Path>, seed: Option<u64>, json: bool) -> Result<()> {
+    let m = load(model, weights, seed)?;
+    let s = m.summary();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let g = &m.graph;
+    println!("model {} ({:?}), input {:?}", s.model, s.kind, s.input);
+    for (i, sh) in s.stage_shapes.iter().enumerate() {
+        let blocks = g.blocks.iter().filter(|b| b.stage == i).count();
+        println!("  stage {i}: {blocks} blocks at {sh:?}");
+    }
+    if g.spec.kind == ModelKind::Flow {
+        println!("  latent dim {}", s.latent_dim);
+    }
+    println!(
+        "parameters {} ({:.2}M), forward {:.3} GFLOP/sample",
+        s.parameters,
+        s.parameters as f64 / 1e6,
+        s.forward_flops_per_sample as f64 / 1e9
+    );
+    let lip = s.lipschitz;
+    println!("\nlayers (c = {}):", lip.coeff);
+    println!(
+        "  {:<28} {:>8} {:>12} {:>7} {:>10} {:>10}",
+        "name", "kind", "sigma est.", "iters", "scale", "certified"
+    );
+    for l in &lip.layers {
+        println!(
+            "  {:<28} {:>8} {:>12.6} {:>6}{} {:>10.4} {:>10.6}",
+            l.name,
+            l.kind,
+            l.sigma_estimate,
+            l.power_iterations,
+            if l.converged { " " } else { "*" },
+            l.scale,
+            l.certified_bound
+        );
+    }
+    println!(
+        "\nblocks (inverse tol {:e}, {} log-det terms):",
+        g.spec.inverse.tol, g.spec.logdet.terms
+    );
+    println!(
+        "  {:<20} {:>10} {:>14} {:>16}",
+        "name", "Lip bound", "inverse iters", "trunc. bound"
+    );
+    for b in &lip.blocks {
+        println!(
+            "  {:<20} {:>10.6} {:>14} {:>16.4e}",
+            b.name, b.lipschitz_bound, b.inverse_iters, b.logdet_truncation_bound
+        );
+    }
+    println!("\nlargest block bound {:.6} (< 1: every block is invertible)", lip.max_block_bound);
+    if lip.layers.iter().any(|l| !l.converged) {
+        println!("* power iteration hit lipschitz.power_max_iters before the relative change fell below lipschitz.power_tol; the certified bound is unaffected");
+    }
+    println!("inverse iters: fixed-point steps after which the Banach bound guarantees an error below tol x |first step|");
+    Ok(())
+}
+
+fn graph(model: &Path, dot: bool) -> Result<()> {
+    let spec = iresnetc::spec::ModelSpec::from_file(model)?;
+    let g = iresnetc::ir::build(&spec)?;
+    if dot {
+        print!("{}", iresnetc::ir::to_dot(&g));
+    } else {
+        for ix in g.topo_order()? {
+            let n = g.node(ix);
+            let ins: Vec<&str> = g.inputs(ix).iter().map(|&i| g.node(i).name.as_str()).collect();
+            println!("{:<32} {:<14} {:?} <- {}", n.name, n.op.kind(), n.shape, ins.join(", "));
+        }
+    }
+    Ok(())
+}
+
