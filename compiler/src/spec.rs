@@ -97,7 +97,7 @@ impl Default for LipschitzSpec {
     fn default() -> Self {
         Self {
             coeff: 0.9,
-            power_tol: 1e-6,
+            power_tol: 1e-8,
             power_max_iters: 200,
         }
     }
@@ -299,7 +299,10 @@ impl ModelSpec {
             _ => {}
         }
         if self.stages.is_empty() {
-            return Err(bad("stages", "at least one [[stages]] table is needed".into()));
+            return Err(bad(
+                "stages",
+                "at least one [[stages]] table is needed".into(),
+            ));
         }
         match (self.kind, &self.head) {
             (ModelKind::Classifier, None) => {
@@ -430,7 +433,9 @@ pub fn squeezed(shape: &[usize]) -> std::result::Result<Vec<usize>, String> {
     }
     let (c, h, w) = (shape[0], shape[1], shape[2]);
     if h % 2 != 0 || w % 2 != 0 {
-        return Err(format!("cannot squeeze a {h}x{w} image: sizes must be even"));
+        return Err(format!(
+            "cannot squeeze a {h}x{w} image: sizes must be even"
+        ));
     }
     Ok(vec![4 * c, h / 2, w / 2])
 }

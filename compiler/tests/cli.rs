@@ -21,7 +21,9 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn read(path: &Path, per_sample: &[usize]) -> Vec<Vec<f64>> {
-    iresnetc::npy::read_batch(path, "x", per_sample).unwrap().samples
+    iresnetc::npy::read_batch(path, "x", per_sample)
+        .unwrap()
+        .samples
 }
 
 /// Runs and expects failure: exit code 2, a single-line message containing every `needle`.
@@ -40,28 +42,62 @@ fn fails_with(args: &[&str], needles: &[&str]) {
 #[test]
 fn toy2d_forward_then_inverse_round_trips() {
     let d = tmpdir("toy");
-    let x: Vec<Vec<f64>> = (0..8).map(|i| vec![(i as f64 * 0.37).sin() * 2.0, (i as f64 * 0.91).cos()]).collect();
+    let x: Vec<Vec<f64>> = (0..8)
+        .map(|i| vec![(i as f64 * 0.37).sin() * 2.0, (i as f64 * 0.91).cos()])
+        .collect();
     let xin = d.join("x.npy");
     iresnetc::npy::write(&xin, &x, &[2], true).unwrap();
     let toy = models().join("toy2d.toml");
     let (z, ld, back) = (d.join("z.npy"), d.join("ld.npy"), d.join("back.npy"));
     let st = bin()
-        .args(["run", toy.to_str().unwrap(), "--backend", "cpu", "--mode", "forward"])
-        .args(["--input", xin.to_str().unwrap(), "--output", z.to_str().unwrap()])
+        .args([
+            "run",
+            toy.to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--mode",
+            "forward",
+        ])
+        .args([
+            "--input",
+            xin.to_str().unwrap(),
+            "--output",
+            z.to_str().unwrap(),
+        ])
         .args(["--logdet-out", ld.to_str().unwrap()])
         .status()
         .unwrap();
     assert!(st.success());
     let st = bin()
-        .args(["run", toy.to_str().unwrap(), "--backend", "cpu", "--mode", "inverse"])
-        .args(["--input", z.to_str().unwrap(), "--output", back.to_str().unwrap()])
+        .args([
+            "run",
+            toy.to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--mode",
+            "inverse",
+        ])
+        .args([
+            "--input",
+            z.to_str().unwrap(),
+            "--output",
+            back.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(st.success());
     // The f32 input was widened to f64: compare against exactly those values.
-    let x32: Vec<Vec<f64>> = x.iter().map(|r| r.iter().map(|&v| v as f32 as f64).collect()).collect();
+    let x32: Vec<Vec<f64>> = x
+        .iter()
+        .map(|r| r.iter().map(|&v| v as f32 as f64).collect())
+        .collect();
     let back = read(&back, &[2]);
-    let err = x32.iter().flatten().zip(back.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let err = x32
+        .iter()
+        .flatten()
+        .zip(back.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     assert!(err < 1e-6, "round trip error {err:e}");
     assert_eq!(read(&ld, &[]).len(), 8);
 }
@@ -102,7 +138,10 @@ fn bad_model_files() {
         std::fs::write(&p, text).unwrap();
         fails_with(&["inspect", p.to_str().unwrap()], needles);
     }
-    fails_with(&["inspect", d.join("missing.toml").to_str().unwrap()], &["missing.toml"]);
+    fails_with(
+        &["inspect", d.join("missing.toml").to_str().unwrap()],
+        &["missing.toml"],
+    );
 }
 
 #[test]
@@ -129,27 +168,42 @@ fn bad_arrays_and_nothing_written() {
     let wrong_shape = d.join("wrong_shape.npy");
     iresnetc::npy::write(&wrong_shape, &[vec![1.0, 2.0, 3.0]], &[3], false).unwrap();
     let a = as_refs(&run(&wrong_shape));
-    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["wrong_shape.npy", "input", "[B, 2]"]);
+    fails_with(
+        &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        &["wrong_shape.npy", "input", "[B, 2]"],
+    );
 
     let nan = d.join("nan.npy");
     iresnetc::npy::write(&nan, &[vec![1.0, f64::NAN]], &[2], false).unwrap();
     let a = as_refs(&run(&nan));
-    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["nan.npy", "NaN"]);
+    fails_with(
+        &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        &["nan.npy", "NaN"],
+    );
 
     let inf = d.join("inf.npy");
     iresnetc::npy::write(&inf, &[vec![f64::INFINITY, 0.0]], &[2], true).unwrap();
     let a = as_refs(&run(&inf));
-    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["inf.npy", "inf"]);
+    fails_with(
+        &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        &["inf.npy", "inf"],
+    );
 
     let ints = d.join("ints.npy");
     npyz::to_file_1d(&ints, vec![1i32, 2]).unwrap();
     let a = as_refs(&run(&ints));
-    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["ints.npy", "dtype"]);
+    fails_with(
+        &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        &["ints.npy", "dtype"],
+    );
 
     let garbage = d.join("garbage.npy");
     std::fs::write(&garbage, b"not an npy file").unwrap();
     let a = as_refs(&run(&garbage));
-    fails_with(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &["garbage.npy"]);
+    fails_with(
+        &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        &["garbage.npy"],
+    );
 
     assert!(!out.exists(), "an output was written despite the errors");
 }
@@ -175,27 +229,65 @@ fn bad_weight_files() {
     let mut missing = good.clone();
     missing.remove("stage0.block0.dense1.weight");
     let mut extra = good.clone();
-    extra.insert("stage0.block0.dense9.weight".into(), iresnetc::tensor::Tensor::zeros(vec![2, 2]));
+    extra.insert(
+        "stage0.block0.dense9.weight".into(),
+        iresnetc::tensor::Tensor::zeros(vec![2, 2]),
+    );
     let mut shaped = good.clone();
-    shaped.insert("stage0.block0.dense0.weight".into(), iresnetc::tensor::Tensor::zeros(vec![2, 3]));
+    shaped.insert(
+        "stage0.block0.dense0.weight".into(),
+        iresnetc::tensor::Tensor::zeros(vec![2, 3]),
+    );
     let mut nan = good.clone();
     if let Some(t) = nan.get_mut("prior.mean") {
         t.data[0] = f64::NAN;
     }
     let cases = [
-        (write("missing.safetensors", &missing), vec!["missing.safetensors", "stage0.block0.dense1.weight", "missing"]),
-        (write("extra.safetensors", &extra), vec!["extra.safetensors", "stage0.block0.dense9.weight"]),
-        (write("shaped.safetensors", &shaped), vec!["shaped.safetensors", "stage0.block0.dense0.weight", "[3, 2]"]),
-        (write("nan.safetensors", &nan), vec!["nan.safetensors", "prior.mean", "NaN"]),
+        (
+            write("missing.safetensors", &missing),
+            vec![
+                "missing.safetensors",
+                "stage0.block0.dense1.weight",
+                "missing",
+            ],
+        ),
+        (
+            write("extra.safetensors", &extra),
+            vec!["extra.safetensors", "stage0.block0.dense9.weight"],
+        ),
+        (
+            write("shaped.safetensors", &shaped),
+            vec![
+                "shaped.safetensors",
+                "stage0.block0.dense0.weight",
+                "[3, 2]",
+            ],
+        ),
+        (
+            write("nan.safetensors", &nan),
+            vec!["nan.safetensors", "prior.mean", "NaN"],
+        ),
     ];
     for (path, needles) in &cases {
-        fails_with(&["inspect", toml.to_str().unwrap(), "--weights", path.to_str().unwrap()], needles);
+        fails_with(
+            &[
+                "inspect",
+                toml.to_str().unwrap(),
+                "--weights",
+                path.to_str().unwrap(),
+            ],
+            needles,
+        );
     }
     // Wrong dtype: an I32 tensor where a float is expected.
     let bytes: Vec<u8> = [1i32, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut tensors = vec![];
     for (n, t) in &good {
-        let b: Vec<u8> = t.data.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+        let b: Vec<u8> = t
+            .data
+            .iter()
+            .flat_map(|&v| (v as f32).to_le_bytes())
+            .collect();
         tensors.push((n.clone(), t.shape.clone(), b));
     }
     if let Some(t) = tensors.iter_mut().find(|t| t.0 == "prior.mean") {
@@ -204,23 +296,53 @@ fn bad_weight_files() {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, s, b)| {
-            let dt = if n == "prior.mean" { safetensors::Dtype::I32 } else { safetensors::Dtype::F32 };
-            (n.clone(), safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap())
+            let dt = if n == "prior.mean" {
+                safetensors::Dtype::I32
+            } else {
+                safetensors::Dtype::F32
+            };
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dt, s.clone(), b).unwrap(),
+            )
         })
         .collect();
     let dtype = d.join("dtype.safetensors");
     std::fs::write(&dtype, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
-    fails_with(&["inspect", toml.to_str().unwrap(), "--weights", dtype.to_str().unwrap()], &["dtype.safetensors", "prior.mean", "I32"]);
+    fails_with(
+        &[
+            "inspect",
+            toml.to_str().unwrap(),
+            "--weights",
+            dtype.to_str().unwrap(),
+        ],
+        &["dtype.safetensors", "prior.mean", "I32"],
+    );
     // A truncated (corrupt) file.
     let corrupt = d.join("corrupt.safetensors");
     let full = std::fs::read(&cases[0].0).unwrap();
     std::fs::write(&corrupt, &full[..full.len() / 2]).unwrap();
-    fails_with(&["inspect", toml.to_str().unwrap(), "--weights", corrupt.to_str().unwrap()], &["corrupt.safetensors"]);
+    fails_with(
+        &[
+            "inspect",
+            toml.to_str().unwrap(),
+            "--weights",
+            corrupt.to_str().unwrap(),
+        ],
+        &["corrupt.safetensors"],
+    );
 }
 
 #[test]
 fn inspect_reports_certificate() {
-    let out = bin().args(["inspect", models().join("cifar-tiny.toml").to_str().unwrap(), "--json"]).output().unwrap();
+    let out = bin()
+        .args([
+            "inspect",
+            models().join("cifar-tiny.toml").to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let max = v["lipschitz"]["max_block_bound"].as_f64().unwrap();

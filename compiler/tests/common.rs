@@ -12,8 +12,11 @@ pub fn model_from_toml(text: &str) -> Model {
 }
 
 pub fn model_file(name: &str) -> Model {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(name);
-    iresnetc::pipeline::load_model(&path, &LoadOptions::default(), &|_, _| {}).expect("model builds")
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(name);
+    iresnetc::pipeline::load_model(&path, &LoadOptions::default(), &|_, _| {})
+        .expect("model builds")
 }
 
 /// Deterministic test inputs in [-1, 1].

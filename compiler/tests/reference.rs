@@ -40,7 +40,11 @@ fn series_with_exact_traces_matches_exact_logdet() {
         // The bound for 5 terms must cover the actual truncation error.
         let five = series_exact_traces(&r, b, x, 5);
         let bound = m.lipschitz.blocks[b].logdet_truncation_bound;
-        assert!((exact - five).abs() <= bound, "5-term error {} > bound {bound}", (exact - five).abs());
+        assert!(
+            (exact - five).abs() <= bound,
+            "5-term error {} > bound {bound}",
+            (exact - five).abs()
+        );
     }
 }
 
@@ -63,18 +67,40 @@ fn stochastic_estimators_are_unbiased() {
     let draws = 3000;
     for kind in [ProbeKind::Gaussian, ProbeKind::Rademacher] {
         let terms = 30; // truncation negligible (< 1e-9 here), so the target is the exact log-det
-        let method = LogDetMethod::Series { terms, probes: 1, kind, seed: 3 };
-        let v: Vec<f64> = (0..draws).map(|s| method.block_logdet(&r, b, s, x)).collect();
+        let method = LogDetMethod::Series {
+            terms,
+            probes: 1,
+            kind,
+            seed: 3,
+        };
+        let v: Vec<f64> = (0..draws)
+            .map(|s| method.block_logdet(&r, b, s, x))
+            .collect();
         let (mean, se) = mean_se(&v);
         let target = series_exact_traces(&r, b, x, terms);
         assert!((target - exact).abs() < 1e-9);
-        assert!((mean - target).abs() < 3.0 * se, "{kind:?}: mean {mean} target {target} se {se}");
+        assert!(
+            (mean - target).abs() < 3.0 * se,
+            "{kind:?}: mean {mean} target {target} se {se}"
+        );
     }
     for (dist, param) in [(RouletteDist::Geometric, 0.5), (RouletteDist::Poisson, 2.0)] {
-        let method = LogDetMethod::Roulette { terms: 2, probes: 1, kind: ProbeKind::Gaussian, seed: 4, dist, param };
-        let v: Vec<f64> = (0..draws).map(|s| method.block_logdet(&r, b, s, x)).collect();
+        let method = LogDetMethod::Roulette {
+            terms: 2,
+            probes: 1,
+            kind: ProbeKind::Gaussian,
+            seed: 4,
+            dist,
+            param,
+        };
+        let v: Vec<f64> = (0..draws)
+            .map(|s| method.block_logdet(&r, b, s, x))
+            .collect();
         let (mean, se) = mean_se(&v);
-        assert!((mean - exact).abs() < 3.0 * se, "{dist:?}: mean {mean} exact {exact} se {se}");
+        assert!(
+            (mean - exact).abs() < 3.0 * se,
+            "{dist:?}: mean {mean} exact {exact} se {se}"
+        );
     }
 }
 
@@ -101,7 +127,12 @@ fn certified_iteration_count_is_never_below_actual() {
                 for n in 1..=predicted + 100 {
                     let (g, _) = r.branch(b, &xn);
                     xn = y.iter().zip(&g).map(|(y, g)| y - g).collect();
-                    let err = xn.iter().zip(&a).map(|(p, q)| (p - q).powi(2)).sum::<f64>().sqrt();
+                    let err = xn
+                        .iter()
+                        .zip(&a)
+                        .map(|(p, q)| (p - q).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
                     if err <= tol {
                         needed = Some(n);
                         break;
@@ -114,7 +145,10 @@ fn certified_iteration_count_is_never_below_actual() {
                 );
                 // The executor's stopping rule (step <= tol) stops at most one step later.
                 let (_, used, _, converged) = r.invert_block(b, &y);
-                assert!(converged && used <= predicted + 1, "used {used}, predicted {predicted}");
+                assert!(
+                    converged && used <= predicted + 1,
+                    "used {used}, predicted {predicted}"
+                );
             }
         }
     }
@@ -151,7 +185,10 @@ dequantize = true
     let seed = 77;
     let got = r.density(&x, &LogDetMethod::Exact, seed).unwrap()[0];
     // By hand: the dequantization noise comes from the documented stream.
-    let mut rng = iresnetc_runtime::rng::Rng::for_stream(seed, &[iresnetc_runtime::rng::streams::DEQUANTIZE, 0]);
+    let mut rng = iresnetc_runtime::rng::Rng::for_stream(
+        seed,
+        &[iresnetc_runtime::rng::streams::DEQUANTIZE, 0],
+    );
     let mut logp = 4.0 * 0.3; // H*W*log_scale, g contributes ln det(I) = 0
     for &v in &x[0] {
         let xd = (255.0 * v + rng.uniform()) / 256.0 - 0.5;
@@ -184,9 +221,14 @@ fn toy2d_exact_logdet_matches_finite_differences() {
                 j[row][c] = (gp[row] - gm[row]) / (2.0 * h);
             }
         }
-        let closed = ((1.0 + j[0][0]) * (1.0 + j[1][1]) - j[0][1] * j[1][0]).abs().ln();
+        let closed = ((1.0 + j[0][0]) * (1.0 + j[1][1]) - j[0][1] * j[1][0])
+            .abs()
+            .ln();
         let exact = exact_block_logdet(&r, b, &x);
-        assert!((closed - exact).abs() < 1e-8, "block {b}: {closed} vs {exact}");
+        assert!(
+            (closed - exact).abs() < 1e-8,
+            "block {b}: {closed} vs {exact}"
+        );
     }
 }
 

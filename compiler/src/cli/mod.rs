@@ -8,17 +8,19 @@ mod run;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use iresnetc::npy;
 use iresnetc::pipeline::{self, LoadOptions, Model};
-use iresnetc::reference::{LogDetMethod, Reference};
-use iresnetc::spec::{Estimator, ModelKind};
+use iresnetc::spec::ModelKind;
 
 #[derive(Parser, Debug)]
-#[command(name = "iresnetc", version, about = "Compiler and runtime for invertible residual networks (i-ResNet)")]
+#[command(
+    name = "iresnetc",
+    version,
+    about = "Compiler and runtime for invertible residual networks (i-ResNet)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -74,7 +76,9 @@ pub fn run(cli: Cli) -> Result<()> {
 
 pub(crate) fn bar(len: u64, msg: &'static str) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{msg:>12} [{elapsed_precise}] {bar:30} {pos}/{len} {eta}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>12} [{elapsed_precise}] {bar:30} {pos}/{len} {eta}")
+    {
         pb.set_style(style);
     }
     pb.set_message(msg);
@@ -146,7 +150,10 @@ fn inspect(model: &Path, weights: Option<&Path>, seed: Option<u64>, json: bool) 
             b.name, b.lipschitz_bound, b.inverse_iters, b.logdet_truncation_bound
         );
     }
-    println!("\nlargest block bound {:.6} (< 1: every block is invertible)", lip.max_block_bound);
+    println!(
+        "\nlargest block bound {:.6} (< 1: every block is invertible)",
+        lip.max_block_bound
+    );
     if lip.layers.iter().any(|l| !l.converged) {
         println!("* power iteration hit lipschitz.power_max_iters before the relative change fell below lipschitz.power_tol; the certified bound is unaffected");
     }
@@ -162,10 +169,19 @@ fn graph(model: &Path, dot: bool) -> Result<()> {
     } else {
         for ix in g.topo_order()? {
             let n = g.node(ix);
-            let ins: Vec<&str> = g.inputs(ix).iter().map(|&i| g.node(i).name.as_str()).collect();
-            println!("{:<32} {:<14} {:?} <- {}", n.name, n.op.kind(), n.shape, ins.join(", "));
+            let ins: Vec<&str> = g
+                .inputs(ix)
+                .iter()
+                .map(|&i| g.node(i).name.as_str())
+                .collect();
+            println!(
+                "{:<32} {:<14} {:?} <- {}",
+                n.name,
+                n.op.kind(),
+                n.shape,
+                ins.join(", ")
+            );
         }
     }
     Ok(())
 }
-

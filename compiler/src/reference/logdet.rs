@@ -14,9 +14,21 @@ pub enum LogDetMethod {
     /// `ln|det(I + J)|` from the full Jacobian.
     Exact,
     /// Truncated series, Hutchinson probes from the seeded generator.
-    Series { terms: usize, probes: usize, kind: ProbeKind, seed: u64 },
+    Series {
+        terms: usize,
+        probes: usize,
+        kind: ProbeKind,
+        seed: u64,
+    },
     /// Russian roulette: `terms` exact terms plus a random number more, reweighted.
-    Roulette { terms: usize, probes: usize, kind: ProbeKind, seed: u64, dist: RouletteDist, param: f64 },
+    Roulette {
+        terms: usize,
+        probes: usize,
+        kind: ProbeKind,
+        seed: u64,
+        dist: RouletteDist,
+        param: f64,
+    },
 }
 
 impl LogDetMethod {
@@ -44,16 +56,34 @@ impl LogDetMethod {
         match *self {
             Self::None => 0.0,
             Self::Exact => exact_block_logdet(r, b, x),
-            Self::Series { terms, probes, kind, seed } => {
+            Self::Series {
+                terms,
+                probes,
+                kind,
+                seed,
+            } => {
                 let weights = vec![1.0; terms];
                 hutchinson(r, b, sample, x, &weights, probes, kind, seed)
             }
-            Self::Roulette { terms, probes, kind, seed, dist, param } => {
+            Self::Roulette {
+                terms,
+                probes,
+                kind,
+                seed,
+                dist,
+                param,
+            } => {
                 let mut rng = Rng::for_stream(seed, &[streams::ROULETTE, b as u64, sample as u64]);
                 let extra = draw(dist, param, &mut rng);
                 // Term k (1-based) beyond the exact ones is divided by P(N >= k - terms).
                 let weights: Vec<f64> = (1..=terms + extra)
-                    .map(|k| if k <= terms { 1.0 } else { 1.0 / survival(dist, param, k - terms) })
+                    .map(|k| {
+                        if k <= terms {
+                            1.0
+                        } else {
+                            1.0 / survival(dist, param, k - terms)
+                        }
+                    })
                     .collect();
                 hutchinson(r, b, sample, x, &weights, probes, kind, seed)
             }
@@ -63,7 +93,16 @@ impl LogDetMethod {
 
 /// Hutchinson estimate of `sum_k weights[k-1] (-1)^(k+1) tr(J^k) / k`, averaged over probes.
 #[allow(clippy::too_many_arguments)]
-fn hutchinson(r: &Reference<'_>, b: usize, sample: usize, x: &[f64], weights: &[f64], probes: usize, kind: ProbeKind, seed: u64) -> f64 {
+fn hutchinson(
+    r: &Reference<'_>,
+    b: usize,
+    sample: usize,
+    x: &[f64],
+    weights: &[f64],
+    probes: usize,
+    kind: ProbeKind,
+    seed: u64,
+) -> f64 {
     let (_, inputs) = r.branch(b, x);
     let mut total = 0.0;
     for p in 0..probes {

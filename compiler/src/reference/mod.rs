@@ -46,13 +46,23 @@ pub struct Reference<'g> {
 
 /// Runs `f` on every sample, on all cores, keeping order.
 fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(usize, T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if threads <= 1 || items.len() <= 1 {
-        return items.into_iter().enumerate().map(|(i, t)| f(i, t)).collect();
+        return items
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| f(i, t))
+            .collect();
     }
     let n = items.len();
-    let slots: Vec<std::sync::Mutex<Option<T>>> = items.into_iter().map(|t| std::sync::Mutex::new(Some(t))).collect();
-    let results: Vec<std::sync::Mutex<Option<R>>> = (0..n).map(|_| std::sync::Mutex::new(None)).collect();
+    let slots: Vec<std::sync::Mutex<Option<T>>> = items
+        .into_iter()
+        .map(|t| std::sync::Mutex::new(Some(t)))
+        .collect();
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..threads.min(n) {
@@ -73,7 +83,12 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(usize, T) -> R + Sync) ->
     });
     results
         .into_iter()
-        .map(|m| m.into_inner().ok().flatten().expect("every sample was processed"))
+        .map(|m| {
+            m.into_inner()
+                .ok()
+                .flatten()
+                .expect("every sample was processed")
+        })
         .collect()
 }
 
@@ -102,22 +117,29 @@ impl<'g> Reference<'g> {
         let mut dy = w.to_vec();
         for (k, &ix) in block.body.iter().enumerate().rev() {
             let n = self.g.node(ix);
-            dy = n
-                .op
-                .vjp(&n.name, &self.g.params, &inputs[k], &dy)
-                .expect("the verifier only admits ops with a vjp in a branch");
+            dy =
+                n.op.vjp(&n.name, &self.g.params, &inputs[k], &dy)
+                    .expect("the verifier only admits ops with a vjp in a branch");
         }
         dy
     }
 
     /// Forward pass of one sample; `ld(b, x)` returns the log-det of block b's
     /// branch at its input x (or 0 when no log-det is wanted).
-    fn forward_one(&self, x: &[f64], mut ld: impl FnMut(usize, &[f64]) -> f64) -> Result<(Vec<f64>, f64)> {
+    fn forward_one(
+        &self,
+        x: &[f64],
+        mut ld: impl FnMut(usize, &[f64]) -> f64,
+    ) -> Result<(Vec<f64>, f64)> {
         let g = self.g;
         let mut vals: HashMap<NodeIndex, Vec<f64>> = HashMap::new();
         vals.insert(g.input, x.to_vec());
-        let block_of_residual: HashMap<NodeIndex, usize> =
-            g.blocks.iter().enumerate().map(|(i, b)| (b.residual, i)).collect();
+        let block_of_residual: HashMap<NodeIndex, usize> = g
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.residual, i))
+            .collect();
         let mut logdet = 0.0;
         for ix in g.topo_order()? {
             let n = g.node(ix);
@@ -141,7 +163,11 @@ impl<'g> Reference<'g> {
             vals.insert(ix, out);
         }
         let out = match g.spec.kind {
-            ModelKind::Flow => g.latents.iter().flat_map(|l| vals[l].iter().copied()).collect(),
+            ModelKind::Flow => g
+                .latents
+                .iter()
+                .flat_map(|l| vals[l].iter().copied())
+                .collect(),
             ModelKind::Classifier => g.logits.map(|l| vals[&l].clone()).unwrap_or_default(),
         };
         Ok((out, logdet))
@@ -152,7 +178,11 @@ impl<'g> Reference<'g> {
         self.check_batch(xs, self.g.input_dim(), "input")?;
         if matches!(method, LogDetMethod::Exact) {
             let g = self.g;
-            if let Some(b) = g.blocks.iter().find(|b| g.node(b.actnorm).shape.iter().product::<usize>() > logdet::EXACT_MAX_DIM) {
+            if let Some(b) = g
+                .blocks
+                .iter()
+                .find(|b| g.node(b.actnorm).shape.iter().product::<usize>() > logdet::EXACT_MAX_DIM)
+            {
                 return Err(Error::Unsupported {
                     what: format!("logdet.estimator = \"exact\" on block `{}`", b.name),
                     reason: format!(
@@ -207,7 +237,11 @@ impl<'g> Reference<'g> {
         while iters < spec.max_iters {
             let (gx, _) = self.branch(b, &x);
             let next: Vec<f64> = y.iter().zip(&gx).map(|(y, g)| y - g).collect();
-            let step = next.iter().zip(&x).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let step = next
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
             x = next;
             iters += 1;
             if step <= spec.tol {
@@ -241,8 +275,12 @@ impl<'g> Reference<'g> {
             vals.insert(l, z[off..off + n].to_vec());
             off += n;
         }
-        let block_of_residual: HashMap<NodeIndex, usize> =
-            g.blocks.iter().enumerate().map(|(i, b)| (b.residual, i)).collect();
+        let block_of_residual: HashMap<NodeIndex, usize> = g
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.residual, i))
+            .collect();
         let mut block_iters = vec![0; g.blocks.len()];
         let (mut max_res, mut all_conv) = (0.0f64, true);
         let mut order = g.topo_order()?;
@@ -336,7 +374,13 @@ impl<'g> Reference<'g> {
     }
 
     fn prior(&self) -> (&[f64], &[f64]) {
-        let get = |n: &str| self.g.params.get(n).map(|t| t.data.as_slice()).unwrap_or(&[]);
+        let get = |n: &str| {
+            self.g
+                .params
+                .get(n)
+                .map(|t| t.data.as_slice())
+                .unwrap_or(&[])
+        };
         (get("prior.mean"), get("prior.log_std"))
     }
 
@@ -346,14 +390,21 @@ impl<'g> Reference<'g> {
             .enumerate()
             .map(|(i, x)| {
                 let mut r = Rng::for_stream(seed, &[streams::DEQUANTIZE, i as u64]);
-                x.iter().map(|v| (255.0 * v + r.uniform()) / 256.0 - 0.5).collect()
+                x.iter()
+                    .map(|v| (255.0 * v + r.uniform()) / 256.0 - 0.5)
+                    .collect()
             })
             .collect()
     }
 
     /// Per sample `(log p(x), bits/dim)`. With `data.dequantize` the input is in
     /// [0, 1], dequantized first, and bits/dim includes the 8 bits of the 1/256 bins.
-    pub fn density(&self, xs: &[Vec<f64>], method: &LogDetMethod, seed: u64) -> Result<Vec<(f64, f64)>> {
+    pub fn density(
+        &self,
+        xs: &[Vec<f64>],
+        method: &LogDetMethod,
+        seed: u64,
+    ) -> Result<Vec<(f64, f64)>> {
         if self.g.spec.kind != ModelKind::Flow {
             return Err(Error::Unsupported {
                 what: format!("model `{}`", self.g.spec.name),
@@ -361,7 +412,11 @@ impl<'g> Reference<'g> {
             });
         }
         let deq = self.g.spec.data.dequantize;
-        let inputs = if deq { self.dequantize(xs, seed) } else { xs.to_vec() };
+        let inputs = if deq {
+            self.dequantize(xs, seed)
+        } else {
+            xs.to_vec()
+        };
         let fwd = self.forward(&inputs, method)?;
         let d = self.g.input_dim() as f64;
         Ok(fwd
@@ -382,7 +437,10 @@ impl<'g> Reference<'g> {
         let zs: Vec<Vec<f64>> = (0..num)
             .map(|i| {
                 let mut r = Rng::for_stream(seed, &[streams::PRIOR_SAMPLE, i as u64]);
-                mu.iter().zip(ls).map(|(m, s)| m + s.exp() * r.normal()).collect()
+                mu.iter()
+                    .zip(ls)
+                    .map(|(m, s)| m + s.exp() * r.normal())
+                    .collect()
             })
             .collect();
         self.inverse(&zs)
