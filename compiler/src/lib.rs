@@ -4,11 +4,14 @@
 //! Lipschitz certificate) -> codegen / ONNX; [`reference`] is the f64 oracle
 //! every backend is tested against.
 
+pub mod bundle;
+pub mod codegen;
 pub mod error;
 pub mod fsutil;
 pub mod ir;
 pub mod kernels;
 pub mod npy;
+pub mod onnx;
 pub mod ops;
 pub mod passes;
 pub mod pipeline;

@@ -28,10 +28,13 @@ pub fn read_batch(path: &Path, array: &str, per_sample: &[usize]) -> Result<Batc
         path: path.to_path_buf(),
         source: e,
     })?;
-    let npy = NpyFile::new(Cursor::new(&bytes)).map_err(|e| bad(format!("not a valid .npy file ({e})")))?;
+    let npy = NpyFile::new(Cursor::new(&bytes))
+        .map_err(|e| bad(format!("not a valid .npy file ({e})")))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     if npy.order() != Order::C && shape.len() > 1 {
-        return Err(bad("Fortran-ordered arrays are not supported; save with C order".into()));
+        return Err(bad(
+            "Fortran-ordered arrays are not supported; save with C order".into(),
+        ));
     }
     let descr = match npy.dtype() {
         DType::Plain(t) => t.to_string(),
@@ -39,7 +42,9 @@ pub fn read_batch(path: &Path, array: &str, per_sample: &[usize]) -> Result<Batc
     };
     let data: Vec<f64> = match descr.as_str() {
         "<f8" | ">f8" => npy.into_vec::<f64>(),
-        "<f4" | ">f4" => npy.into_vec::<f32>().map(|v| v.into_iter().map(f64::from).collect()),
+        "<f4" | ">f4" => npy
+            .into_vec::<f32>()
+            .map(|v| v.into_iter().map(f64::from).collect()),
         other => return Err(bad(format!("dtype {other}, expected float32 or float64"))),
     }
     .map_err(|e| bad(format!("cannot read data ({e})")))?;
@@ -86,7 +91,8 @@ pub fn to_bytes(rows: &[Vec<f64>], per_sample: &[usize], f32_out: bool) -> Resul
             .writer(&mut buf)
             .begin_nd()
             .map_err(io)?;
-        w.extend(rows.iter().flatten().map(|&v| v as f32)).map_err(io)?;
+        w.extend(rows.iter().flatten().map(|&v| v as f32))
+            .map_err(io)?;
         w.finish().map_err(io)?;
     } else {
         let mut w = npyz::WriteOptions::<f64>::new()

@@ -28,12 +28,20 @@ pub struct LoadOptions<'a> {
 
 /// Parses, builds, loads or initializes weights, infers shapes, normalizes
 /// and certifies. `progress(done, total)` reports the Lipschitz pass.
-pub fn load_model(path: &Path, opts: &LoadOptions<'_>, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Model> {
+pub fn load_model(
+    path: &Path,
+    opts: &LoadOptions<'_>,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Model> {
     let spec = ModelSpec::from_file(path)?;
     load_spec(spec, opts, progress)
 }
 
-pub fn load_spec(spec: ModelSpec, opts: &LoadOptions<'_>, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Model> {
+pub fn load_spec(
+    spec: ModelSpec,
+    opts: &LoadOptions<'_>,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Model> {
     let mut graph = ir::build(&spec)?;
     graph.params = match opts.weights {
         Some(w) => weights::load(&graph, w)?,

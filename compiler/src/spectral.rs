@@ -1485,7 +1485,7 @@ mod tests {
 
 /// Largest operator size (smaller side) for which [`conv_operator_sigma_exact`]
 /// builds the Gram matrix; beyond it the circular bound is used.
-pub const EXACT_OPERATOR_MAX_SIDE: usize = 1024;
+pub const EXACT_OPERATOR_MAX_SIDE: usize = 512;
 /// ... and largest number of entries of the explicit operator matrix.
 pub const EXACT_OPERATOR_MAX_ENTRIES: usize = 16 << 20;
 

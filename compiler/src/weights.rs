@@ -32,14 +32,19 @@ pub fn init(graph: &Graph, seed: u64) -> Params {
         let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
         let bound = 1.0 / (fan_in as f64).sqrt();
         let data: Vec<f64> = if name.ends_with(".weight") && shape.len() >= 2 {
-            (0..n).map(|_| (2.0 * rng.uniform() - 1.0) * bound).collect()
+            (0..n)
+                .map(|_| (2.0 * rng.uniform() - 1.0) * bound)
+                .collect()
         } else if name.ends_with(".running_var") {
             (0..n).map(|_| 1.0 + 0.1 * rng.uniform()).collect()
         } else if name.ends_with(".beta") {
             vec![1.0; n]
         } else if name.starts_with("head.bn.") && name.ends_with(".weight") {
             (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect()
-        } else if name.ends_with(".bias") && !name.contains("actnorm") && !name.starts_with("head.bn") {
+        } else if name.ends_with(".bias")
+            && !name.contains("actnorm")
+            && !name.starts_with("head.bn")
+        {
             // Bias of a linear map: fan_in is that of the weight next to it.
             let wname = format!("{}.weight", name.trim_end_matches(".bias"));
             let fan = shapes
@@ -74,7 +79,10 @@ pub fn load(graph: &Graph, path: &Path) -> Result<Params> {
         return Err(Error::Weights {
             file: path.to_path_buf(),
             tensor: extra.clone(),
-            reason: format!("unexpected tensor: model `{}` has no such parameter", graph.spec.name),
+            reason: format!(
+                "unexpected tensor: model `{}` has no such parameter",
+                graph.spec.name
+            ),
         });
     }
     let mut params = Params::new();
@@ -92,7 +100,10 @@ pub fn load(graph: &Graph, path: &Path) -> Result<Params> {
         }
         let data = to_f64(&view).map_err(bad)?;
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(bad(format!("element {i} is {} (weights must be finite)", data[i])));
+            return Err(bad(format!(
+                "element {i} is {} (weights must be finite)",
+                data[i]
+            )));
         }
         params.insert(name, Tensor::new(shape, data));
     }
@@ -119,15 +130,17 @@ pub fn to_safetensors(params: &Params) -> Result<Vec<u8>> {
     let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = params
         .iter()
         .map(|(n, t)| {
-            let bytes = t.data.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+            let bytes = t
+                .data
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect();
             (n.clone(), t.shape.clone(), bytes)
         })
         .collect();
     let views = bufs
         .iter()
-        .map(|(n, s, b)| {
-            TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v))
-        })
+        .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Codegen {
             context: "weights".into(),

@@ -75,6 +75,9 @@ pub enum RuntimeError {
         available: Vec<String>,
     },
 
+    #[error("tract: {context}: {message}")]
+    Tract { context: String, message: String },
+
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -13,6 +13,7 @@
 //!   as a single submission (steps recorded into one encoder, `Repeat` unrolled), splitting
 //!   batches that exceed the limits.
 //! - [`error`]: [`RuntimeError`], one-line messages naming the file, limit or input at fault.
+//! - [`tract`]: the CPU backend, the bundle's ONNX graphs (`onnx.json`) run by tract.
 //! - [`rng`]: the seeded generator shared with the compiler (probes, sampling noise), so
 //!   random streams are bit-identical on every backend.
 
@@ -23,6 +24,7 @@ pub mod error;
 pub mod executor;
 pub mod plan;
 pub mod rng;
+pub mod tract;
 
 pub use buffers::{buffer_bytes, check_limits, max_batch_for_limits};
 pub use bundle::{Bundle, WeightTensor};

@@ -55,6 +55,18 @@ enum Cmd {
     Devices,
     /// Benchmark backends and entry points.
     Bench(bench::BenchArgs),
+    /// Write a random input batch for a model (.npy): uniform [0, 1) pixels for
+    /// dequantized image models, standard normal otherwise.
+    RandomInput {
+        /// A model file (.toml) or a bundle directory.
+        model: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        num: usize,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -71,6 +83,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::ExportOnnx(args) => export::run(&args),
         Cmd::Devices => devices::run(),
         Cmd::Bench(args) => bench::run(&args),
+        Cmd::RandomInput {
+            model,
+            num,
+            output,
+            seed,
+        } => random_input(&model, num, &output, seed),
     }
 }
 
@@ -183,5 +201,31 @@ fn graph(model: &Path, dot: bool) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The spec of a model file or of a bundle directory.
+pub(crate) fn spec_of(path: &Path) -> Result<iresnetc::spec::ModelSpec> {
+    let file = if path.is_dir() { path.join("model.toml") } else { path.to_path_buf() };
+    Ok(iresnetc::spec::ModelSpec::from_file(&file)?)
+}
+
+fn random_input(model: &Path, num: usize, output: &Path, seed: u64) -> Result<()> {
+    if num == 0 {
+        anyhow::bail!("--num must be >= 1");
+    }
+    let spec = spec_of(model)?;
+    let dim: usize = spec.input.iter().product();
+    let mut rng = iresnetc_runtime::rng::Rng::new(seed);
+    let pixels = spec.data.dequantize;
+    let rows: Vec<Vec<f64>> = (0..num)
+        .map(|_| {
+            (0..dim)
+                .map(|_| if pixels { (rng.uniform() * 256.0).floor().min(255.0) / 255.0 } else { rng.normal() })
+                .collect()
+        })
+        .collect();
+    iresnetc::npy::write(output, &rows, &spec.input, true)?;
+    eprintln!("wrote {num} x {:?} ({}) to {}", spec.input, if pixels { "8-bit pixels in [0, 1]" } else { "standard normal" }, output.display());
     Ok(())
 }

@@ -94,9 +94,15 @@ pub fn model_and_weights(a: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
     if a.model.is_dir() {
         let toml = a.model.join("model.toml");
         if !toml.is_file() {
-            bail!("{}: not a bundle (no model.toml); compile one with `iresnetc compile`", a.model.display());
+            bail!(
+                "{}: not a bundle (no model.toml); compile one with `iresnetc compile`",
+                a.model.display()
+            );
         }
-        let w = a.weights.clone().unwrap_or_else(|| a.model.join("weights.safetensors"));
+        let w = a
+            .weights
+            .clone()
+            .unwrap_or_else(|| a.model.join("weights.safetensors"));
         return Ok((toml, Some(w)));
     }
     Ok((a.model.clone(), a.weights.clone()))
@@ -121,7 +127,10 @@ fn run_reference(a: &RunArgs) -> Result<()> {
     let method = LogDetMethod::from_spec(&ld_spec);
     let need_flow = |what: &str| -> Result<()> {
         if g.spec.kind != ModelKind::Flow {
-            bail!("{}: --mode {what} needs a flow (kind = \"flow\")", a.model.display());
+            bail!(
+                "{}: --mode {what} needs a flow (kind = \"flow\")",
+                a.model.display()
+            );
         }
         Ok(())
     };
@@ -134,7 +143,9 @@ fn run_reference(a: &RunArgs) -> Result<()> {
     };
     let in_shape = g.spec.input.clone();
     let latent = [g.latent_dim()];
-    let chunked = |xs: &[Vec<f64>], f: &dyn Fn(&[Vec<f64>]) -> iresnetc::Result<Vec<Vec<f64>>>| -> Result<Vec<Vec<f64>>> {
+    let chunked = |xs: &[Vec<f64>],
+                   f: &dyn Fn(&[Vec<f64>]) -> iresnetc::Result<Vec<Vec<f64>>>|
+     -> Result<Vec<Vec<f64>>> {
         // Chunks of a few samples so the progress bar moves on long runs.
         let pb = bar(xs.len() as u64, "running");
         let mut out = vec![];
@@ -156,11 +167,15 @@ fn run_reference(a: &RunArgs) -> Result<()> {
             let mut lds = vec![];
             let outs = chunked(&x.samples, &|c| {
                 let f = r.forward(c, &method)?;
-                Ok(f.outputs.into_iter().zip(f.logdet).map(|(o, l)| {
-                    let mut o = o;
-                    o.push(l);
-                    o
-                }).collect())
+                Ok(f.outputs
+                    .into_iter()
+                    .zip(f.logdet)
+                    .map(|(o, l)| {
+                        let mut o = o;
+                        o.push(l);
+                        o
+                    })
+                    .collect())
             })?;
             let mut z = vec![];
             for mut o in outs {
@@ -172,7 +187,11 @@ fn run_reference(a: &RunArgs) -> Result<()> {
             if let Some(p) = &a.logdet_out {
                 npy::write(p, &lds, &[], false)?;
             }
-            eprintln!("backend cpu (f64 reference): forward of {} samples -> {}", z.len(), a.output.display());
+            eprintln!(
+                "backend cpu (f64 reference): forward of {} samples -> {}",
+                z.len(),
+                a.output.display()
+            );
         }
         Mode::Inverse => {
             need_flow("inverse")?;
@@ -189,15 +208,28 @@ fn run_reference(a: &RunArgs) -> Result<()> {
         Mode::Logdet => {
             need_flow("logdet")?;
             let x = input(&in_shape, "input")?;
-            let out = chunked(&x.samples, &|c| Ok(r.forward(c, &method)?.logdet.into_iter().map(|l| vec![l]).collect()))?;
+            let out = chunked(&x.samples, &|c| {
+                Ok(r.forward(c, &method)?
+                    .logdet
+                    .into_iter()
+                    .map(|l| vec![l])
+                    .collect())
+            })?;
             npy::write(&a.output, &out, &[], false)?;
-            eprintln!("backend cpu (f64 reference): log-det ({:?}) of {} samples", ld_spec.estimator, out.len());
+            eprintln!(
+                "backend cpu (f64 reference): log-det ({:?}) of {} samples",
+                ld_spec.estimator,
+                out.len()
+            );
         }
         Mode::Density => {
             need_flow("density")?;
             let x = input(&in_shape, "input")?;
             let out = chunked(&x.samples, &|c| {
-                Ok(r.density(c, &method, probe_seed)?.into_iter().map(|(l, b)| vec![l, b]).collect())
+                Ok(r.density(c, &method, probe_seed)?
+                    .into_iter()
+                    .map(|(l, b)| vec![l, b])
+                    .collect())
             })?;
             let mean_bpd = out.iter().map(|v| v[1]).sum::<f64>() / out.len() as f64;
             npy::write(&a.output, &out, &[2], false)?;
@@ -218,13 +250,21 @@ fn run_reference(a: &RunArgs) -> Result<()> {
         }
         Mode::Classify => {
             if g.spec.kind != ModelKind::Classifier {
-                bail!("{}: --mode classify needs a classifier (kind = \"classifier\")", a.model.display());
+                bail!(
+                    "{}: --mode classify needs a classifier (kind = \"classifier\")",
+                    a.model.display()
+                );
             }
             let x = input(&in_shape, "input")?;
-            let logits = chunked(&x.samples, &|c| Ok(r.forward(c, &LogDetMethod::None)?.outputs))?;
+            let logits = chunked(&x.samples, &|c| {
+                Ok(r.forward(c, &LogDetMethod::None)?.outputs)
+            })?;
             let classes = logits.first().map(|v| v.len()).unwrap_or(0);
             npy::write(&a.output, &logits, &[classes], false)?;
-            eprintln!("backend cpu (f64 reference): logits of {} samples", logits.len());
+            eprintln!(
+                "backend cpu (f64 reference): logits of {} samples",
+                logits.len()
+            );
         }
     }
     Ok(())

@@ -16,8 +16,17 @@ struct Builder {
 }
 
 impl Builder {
-    fn add(&mut self, name: String, op: Op, inputs: &[NodeIndex], block: Option<usize>) -> Result<NodeIndex> {
-        let shapes: Vec<&[usize]> = inputs.iter().map(|&i| self.dag[i].shape.as_slice()).collect();
+    fn add(
+        &mut self,
+        name: String,
+        op: Op,
+        inputs: &[NodeIndex],
+        block: Option<usize>,
+    ) -> Result<NodeIndex> {
+        let shapes: Vec<&[usize]> = inputs
+            .iter()
+            .map(|&i| self.dag[i].shape.as_slice())
+            .collect();
         let shape = op.infer_shape(&shapes).map_err(|reason| Error::Graph {
             node: name.clone(),
             reason,
@@ -70,8 +79,17 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
             let mut body = Vec::new();
             let mut h = actnorm;
             let mut act_i = 0;
-            let mut act = |b: &mut Builder, h: NodeIndex, body: &mut Vec<NodeIndex>, a: Activation| -> Result<NodeIndex> {
-                let n = b.add(format!("{name}.act{act_i}"), Op::Act { act: a }, &[h], Some(block_ix))?;
+            let mut act = |b: &mut Builder,
+                           h: NodeIndex,
+                           body: &mut Vec<NodeIndex>,
+                           a: Activation|
+             -> Result<NodeIndex> {
+                let n = b.add(
+                    format!("{name}.act{act_i}"),
+                    Op::Act { act: a },
+                    &[h],
+                    Some(block_ix),
+                )?;
                 act_i += 1;
                 body.push(n);
                 Ok(n)
@@ -98,7 +116,12 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
                         stride: 1,
                         pad: k / 2,
                     };
-                    h = b.add(format!("{name}.conv{li}"), Op::Conv2d { geom }, &[h], Some(block_ix))?;
+                    h = b.add(
+                        format!("{name}.conv{li}"),
+                        Op::Conv2d { geom },
+                        &[h],
+                        Some(block_ix),
+                    )?;
                     body.push(h);
                 }
             } else {
@@ -110,12 +133,22 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
                     if li > 0 || !first_of_model {
                         h = act(&mut b, h, &mut body, st.activation)?;
                     }
-                    h = b.add(format!("{name}.dense{li}"), Op::Dense { fin, fout }, &[h], Some(block_ix))?;
+                    h = b.add(
+                        format!("{name}.dense{li}"),
+                        Op::Dense { fin, fout },
+                        &[h],
+                        Some(block_ix),
+                    )?;
                     body.push(h);
                     fin = fout;
                 }
             }
-            let residual = b.add(format!("{name}.residual"), Op::Residual, &[actnorm, h], None)?;
+            let residual = b.add(
+                format!("{name}.residual"),
+                Op::Residual,
+                &[actnorm, h],
+                None,
+            )?;
             blocks.push(Block {
                 name,
                 stage: s,
@@ -129,7 +162,10 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
             let c = b.shape(cur)[0];
             let keep = b.add(
                 format!("stage{s}.factor_out.keep"),
-                Op::SliceChannels { start: 0, len: c / 2 },
+                Op::SliceChannels {
+                    start: 0,
+                    len: c / 2,
+                },
                 &[cur],
                 None,
             )?;
@@ -153,7 +189,12 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
             let head = spec.head.clone().unwrap_or_default();
             if spec.is_image() {
                 if head.batchnorm {
-                    cur = b.add("head.bn".into(), Op::BatchNorm { eps: head.bn_eps }, &[cur], None)?;
+                    cur = b.add(
+                        "head.bn".into(),
+                        Op::BatchNorm { eps: head.bn_eps },
+                        &[cur],
+                        None,
+                    )?;
                 }
                 cur = b.add(
                     "head.relu".into(),

@@ -8,7 +8,11 @@ use super::Graph;
 
 pub fn to_dot(g: &Graph) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "digraph \"{}\" {{\n  rankdir=TB;\n  node [shape=box, fontname=monospace, fontsize=10];", g.spec.name);
+    let _ = writeln!(
+        s,
+        "digraph \"{}\" {{\n  rankdir=TB;\n  node [shape=box, fontname=monospace, fontsize=10];",
+        g.spec.name
+    );
     let label = |ix: petgraph::stable_graph::NodeIndex| {
         let n = &g.dag[ix];
         format!("{}\\n{} {:?}", n.name, n.op.kind(), n.shape)
@@ -19,7 +23,11 @@ pub fn to_dot(g: &Graph) -> String {
         }
     }
     for (bi, b) in g.blocks.iter().enumerate() {
-        let _ = writeln!(s, "  subgraph cluster_{bi} {{\n    label=\"{} g\"; style=dashed;", b.name);
+        let _ = writeln!(
+            s,
+            "  subgraph cluster_{bi} {{\n    label=\"{} g\"; style=dashed;",
+            b.name
+        );
         for &ix in &b.body {
             let _ = writeln!(s, "    n{} [label=\"{}\"];", ix.index(), label(ix));
         }

@@ -78,5 +78,8 @@ pub fn forward(act: Activation, name: &str, params: &Params, x: &[f64]) -> Vec<f
 /// `dy * f'(x)`, x the pre-activation.
 pub fn vjp(act: Activation, name: &str, params: &Params, x: &[f64], dy: &[f64]) -> Vec<f64> {
     let beta = beta_of(act, name, params);
-    x.iter().zip(dy).map(|(&v, &d)| d * derivative(act, beta, v)).collect()
+    x.iter()
+        .zip(dy)
+        .map(|(&v, &d)| d * derivative(act, beta, v))
+        .collect()
 }

@@ -7,9 +7,17 @@ use crate::tensor::Params;
 /// The affine `(scale, shift)` per channel that an eval-form batch norm is.
 pub fn batchnorm_affine(name: &str, params: &Params, eps: f64) -> (Vec<f64>, Vec<f64>) {
     let (w, b) = (p(params, name, "weight"), p(params, name, "bias"));
-    let (m, v) = (p(params, name, "running_mean"), p(params, name, "running_var"));
+    let (m, v) = (
+        p(params, name, "running_mean"),
+        p(params, name, "running_var"),
+    );
     let scale: Vec<f64> = w.iter().zip(v).map(|(w, v)| w / (v + eps).sqrt()).collect();
-    let shift = b.iter().zip(m).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+    let shift = b
+        .iter()
+        .zip(m)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
     (scale, shift)
 }
 
@@ -31,5 +39,7 @@ pub fn pool_shape(s: &[usize]) -> Result<Vec<usize>, String> {
 
 pub fn global_avg_pool(x: &[f64], s: &[usize]) -> Vec<f64> {
     let hw = s[1] * s[2];
-    x.chunks(hw).map(|c| c.iter().sum::<f64>() / hw as f64).collect()
+    x.chunks(hw)
+        .map(|c| c.iter().sum::<f64>() / hw as f64)
+        .collect()
 }

@@ -17,7 +17,10 @@ pub fn pad_shape(s: &[usize], channels: usize) -> Result<Vec<usize>, String> {
 
 pub fn slice_shape(s: &[usize], start: usize, len: usize) -> Result<Vec<usize>, String> {
     if s.is_empty() || start + len > s[0] || len == 0 {
-        return Err(format!("channel slice {start}..{} out of {s:?}", start + len));
+        return Err(format!(
+            "channel slice {start}..{} out of {s:?}",
+            start + len
+        ));
     }
     let mut o = s.to_vec();
     o[0] = len;

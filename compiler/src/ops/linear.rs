@@ -26,7 +26,12 @@ pub fn dense_shape(fin: usize, fout: usize, s: &[usize]) -> Result<Vec<usize>, S
 }
 
 pub fn conv_forward(name: &str, params: &Params, g: &ConvGeom, x: &[f64]) -> Vec<f64> {
-    kernels::conv2d(g, x, p(params, name, "weight"), Some(p(params, name, "bias")))
+    kernels::conv2d(
+        g,
+        x,
+        p(params, name, "weight"),
+        Some(p(params, name, "bias")),
+    )
 }
 
 pub fn conv_vjp(name: &str, params: &Params, g: &ConvGeom, dy: &[f64]) -> Vec<f64> {
@@ -34,7 +39,13 @@ pub fn conv_vjp(name: &str, params: &Params, g: &ConvGeom, dy: &[f64]) -> Vec<f6
 }
 
 pub fn dense_forward(name: &str, params: &Params, fin: usize, fout: usize, x: &[f64]) -> Vec<f64> {
-    kernels::dense(fin, fout, x, p(params, name, "weight"), Some(p(params, name, "bias")))
+    kernels::dense(
+        fin,
+        fout,
+        x,
+        p(params, name, "weight"),
+        Some(p(params, name, "bias")),
+    )
 }
 
 pub fn dense_vjp(name: &str, params: &Params, fin: usize, fout: usize, dy: &[f64]) -> Vec<f64> {

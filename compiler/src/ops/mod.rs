@@ -134,10 +134,20 @@ impl Op {
     }
 
     /// f64 evaluation on one sample. `name` is the node name (for parameters).
-    pub fn eval(&self, name: &str, params: &Params, inputs: &[&[f64]], in_shape: &[usize]) -> Vec<f64> {
+    pub fn eval(
+        &self,
+        name: &str,
+        params: &Params,
+        inputs: &[&[f64]],
+        in_shape: &[usize],
+    ) -> Vec<f64> {
         match self {
             Op::Input => inputs[0].to_vec(),
-            Op::Residual => inputs[0].iter().zip(inputs[1]).map(|(a, b)| a + b).collect(),
+            Op::Residual => inputs[0]
+                .iter()
+                .zip(inputs[1])
+                .map(|(a, b)| a + b)
+                .collect(),
             Op::Squeeze => layout::squeeze(inputs[0], in_shape),
             Op::PadChannels { channels } => layout::pad_channels(inputs[0], in_shape, *channels),
             Op::SliceChannels { start, len } => {

@@ -95,9 +95,9 @@ fn act_ref(g: &Graph, ix: NodeIndex) -> Option<ActRef> {
     }
 }
 
-fn linear_geom(op: &Op) -> Option<ConvGeom> {
+pub fn linear_geom(op: &Op) -> Option<ConvGeom> {
     match op {
-        Op::Conv2d { geom } => Some(geom.clone()),
+        Op::Conv2d { geom } => Some(*geom),
         Op::Dense { fin, fout } => Some(ConvGeom {
             cin: *fin,
             cout: *fout,

@@ -257,25 +257,18 @@ fn layer(
     }
 }
 
-/// Estimate for a `[fout, fin]` matrix: Lanczos on it as a 1x1 convolution on
-/// a 1x1 image, started from the matrix's own top singular direction (exact,
-/// so it converges in a step or two).
-fn matrix_estimate(
-    fin: usize,
-    fout: usize,
-    w: &[f64],
-    tol: f64,
-    max_iters: usize,
-    seed: u64,
-) -> spectral::PowerIteration {
-    let g = crate::kernels::ConvGeom {
-        cin: fin,
-        cout: fout,
-        h: 1,
-        w: 1,
-        k: 1,
-        stride: 1,
-        pad: 0,
-    };
-    spectral::conv_sigma_lanczos(&g, w, tol, max_iters, seed)
+/// Estimate for a `[fout, fin]` matrix: Lanczos-accelerated power iteration
+/// from a seeded random start (a few dozen matrix-vector products, far cheaper
+/// than the SVD that certifies the bound).
+fn matrix_estimate(fin: usize, fout: usize, w: &[f64], tol: f64, max_iters: usize, seed: u64) -> spectral::PowerIteration {
+    spectral::lanczos_sigma(
+        fin,
+        fout,
+        |x| crate::kernels::dense(fin, fout, x, w, None),
+        |y| crate::kernels::dense_adjoint(fin, fout, y, w),
+        None,
+        tol,
+        max_iters,
+        seed,
+    )
 }

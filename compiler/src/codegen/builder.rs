@@ -1,0 +1,137 @@
+//! Accumulates a plan: buffers (declared once, shared by name), kernels (each unique WGSL
+//! source validated by naga once and written once, however many kernels bind it) and the
+//! per-dispatch FLOP counts the report sums per entry point.
+
+use std::collections::{BTreeMap, HashMap};
+
+use iresnetc_runtime::{BufferDecl, BufferInit, KernelDecl, Step};
+
+use super::wgsl::{self, Binding};
+use crate::error::{Error, Result};
+
+#[derive(Default)]
+pub struct PlanBuilder {
+    pub buffers: Vec<BufferDecl>,
+    buffer_index: HashMap<String, usize>,
+    pub kernels: Vec<KernelDecl>,
+    kernel_index: HashMap<String, usize>,
+    /// WGSL file name -> source.
+    pub shaders: BTreeMap<String, String>,
+    file_of_source: HashMap<String, String>,
+    /// FLOPs per sample of one dispatch of each kernel.
+    pub flops: HashMap<String, u64>,
+}
+
+impl PlanBuilder {
+    /// Declares buffer `name` (or checks that an earlier declaration agrees) and returns it.
+    pub fn buffer(
+        &mut self,
+        name: &str,
+        elems: usize,
+        per_sample: bool,
+        init: BufferInit,
+    ) -> Result<String> {
+        if let Some(&i) = self.buffer_index.get(name) {
+            let b = &self.buffers[i];
+            if b.elems != elems as u64 || b.per_sample != per_sample || b.init != init {
+                return Err(Error::Codegen {
+                    context: format!("buffer `{name}`"),
+                    message: format!(
+                        "declared twice with different layouts ({} vs {elems} elements, {:?} vs {init:?})",
+                        b.elems, b.init
+                    ),
+                });
+            }
+            return Ok(name.to_string());
+        }
+        self.buffer_index
+            .insert(name.to_string(), self.buffers.len());
+        self.buffers.push(BufferDecl {
+            name: name.to_string(),
+            elems: elems as u64,
+            per_sample,
+            init,
+        });
+        Ok(name.to_string())
+    }
+
+    /// Per-sample scratch (contents undefined at the start of a run).
+    pub fn scratch(&mut self, name: &str, elems: usize) -> Result<String> {
+        self.buffer(name, elems, true, BufferInit::Scratch)
+    }
+
+    /// A weight tensor, bound through a buffer of the same name.
+    pub fn weight(&mut self, tensor: &str, elems: usize) -> Result<String> {
+        self.buffer(
+            tensor,
+            elems,
+            false,
+            BufferInit::Weight {
+                tensor: tensor.to_string(),
+            },
+        )
+    }
+
+    /// Declares kernel `name` (a `main` entry point of `source` with `bindings`) and returns
+    /// the step that dispatches it. A kernel requested again under the same name must be
+    /// identical; sources are deduplicated into one file.
+    pub fn kernel(
+        &mut self,
+        name: &str,
+        source: String,
+        bindings: &[Binding],
+        workgroup_size: u32,
+        workgroups: [u32; 2],
+        flops_per_sample: u64,
+    ) -> Result<Step> {
+        let step = Step::Dispatch {
+            kernel: name.to_string(),
+            workgroups: [workgroups[0].max(1), workgroups[1].max(1), 1],
+        };
+        let file = match self.file_of_source.get(&source) {
+            Some(f) => f.clone(),
+            None => {
+                wgsl::validate(name, &source)?;
+                let file = format!("{}.wgsl", sanitize(name));
+                self.shaders.insert(file.clone(), source.clone());
+                self.file_of_source.insert(source, file.clone());
+                file
+            }
+        };
+        let decl = KernelDecl {
+            name: name.to_string(),
+            file,
+            entry: "main".to_string(),
+            workgroup_size: [workgroup_size, 1, 1],
+            bindings: bindings.iter().map(|b| b.buffer.clone()).collect(),
+            read_only: bindings.iter().map(|b| !b.write).collect(),
+        };
+        if let Some(&i) = self.kernel_index.get(name) {
+            let old = &self.kernels[i];
+            if old.file != decl.file || old.bindings != decl.bindings {
+                return Err(Error::Codegen {
+                    context: format!("kernel `{name}`"),
+                    message: "declared twice with different code or bindings".into(),
+                });
+            }
+            return Ok(step);
+        }
+        self.kernel_index.insert(name.to_string(), self.kernels.len());
+        self.kernels.push(decl);
+        self.flops.insert(name.to_string(), flops_per_sample);
+        Ok(step)
+    }
+}
+
+/// File-system-safe version of a kernel name.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

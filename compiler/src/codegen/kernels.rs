@@ -1,0 +1,441 @@
+//! Kernel generators: a convolution (forward, transposed, dense) with one of the fused
+//! epilogues, and elementwise kernels with a generated body. Each returns the specialized
+//! WGSL, its bindings and its dispatch grid; the lowering decides what to generate.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::wgsl::{self, act_suffix, float, Binding};
+use crate::error::Result;
+use crate::kernels::ConvGeom;
+use crate::passes::fusion::ActRef;
+
+/// How convolution kernels split their work. The register-blocked variant is the one that is
+/// fast on lavapipe (DESIGN.md: barriers are expensive there); a workgroup-memory tiled
+/// variant for real GPUs is not generated yet, so GPUs get smaller register blocks (more
+/// workgroups in flight) from the same template.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "strategy", rename_all = "snake_case")]
+pub enum Tiling {
+    /// Each invocation computes `pixels` x `channels` outputs in registers; `workgroup`
+    /// invocations take consecutive pixels.
+    RegisterBlocked {
+        pixels: u32,
+        channels: u32,
+        workgroup: u32,
+    },
+}
+
+impl Tiling {
+    /// For CPU adapters (lavapipe / llvmpipe): big register blocks.
+    pub const CPU: Tiling = Tiling::RegisterBlocked {
+        pixels: 4,
+        channels: 8,
+        workgroup: 64,
+    };
+    /// For hardware GPUs until a workgroup-memory variant exists: small blocks, many threads.
+    pub const GPU: Tiling = Tiling::RegisterBlocked {
+        pixels: 1,
+        channels: 4,
+        workgroup: 64,
+    };
+
+    /// The tiling for an adapter of the given type.
+    pub fn for_device_type(t: iresnetc_runtime::wgpu::DeviceType) -> Tiling {
+        match t {
+            iresnetc_runtime::wgpu::DeviceType::Cpu => Tiling::CPU,
+            _ => Tiling::GPU,
+        }
+    }
+}
+
+/// A generated kernel, ready for [`super::builder::PlanBuilder::kernel`].
+pub struct Generated {
+    pub source: String,
+    pub bindings: Vec<Binding>,
+    pub workgroup_size: u32,
+    pub workgroups: [u32; 2],
+    pub flops_per_sample: u64,
+}
+
+/// The activation after the epilogue's first value, with the buffer holding a second output.
+#[derive(Clone, Debug)]
+pub struct ActOut {
+    pub buffer: String,
+    pub act: ActRef,
+}
+
+/// What a convolution kernel does with `v = conv(x)[o] (+ bias)`.
+#[derive(Clone, Debug)]
+pub enum Epilogue {
+    /// `dst = v`.
+    Store { dst: String },
+    /// `pre = v` (kept for the log-det's derivative mask), `dst = act(v)`.
+    StoreAct {
+        pre: Option<String>,
+        dst: String,
+        act: ActRef,
+    },
+    /// `y = res + v` (the residual add); with `next`, the next block's ActNorm is applied and
+    /// its output (and its branch's leading activation) stored instead of `y`.
+    Residual {
+        res: String,
+        dst: String,
+        next: Option<NextActNorm>,
+    },
+    /// The inverse step `x = target - v` (`target` = the block output y), and `act(x)` for
+    /// the first layer of the next iteration.
+    FixedPoint {
+        target: String,
+        dst: String,
+        lead: Option<ActOut>,
+    },
+    /// vjp through the activation before this layer: `dst = v * act'(pre)`.
+    VjpMask {
+        pre: String,
+        dst: String,
+        act: ActRef,
+    },
+    /// The last vjp of a term: `u = v [* act'(pre)]`, `dst = u`, and `acc += coef_k * u * v_p`
+    /// (the `<w_k, v>` product, summed over elements by the block's reduce kernel).
+    VjpDot {
+        mask: Option<(String, ActRef)>,
+        dst: String,
+        ld: LogDetBindings,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct NextActNorm {
+    pub log_scale: String,
+    pub bias: String,
+    pub lead: Option<ActOut>,
+}
+
+/// Buffers and offsets the log-det accumulation reads.
+#[derive(Clone, Debug)]
+pub struct LogDetBindings {
+    pub acc: String,
+    pub coef: String,
+    pub probes: String,
+    pub counter: String,
+    /// Per-sample elements of `coef` and the offset of this block's terms.
+    pub coef_n: usize,
+    pub coef_off: usize,
+    /// Per-sample elements of `probes` and the offset of this block's first probe.
+    pub probe_n: usize,
+    pub probe_off: usize,
+}
+
+/// A convolution to generate: `geom` is the forward conv whose weights are bound; with
+/// `transposed`, the kernel computes its adjoint (stride 1, 'same' padding).
+#[derive(Clone, Debug)]
+pub struct Conv {
+    pub geom: ConvGeom,
+    pub transposed: bool,
+    pub src: String,
+    pub weight: String,
+    pub bias: Option<String>,
+    pub epilogue: Epilogue,
+}
+
+/// `let beta = ...;` for the kernel's activation, adding LipSwish's parameter binding.
+fn beta_setup(act: Option<&ActRef>, bindings: &mut Vec<Binding>) -> String {
+    match act.and_then(|a| a.beta.as_ref()) {
+        Some(t) => {
+            bindings.push(Binding::read("beta_raw", t.clone()));
+            "    let beta = softplus(beta_raw[0]);\n".to_string()
+        }
+        None => "    let beta = 0.0;\n".to_string(),
+    }
+}
+
+fn act_call(a: &ActRef, x: &str) -> String {
+    format!("act_{}({x}, beta)", act_suffix(a.act))
+}
+
+fn dact_call(a: &ActRef, x: &str) -> String {
+    format!("dact_{}({x}, beta)", act_suffix(a.act))
+}
+
+pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
+    let Tiling::RegisterBlocked {
+        pixels,
+        channels,
+        workgroup,
+    } = tiling;
+    let f = &c.geom;
+    // The map this kernel computes.
+    let (cin, cout, pad) = if c.transposed {
+        (f.cout, f.cin, f.k - 1 - f.pad)
+    } else {
+        (f.cin, f.cout, f.pad)
+    };
+    let (oh, ow) = if c.transposed {
+        (f.h, f.w)
+    } else {
+        (f.out_h(), f.out_w())
+    };
+    let ohw = oh * ow;
+    let wg = (ohw as u32).next_power_of_two().clamp(1, workgroup);
+    let tp = (ohw as u32).div_ceil(wg).clamp(1, pixels);
+    let tc = (cout as u32).clamp(1, channels);
+    let per_group = wg * tp;
+    let weight_expr = if c.transposed {
+        "wgt[((i * COUT + o) * K + (K - 1u - ky)) * K + (K - 1u - kx)]"
+    } else {
+        "wgt[((o * CIN + i) * K + ky) * K + kx]"
+    };
+
+    let mut b = vec![
+        Binding::read("src", c.src.clone()),
+        Binding::read("wgt", c.weight.clone()),
+    ];
+    if let Some(bias) = &c.bias {
+        b.push(Binding::read("bias", bias.clone()));
+    }
+    // Epilogue statements, in terms of v (the value), o (global index), li (index within
+    // the sample), co (channel) and sample.
+    let mut body = String::new();
+    let mut pre_epilogue = String::new();
+    let mut act: Option<&ActRef> = None;
+    match &c.epilogue {
+        Epilogue::Store { dst } => {
+            b.push(Binding::write("dst", dst.clone()));
+            body.push_str("dst[o] = v;");
+        }
+        Epilogue::StoreAct { pre, dst, act: a } => {
+            b.push(Binding::write("dst", dst.clone()));
+            if let Some(pre) = pre {
+                b.push(Binding::write("pre", pre.clone()));
+                body.push_str("pre[o] = v; ");
+            }
+            let _ = write!(body, "dst[o] = {};", act_call(a, "v"));
+            act = Some(a);
+        }
+        Epilogue::Residual { res, dst, next } => {
+            b.push(Binding::read("res", res.clone()));
+            b.push(Binding::write("dst", dst.clone()));
+            body.push_str("let y = res[o] + v; ");
+            match next {
+                None => body.push_str("dst[o] = y;"),
+                Some(n) => {
+                    b.push(Binding::read("an_scale", n.log_scale.clone()));
+                    b.push(Binding::read("an_bias", n.bias.clone()));
+                    body.push_str("let a = y * exp(an_scale[co]) + an_bias[co]; dst[o] = a;");
+                    if let Some(l) = &n.lead {
+                        b.push(Binding::write("lead", l.buffer.clone()));
+                        let _ = write!(body, " lead[o] = {};", act_call(&l.act, "a"));
+                        act = Some(&l.act);
+                    }
+                }
+            }
+        }
+        Epilogue::FixedPoint { target, dst, lead } => {
+            b.push(Binding::read("yt", target.clone()));
+            b.push(Binding::write("dst", dst.clone()));
+            body.push_str("let x = yt[o] - v; dst[o] = x;");
+            if let Some(l) = lead {
+                b.push(Binding::write("lead", l.buffer.clone()));
+                let _ = write!(body, " lead[o] = {};", act_call(&l.act, "x"));
+                act = Some(&l.act);
+            }
+        }
+        Epilogue::VjpMask { pre, dst, act: a } => {
+            b.push(Binding::read("pre", pre.clone()));
+            b.push(Binding::write("dst", dst.clone()));
+            let _ = write!(body, "dst[o] = v * {};", dact_call(a, "pre[o]"));
+            act = Some(a);
+        }
+        Epilogue::VjpDot { mask, dst, ld } => {
+            b.push(Binding::write("dst", dst.clone()));
+            match mask {
+                Some((pre, a)) => {
+                    b.push(Binding::read("pre", pre.clone()));
+                    let _ = write!(body, "let u = v * {}; ", dact_call(a, "pre[o]"));
+                    act = Some(a);
+                }
+                None => body.push_str("let u = v; "),
+            }
+            push_logdet_bindings(&mut b, ld);
+            pre_epilogue = logdet_counters(ld);
+            let _ = write!(
+                body,
+                "dst[o] = u; acc[o] += coef[coef_at] * u * probes[probe_at + li];"
+            );
+        }
+    }
+    let beta = beta_setup(act, &mut b);
+
+    let mut setup = beta;
+    for j in 0..tp {
+        let _ = writeln!(
+            setup,
+            "    let p{j} = pbase + {}u;\n    let live{j} = p{j} < OHW;\n    let oy{j} = i32(p{j} / OW) * STRIDE - PAD;\n    let ox{j} = i32(p{j} % OW) * STRIDE - PAD;",
+            j * wg
+        );
+    }
+    for t in 0..tc {
+        let _ = writeln!(setup, "    let c{t} = min(co0 + {t}u, COUT - 1u);");
+        for j in 0..tp {
+            let _ = writeln!(setup, "    var acc{t}_{j} = 0.0;");
+        }
+    }
+    let mut tap = String::new();
+    for j in 0..tp {
+        let _ = writeln!(
+            tap,
+            "            let iy{j} = oy{j} + i32(ky);\n            let ix{j} = ox{j} + i32(kx);\n            let ok{j} = live{j} && iy{j} >= 0 && iy{j} < i32(H) && ix{j} >= 0 && ix{j} < i32(W);\n            let off{j} = select(0u, u32(iy{j}) * W + u32(ix{j}), ok{j});"
+        );
+    }
+    let mut inner = String::new();
+    for j in 0..tp {
+        let _ = writeln!(
+            inner,
+            "                let x{j} = select(0.0, src[cb + off{j}], ok{j});"
+        );
+    }
+    for t in 0..tc {
+        let _ = writeln!(inner, "                let w{t} = wt(c{t}, ci, ky, kx);");
+        for j in 0..tp {
+            let _ = writeln!(
+                inner,
+                "                acc{t}_{j} = fma(w{t}, x{j}, acc{t}_{j});"
+            );
+        }
+    }
+    let mut epilogue = pre_epilogue;
+    let bias = if c.bias.is_some() { " + bias[co]" } else { "" };
+    for t in 0..tc {
+        for j in 0..tp {
+            let _ = writeln!(
+                epilogue,
+                "    if (co0 + {t}u < COUT && live{j}) {{\n        let co = co0 + {t}u;\n        let li = co * OHW + p{j};\n        let o = sample * OUT_N + li;\n        let v = acc{t}_{j}{bias};\n        {body}\n    }}"
+            );
+        }
+    }
+    let source = wgsl::render(
+        wgsl::CONV_TEMPLATE,
+        &[
+            ("BINDINGS", wgsl::declare(&b)),
+            ("CIN", cin.to_string()),
+            ("COUT", cout.to_string()),
+            ("H", f.h.to_string()),
+            ("W", f.w.to_string()),
+            ("OW", ow.to_string()),
+            ("OHW", ohw.to_string()),
+            ("K", f.k.to_string()),
+            ("STRIDE", if c.transposed { 1 } else { f.stride }.to_string()),
+            ("PAD", pad.to_string()),
+            ("IN_N", (cin * f.h * f.w).to_string()),
+            ("OUT_N", (cout * ohw).to_string()),
+            ("TC", tc.to_string()),
+            ("PIXELS_PER_GROUP", per_group.to_string()),
+            ("FUNCTIONS", wgsl::activation_functions()),
+            ("WEIGHT_EXPR", weight_expr.to_string()),
+            ("WG", wg.to_string()),
+            ("SETUP", setup),
+            ("TAP", tap),
+            ("INNER", inner),
+            ("EPILOGUE", epilogue),
+        ],
+    )?;
+    Ok(Generated {
+        source,
+        bindings: b,
+        workgroup_size: wg,
+        workgroups: [(ohw as u32).div_ceil(per_group), (cout as u32).div_ceil(tc)],
+        flops_per_sample: 2 * (cin * cout * f.k * f.k * ohw) as u64,
+    })
+}
+
+fn push_logdet_bindings(b: &mut Vec<Binding>, ld: &LogDetBindings) {
+    b.push(Binding::write("acc", ld.acc.clone()));
+    b.push(Binding::read("coef", ld.coef.clone()));
+    b.push(Binding::read("probes", ld.probes.clone()));
+    b.push(Binding::read("counter", ld.counter.clone()));
+}
+
+/// `coef_at` and `probe_at` of the current term and probe (from the per-sample counters:
+/// `[term, probe]`), so one kernel serves every term of the series.
+fn logdet_counters(ld: &LogDetBindings) -> String {
+    format!(
+        "    let term = u32(counter[sample * 2u]);\n    let probe = u32(counter[sample * 2u + 1u]);\n    let coef_at = sample * {}u + {}u + term;\n    let probe_at = sample * {}u + {}u + probe * OUT_N;\n",
+        ld.coef_n, ld.coef_off, ld.probe_n, ld.probe_off
+    )
+}
+
+/// An elementwise kernel over `n` elements per sample; `body` uses `sample`, `i` and `beta`.
+pub fn eltwise(
+    n: usize,
+    mut bindings: Vec<Binding>,
+    act: Option<&ActRef>,
+    body: &str,
+) -> Result<Generated> {
+    let beta = beta_setup(act, &mut bindings);
+    let source = wgsl::render(
+        wgsl::ELTWISE_TEMPLATE,
+        &[
+            ("BINDINGS", wgsl::declare(&bindings)),
+            ("N", n.to_string()),
+            ("FUNCTIONS", wgsl::activation_functions()),
+            ("BODY", format!("{beta}{body}")),
+        ],
+    )?;
+    Ok(Generated {
+        source,
+        bindings,
+        workgroup_size: 256,
+        workgroups: [(n as u32).div_ceil(256), 1],
+        flops_per_sample: n as u64,
+    })
+}
+
+/// The end of a block's log-det (see `shaders/logdet_reduce.wgsl`).
+pub fn logdet_reduce(
+    dim: usize,
+    channels: usize,
+    spatial: usize,
+    acc: &str,
+    log_scale: &str,
+    logdet: &str,
+    counter: &str,
+) -> Result<Generated> {
+    let bindings = vec![
+        Binding::write("acc", acc),
+        Binding::read("log_scale", log_scale),
+        Binding::write("logdet", logdet),
+        Binding::write("counter", counter),
+    ];
+    let source = wgsl::render(
+        wgsl::REDUCE_TEMPLATE,
+        &[
+            ("BINDINGS", wgsl::declare(&bindings)),
+            ("D", dim.to_string()),
+            ("CHANNELS", channels.to_string()),
+            ("SPATIAL", float(spatial as f64)),
+        ],
+    )?;
+    Ok(Generated {
+        source,
+        bindings,
+        workgroup_size: 64,
+        workgroups: [1, 1],
+        flops_per_sample: dim as u64,
+    })
+}
+
+/// Body of the log-det's elementwise `acc += coef_k * w * v_p` (unfused plans).
+pub fn dot_body(ld: &LogDetBindings, dim: usize) -> String {
+    format!(
+        "{}    let o = sample * {dim}u + i;\n    acc[o] += coef[coef_at] * w[o] * probes[probe_at + i];",
+        logdet_counters(ld).replace("OUT_N", &format!("{dim}u"))
+    )
+}
+
+pub fn dot_bindings(ld: &LogDetBindings, w: &str) -> Vec<Binding> {
+    let mut b = vec![Binding::read("w", w)];
+    push_logdet_bindings(&mut b, ld);
+    b
+}

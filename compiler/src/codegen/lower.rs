@@ -1,0 +1,1027 @@
+//! Lowering a certified graph to plan steps: the forward pass (with the log-det series
+//! interleaved block by block), the inverse (fixed point per block, in one submission) and
+//! the classifier's forward. Fused or unfused per [`Fusion::enabled`].
+//!
+//! Buffers: every value outside a residual branch has its own small buffer (`v.<node>`);
+//! the large branch intermediates are per-stage scratch (`s<stage>.<role>`) reused by every
+//! block of the stage, since a block's forward, log-det and inverse finish before the next
+//! block starts (liveness by construction).
+
+use std::collections::HashMap;
+
+use iresnetc_runtime::{BufferInit, Step};
+use petgraph::stable_graph::NodeIndex;
+
+use super::builder::PlanBuilder;
+use super::kernels::{
+    self, ActOut, Conv, Epilogue, Generated, LogDetBindings, NextActNorm, Tiling,
+};
+use super::wgsl::{act_suffix, float, Binding};
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::ops::{actnorm::spatial, param_name, Op};
+use crate::passes::fusion::{ActRef, FusedBlock, Fusion};
+use crate::passes::LipschitzReport;
+
+/// Names of the plan's fixed buffers (the I/O contract with the callers).
+pub mod names {
+    pub const X: &str = "x";
+    pub const PROBES: &str = "probes";
+    pub const COEF: &str = "coef";
+    pub const Z: &str = "z";
+    pub const LOGDET: &str = "logdet";
+    pub const Z_IN: &str = "z_in";
+    pub const X_OUT: &str = "x_out";
+    pub const LOGITS: &str = "logits";
+    pub const COUNTER: &str = "ld.counter";
+}
+
+/// Extra roulette terms a plan has room for beyond `logdet.terms` (the roulette entry point
+/// runs `terms + ROULETTE_EXTRA_TERMS` terms; draws beyond that are refused on the CPU).
+pub const ROULETTE_EXTRA_TERMS: usize = 20;
+
+/// Where the log-det inputs of block `b` live, for the CPU side that fills them.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LogDetLayout {
+    /// Per block: dimension.
+    pub block_dims: Vec<usize>,
+    pub probes: usize,
+    /// Coefficient slots per block (`terms + ROULETTE_EXTRA_TERMS`).
+    pub coef_stride: usize,
+    pub terms: usize,
+}
+
+impl LogDetLayout {
+    pub fn probe_elems(&self) -> usize {
+        self.block_dims.iter().sum::<usize>() * self.probes
+    }
+
+    pub fn coef_elems(&self) -> usize {
+        self.block_dims.len() * self.coef_stride
+    }
+}
+
+pub struct Lowering<'a> {
+    g: &'a Graph,
+    fusion: &'a Fusion,
+    lip: &'a LipschitzReport,
+    tiling: Tiling,
+    pub b: PlanBuilder,
+    pub layout: LogDetLayout,
+    block_of_residual: HashMap<NodeIndex, usize>,
+}
+
+/// A value's location: a buffer, an offset inside each sample and the buffer's per-sample size.
+#[derive(Clone, Debug)]
+struct Loc {
+    buffer: String,
+    offset: usize,
+    stride: usize,
+}
+
+impl<'a> Lowering<'a> {
+    pub fn new(g: &'a Graph, fusion: &'a Fusion, lip: &'a LipschitzReport, tiling: Tiling) -> Self {
+        let layout = LogDetLayout {
+            block_dims: g
+                .blocks
+                .iter()
+                .map(|b| g.node(b.actnorm).shape.iter().product())
+                .collect(),
+            probes: g.spec.logdet.probes.max(1),
+            coef_stride: g.spec.logdet.terms + ROULETTE_EXTRA_TERMS,
+            terms: g.spec.logdet.terms,
+        };
+        Lowering {
+            g,
+            fusion,
+            lip,
+            tiling,
+            b: PlanBuilder::default(),
+            layout,
+            block_of_residual: g
+                .blocks
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (b.residual, i))
+                .collect(),
+        }
+    }
+
+    fn elems(&self, ix: NodeIndex) -> usize {
+        self.g.node(ix).shape.iter().product()
+    }
+
+    /// The buffer holding node `ix`'s value (declared on first use).
+    fn val(&mut self, ix: NodeIndex) -> Result<String> {
+        let n = self.g.node(ix);
+        let elems = self.elems(ix);
+        match &n.op {
+            Op::Input => self.b.buffer(names::X, elems, true, BufferInit::Input),
+            _ if Some(ix) == self.g.logits => {
+                self.b.buffer(names::LOGITS, elems, true, BufferInit::Output)
+            }
+            _ => self.b.scratch(&format!("v.{}", n.name), elems),
+        }
+    }
+
+    fn loc(&mut self, ix: NodeIndex) -> Result<Loc> {
+        Ok(Loc {
+            buffer: self.val(ix)?,
+            offset: 0,
+            stride: self.elems(ix),
+        })
+    }
+
+    fn weight(&mut self, tensor: &str) -> Result<String> {
+        let elems = self
+            .g
+            .params
+            .get(tensor)
+            .map(|t| t.data.len())
+            .ok_or_else(|| Error::Codegen {
+                context: format!("tensor `{tensor}`"),
+                message: "the graph has no such parameter".into(),
+            })?;
+        self.b.weight(tensor, elems)
+    }
+
+    /// Declares the weight buffers a generated kernel binds (LipSwish betas, ActNorm params).
+    fn declare_weights(&mut self, k: &Generated) -> Result<()> {
+        for bind in &k.bindings {
+            if self.g.params.contains_key(&bind.buffer) {
+                self.weight(&bind.buffer)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, name: &str, k: Generated) -> Result<Step> {
+        self.declare_weights(&k)?;
+        self.b.kernel(
+            name,
+            k.source,
+            &k.bindings,
+            k.workgroup_size,
+            k.workgroups,
+            k.flops_per_sample,
+        )
+    }
+
+    fn conv(&mut self, name: &str, c: Conv) -> Result<Step> {
+        self.weight(&c.weight)?;
+        if let Some(bias) = &c.bias {
+            self.weight(bias)?;
+        }
+        let k = kernels::conv(&c, self.tiling)?;
+        self.emit(name, k)
+    }
+
+    fn eltwise(
+        &mut self,
+        name: &str,
+        n: usize,
+        bindings: Vec<Binding>,
+        act: Option<&ActRef>,
+        body: &str,
+    ) -> Result<Step> {
+        let k = kernels::eltwise(n, bindings, act, body)?;
+        self.emit(name, k)
+    }
+
+    /// `dst = act(src)` elementwise.
+    fn act_kernel(&mut self, name: &str, n: usize, src: &str, dst: &str, a: &ActRef) -> Result<Step> {
+        let body = format!(
+            "    let o = sample * {n}u + i;\n    dst[o] = act_{}(src[o], beta);",
+            act_suffix(a.act)
+        );
+        self.eltwise(
+            name,
+            n,
+            vec![Binding::read("src", src), Binding::write("dst", dst)],
+            Some(a),
+            &body,
+        )
+    }
+
+    /// Copies `n` elements per sample, `dst[map_dst(i)] = src[map_src(i)]`; the maps are WGSL
+    /// expressions in `i` (per-sample indices, offsets added here).
+    fn gather(
+        &mut self,
+        name: &str,
+        n: usize,
+        src: &Loc,
+        src_index: &str,
+        dst: &Loc,
+        dst_index: &str,
+        prelude: &str,
+    ) -> Result<Step> {
+        let body = format!(
+            "{prelude}    dst[sample * {}u + {}u + {dst_index}] = src[sample * {}u + {}u + {src_index}];",
+            dst.stride, dst.offset, src.stride, src.offset
+        );
+        self.eltwise(
+            name,
+            n,
+            vec![
+                Binding::read("src", src.buffer.clone()),
+                Binding::write("dst", dst.buffer.clone()),
+            ],
+            None,
+            &body,
+        )
+    }
+
+    /// Squeeze index prelude for an unsqueezed shape `s` and squeezed index `i`: defines `u`,
+    /// the matching unsqueezed index (PyTorch pixel_unshuffle(2) convention).
+    fn squeeze_prelude(s: &[usize]) -> String {
+        let (h, w) = (s[1], s[2]);
+        let (ho, wo) = (h / 2, w / 2);
+        format!(
+            "    let co = i / {hw}u;\n    let r = i % {hw}u;\n    let u = ((co / 4u) * {h}u + 2u * (r / {wo}u) + (co % 4u) / 2u) * {w}u + 2u * (r % {wo}u) + co % 2u;\n",
+            hw = ho * wo
+        )
+    }
+
+    fn ld_bindings(&mut self, b: usize) -> Result<LogDetBindings> {
+        let fb = &self.fusion.blocks[b];
+        let dim = self.layout.block_dims[b];
+        let acc = self
+            .b
+            .buffer(&format!("s{}.acc", fb.stage), dim, true, BufferInit::Zero)?;
+        let coef = self
+            .b
+            .buffer(names::COEF, self.layout.coef_elems(), true, BufferInit::Input)?;
+        let probes = self.b.buffer(
+            names::PROBES,
+            self.layout.probe_elems(),
+            true,
+            BufferInit::Input,
+        )?;
+        let counter = self.b.buffer(names::COUNTER, 2, true, BufferInit::Zero)?;
+        Ok(LogDetBindings {
+            acc,
+            coef,
+            probes,
+            counter,
+            coef_n: self.layout.coef_elems(),
+            coef_off: b * self.layout.coef_stride,
+            probe_n: self.layout.probe_elems(),
+            probe_off: self.layout.block_dims[..b].iter().sum::<usize>() * self.layout.probes,
+        })
+    }
+
+    // ---------------------------------------------------------------- forward
+
+    /// The forward pass: flows write `z` (and, with `terms`, the log-det with that many series
+    /// terms per probe); classifiers write `logits`.
+    pub fn forward(&mut self, terms: Option<usize>) -> Result<Vec<Step>> {
+        let g = self.g;
+        let mut steps = Vec::new();
+        let latent_off = self.latent_offsets();
+        let tag = match terms {
+            Some(_) => "ld".to_string(),
+            None => "fwd".to_string(),
+        };
+        for ix in g.topo_order()? {
+            let n = g.node(ix);
+            if n.block.is_some() {
+                continue;
+            }
+            let name = format!("fwd.{}", n.name);
+            let ins = g.inputs(ix);
+            let in_shape = g.input_shape(ix);
+            match &n.op {
+                Op::Input => {
+                    self.val(ix)?;
+                }
+                Op::Squeeze => {
+                    let (src, dst) = (self.loc(ins[0])?, self.loc(ix)?);
+                    let prelude = Self::squeeze_prelude(&in_shape);
+                    steps.push(self.gather(&name, dst.stride, &src, "u", &dst, "i", &prelude)?);
+                }
+                Op::PadChannels { .. } => {
+                    let (src, dst) = (self.loc(ins[0])?, self.loc(ix)?);
+                    let body = format!(
+                        "    dst[sample * {d}u + i] = select(0.0, src[sample * {s}u + min(i, {last}u)], i < {s}u);",
+                        d = dst.stride,
+                        s = src.stride,
+                        last = src.stride - 1
+                    );
+                    steps.push(self.eltwise(
+                        &name,
+                        dst.stride,
+                        vec![
+                            Binding::read("src", src.buffer),
+                            Binding::write("dst", dst.buffer),
+                        ],
+                        None,
+                        &body,
+                    )?);
+                }
+                Op::SliceChannels { start, len } => {
+                    let per = spatial(&in_shape);
+                    let src = self.loc(ins[0])?;
+                    let dst = match latent_off.get(&ix) {
+                        Some(&off) => self.z_loc(names::Z, off, BufferInit::Output)?,
+                        None => self.loc(ix)?,
+                    };
+                    let src = Loc {
+                        offset: start * per,
+                        ..src
+                    };
+                    steps.push(self.gather(&name, len * per, &src, "i", &dst, "i", "")?);
+                }
+                Op::ActNorm => {
+                    if self.fusion.actnorm_producer(&n.name).is_none() {
+                        steps.extend(self.actnorm_forward(ix)?);
+                    }
+                }
+                Op::Residual => {
+                    let b = self.block_of_residual[&ix];
+                    steps.extend(self.block_forward(b)?);
+                    if let Some(t) = terms {
+                        steps.extend(self.block_logdet(b, t, &tag)?);
+                    }
+                }
+                Op::BatchNorm { eps } => {
+                    let fused = self.fusion.head_pool.as_ref().is_some_and(|c| c.contains(&n.name));
+                    if !fused {
+                        steps.push(self.batchnorm(&name, ix, ins[0], *eps)?);
+                    }
+                }
+                Op::Act { act } => {
+                    let fused = self.fusion.head_pool.as_ref().is_some_and(|c| c.contains(&n.name));
+                    if !fused {
+                        let a = ActRef {
+                            act: *act,
+                            beta: (*act == crate::spec::Activation::LipSwish)
+                                .then(|| param_name(&n.name, "beta")),
+                            node: n.name.clone(),
+                        };
+                        let (src, dst) = (self.val(ins[0])?, self.val(ix)?);
+                        let k = self.elems(ix);
+                        steps.push(self.act_kernel(&name, k, &src, &dst, &a)?);
+                    }
+                }
+                Op::GlobalAvgPool => steps.push(self.pool(&name, ix, ins[0])?),
+                Op::Conv2d { .. } | Op::Dense { .. } => {
+                    let geom = crate::passes::fusion::linear_geom(&n.op).ok_or_else(|| {
+                        Error::Codegen {
+                            context: n.name.clone(),
+                            message: "not a linear op".into(),
+                        }
+                    })?;
+                    let (src, dst) = (self.val(ins[0])?, self.val(ix)?);
+                    steps.push(self.conv(
+                        &name,
+                        Conv {
+                            geom,
+                            transposed: false,
+                            src,
+                            weight: param_name(&n.name, "weight"),
+                            bias: Some(param_name(&n.name, "bias")),
+                            epilogue: Epilogue::Store { dst },
+                        },
+                    )?);
+                }
+            }
+        }
+        // Latent parts not written into z by their slice kernel (the final part).
+        for (&l, &off) in &latent_off {
+            if !matches!(g.node(l).op, Op::SliceChannels { .. }) {
+                let src = self.loc(l)?;
+                let dst = self.z_loc(names::Z, off, BufferInit::Output)?;
+                let name = format!("fwd.latent.{}", g.node(l).name);
+                steps.push(self.gather(&name, src.stride, &src, "i", &dst, "i", "")?);
+            }
+        }
+        Ok(steps)
+    }
+
+    /// Offset of each latent part inside z.
+    fn latent_offsets(&self) -> HashMap<NodeIndex, usize> {
+        let mut off = 0;
+        let mut map = HashMap::new();
+        for &l in &self.g.latents {
+            map.insert(l, off);
+            off += self.elems(l);
+        }
+        map
+    }
+
+    fn z_loc(&mut self, name: &str, offset: usize, init: BufferInit) -> Result<Loc> {
+        let d = self.g.latent_dim();
+        Ok(Loc {
+            buffer: self.b.buffer(name, d, true, init)?,
+            offset,
+            stride: d,
+        })
+    }
+
+    /// Scratch buffer `s<stage>.<role>` of `elems` per sample.
+    fn stage_buf(&mut self, stage: usize, role: &str, elems: usize) -> Result<String> {
+        self.b.scratch(&format!("s{stage}.{role}"), elems)
+    }
+
+    fn block_of_actnorm(&self, ix: NodeIndex) -> Option<usize> {
+        self.g.blocks.iter().position(|b| b.actnorm == ix)
+    }
+
+    /// ActNorm as its own kernel, with the branch's leading activation as a second output
+    /// when fused (a separate activation kernel when not).
+    fn actnorm_forward(&mut self, ix: NodeIndex) -> Result<Vec<Step>> {
+        let g = self.g;
+        let n = g.node(ix);
+        let ins = g.inputs(ix);
+        let (src, dst) = (self.val(ins[0])?, self.val(ix)?);
+        let d = self.elems(ix);
+        let hw = spatial(&n.shape);
+        let lead = self
+            .block_of_actnorm(ix)
+            .and_then(|b| self.fusion.blocks[b].lead_act.clone().map(|a| (b, a)));
+        let mut bindings = vec![
+            Binding::read("src", src),
+            Binding::write("dst", dst.clone()),
+            Binding::read("an_scale", param_name(&n.name, "log_scale")),
+            Binding::read("an_bias", param_name(&n.name, "bias")),
+        ];
+        let mut body = format!(
+            "    let o = sample * {d}u + i;\n    let c = i / {hw}u;\n    let a = src[o] * exp(an_scale[c]) + an_bias[c];\n    dst[o] = a;\n"
+        );
+        let mut steps = Vec::new();
+        let name = format!("fwd.{}", n.name);
+        match (&lead, self.fusion.enabled) {
+            (Some((b, a)), true) => {
+                let lead_buf = self.stage_buf(self.fusion.blocks[*b].stage, "lead", d)?;
+                bindings.push(Binding::write("lead", lead_buf));
+                body.push_str(&format!("    lead[o] = act_{}(a, beta);\n", act_suffix(a.act)));
+                steps.push(self.eltwise(&name, d, bindings, Some(a), &body)?);
+            }
+            (Some((b, a)), false) => {
+                steps.push(self.eltwise(&name, d, bindings, None, &body)?);
+                let lead_buf = self.stage_buf(self.fusion.blocks[*b].stage, "lead", d)?;
+                steps.push(self.act_kernel(&format!("{name}.lead_act"), d, &dst, &lead_buf, a)?);
+            }
+            (None, _) => steps.push(self.eltwise(&name, d, bindings, None, &body)?),
+        }
+        Ok(steps)
+    }
+
+    /// The block's branch and residual add (plus the next ActNorm when fused).
+    fn block_forward(&mut self, b: usize) -> Result<Vec<Step>> {
+        let g = self.g;
+        let fb: FusedBlock = self.fusion.blocks[b].clone();
+        let blk = &g.blocks[b];
+        let s = fb.stage;
+        let d: usize = fb.shape.iter().product();
+        let a = self.val(blk.actnorm)?;
+        let first_src = match &fb.lead_act {
+            Some(_) => self.stage_buf(s, "lead", d)?,
+            None => a.clone(),
+        };
+        let last = fb.layers.len() - 1;
+        let mut steps = Vec::new();
+        for (i, layer) in fb.layers.iter().enumerate() {
+            let name = format!("fwd.{}", layer.node);
+            let src = if i == 0 {
+                first_src.clone()
+            } else {
+                self.stage_buf(s, &format!("post{i}"), layer.geom.in_len())?
+            };
+            let out_n = layer.geom.out_len();
+            if i < last {
+                let act = layer.act_after.clone().ok_or_else(|| Error::Codegen {
+                    context: layer.node.clone(),
+                    message: "inner layer without activation".into(),
+                })?;
+                let pre = self.stage_buf(s, &format!("pre{}", i + 1), out_n)?;
+                let post = self.stage_buf(s, &format!("post{}", i + 1), out_n)?;
+                if self.fusion.enabled {
+                    steps.push(self.layer(&name, layer, src, Epilogue::StoreAct {
+                        pre: Some(pre),
+                        dst: post,
+                        act,
+                    })?);
+                } else {
+                    steps.push(self.layer(&name, layer, src, Epilogue::Store { dst: pre.clone() })?);
+                    steps.push(self.act_kernel(&format!("{name}.act"), out_n, &pre, &post, &act)?);
+                }
+                continue;
+            }
+            // Last layer: the residual add (and the next ActNorm).
+            let next = match &fb.next_actnorm {
+                Some(an) if self.fusion.enabled => {
+                    let next_ix = g.blocks[b + 1].actnorm;
+                    debug_assert_eq!(&g.node(next_ix).name, an);
+                    let lead = match self.fusion.blocks[b + 1].lead_act.clone() {
+                        Some(act) => Some(ActOut {
+                            buffer: self.stage_buf(self.fusion.blocks[b + 1].stage, "lead", d)?,
+                            act,
+                        }),
+                        None => None,
+                    };
+                    self.weight(&param_name(an, "log_scale"))?;
+                    self.weight(&param_name(an, "bias"))?;
+                    Some((next_ix, NextActNorm {
+                        log_scale: param_name(an, "log_scale"),
+                        bias: param_name(an, "bias"),
+                        lead,
+                    }))
+                }
+                _ => None,
+            };
+            if self.fusion.enabled {
+                let (dst, next) = match next {
+                    Some((next_ix, n)) => (self.val(next_ix)?, Some(n)),
+                    None => (self.val(blk.residual)?, None),
+                };
+                steps.push(self.layer(&name, layer, src, Epilogue::Residual {
+                    res: a.clone(),
+                    dst,
+                    next,
+                })?);
+            } else {
+                let gout = self.stage_buf(s, "gout", out_n)?;
+                steps.push(self.layer(&name, layer, src, Epilogue::Store { dst: gout.clone() })?);
+                let y = self.val(blk.residual)?;
+                let body = format!(
+                    "    let o = sample * {out_n}u + i;\n    dst[o] = res[o] + gout[o];"
+                );
+                steps.push(self.eltwise(
+                    &format!("fwd.{}.residual", fb.name),
+                    out_n,
+                    vec![
+                        Binding::read("res", a.clone()),
+                        Binding::read("gout", gout),
+                        Binding::write("dst", y),
+                    ],
+                    None,
+                    &body,
+                )?);
+            }
+        }
+        Ok(steps)
+    }
+
+    fn layer(
+        &mut self,
+        name: &str,
+        layer: &crate::passes::fusion::Layer,
+        src: String,
+        epilogue: Epilogue,
+    ) -> Result<Step> {
+        self.conv(
+            name,
+            Conv {
+                geom: layer.geom,
+                transposed: false,
+                src,
+                weight: layer.weight.clone(),
+                bias: Some(layer.bias.clone()),
+                epilogue,
+            },
+        )
+    }
+
+    /// The log-det series of block `b` at its ActNorm output (whose branch intermediates the
+    /// forward just left in the stage scratch): probes x terms vjp chains, one submission.
+    fn block_logdet(&mut self, b: usize, terms: usize, tag: &str) -> Result<Vec<Step>> {
+        let g = self.g;
+        let fb: FusedBlock = self.fusion.blocks[b].clone();
+        let blk = &g.blocks[b];
+        let s = fb.stage;
+        let d: usize = fb.shape.iter().product();
+        let ld = self.ld_bindings(b)?;
+        let a = self.val(blk.actnorm)?;
+        let w = self.stage_buf(s, "w", d)?;
+        let prefix = format!("{tag}.{}", fb.name);
+
+        // w = v_p (the current probe).
+        let init_body = format!(
+            "    let probe = u32(counter[sample * 2u + 1u]);\n    w[sample * {d}u + i] = probes[sample * {}u + {}u + probe * {d}u + i];",
+            ld.probe_n, ld.probe_off
+        );
+        let init = self.eltwise(
+            &format!("{prefix}.probe"),
+            d,
+            vec![
+                Binding::write("w", w.clone()),
+                Binding::read("probes", ld.probes.clone()),
+                Binding::read("counter", ld.counter.clone()),
+            ],
+            None,
+            &init_body,
+        )?;
+        let counter_bind = vec![Binding::write("counter", ld.counter.clone())];
+        let next_term = self.eltwise(
+            "ld.next_term",
+            1,
+            counter_bind.clone(),
+            None,
+            "    counter[sample * 2u] += 1.0;",
+        )?;
+        let next_probe = self.eltwise(
+            "ld.next_probe",
+            1,
+            counter_bind,
+            None,
+            "    counter[sample * 2u] = 0.0;\n    counter[sample * 2u + 1u] += 1.0;",
+        )?;
+
+        let mut term = Vec::new();
+        let last = fb.layers.len() - 1;
+        for i in (0..=last).rev() {
+            let layer = &fb.layers[i];
+            let name = format!("{tag}.vjp.{}", layer.node);
+            let src = if i == last {
+                w.clone()
+            } else {
+                self.stage_buf(s, &format!("g{}", i + 1), layer.geom.out_len())?
+            };
+            let in_n = layer.geom.in_len();
+            let conv = |epilogue| Conv {
+                geom: layer.geom,
+                transposed: true,
+                src: src.clone(),
+                weight: layer.weight.clone(),
+                bias: None,
+                epilogue,
+            };
+            if i > 0 {
+                let act = fb.layers[i - 1].act_after.clone().ok_or_else(|| Error::Codegen {
+                    context: layer.node.clone(),
+                    message: "inner layer without activation".into(),
+                })?;
+                let pre = self.stage_buf(s, &format!("pre{i}"), in_n)?;
+                let dst = self.stage_buf(s, &format!("g{i}"), in_n)?;
+                if self.fusion.enabled {
+                    term.push(self.conv(&name, conv(Epilogue::VjpMask { pre, dst, act }))?);
+                } else {
+                    let raw = self.stage_buf(s, &format!("gt{i}"), in_n)?;
+                    term.push(self.conv(&name, conv(Epilogue::Store { dst: raw.clone() }))?);
+                    term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &pre, &dst, &act)?);
+                }
+            } else if self.fusion.enabled {
+                let mask = fb.lead_act.clone().map(|act| (a.clone(), act));
+                term.push(self.conv(&name, conv(Epilogue::VjpDot {
+                    mask,
+                    dst: w.clone(),
+                    ld: ld.clone(),
+                }))?);
+            } else {
+                match fb.lead_act.clone() {
+                    Some(act) => {
+                        let raw = self.stage_buf(s, "gt0", in_n)?;
+                        term.push(self.conv(&name, conv(Epilogue::Store { dst: raw.clone() }))?);
+                        term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &a, &w, &act)?);
+                    }
+                    None => term.push(self.conv(&name, conv(Epilogue::Store { dst: w.clone() }))?),
+                }
+                term.push(self.eltwise(
+                    &format!("{prefix}.dot"),
+                    d,
+                    kernels::dot_bindings(&ld, &w),
+                    None,
+                    &kernels::dot_body(&ld, d),
+                )?);
+            }
+        }
+        term.push(next_term);
+
+        let an = &g.node(blk.actnorm);
+        let log_scale = param_name(&an.name, "log_scale");
+        self.weight(&log_scale)?;
+        let logdet = self.b.buffer(names::LOGDET, 1, true, BufferInit::Zero)?;
+        let reduce = kernels::logdet_reduce(
+            d,
+            an.shape[0],
+            spatial(&an.shape),
+            &ld.acc,
+            &log_scale,
+            &logdet,
+            &ld.counter,
+        )?;
+        let reduce = self.emit(&format!("{prefix}.reduce"), reduce)?;
+        Ok(vec![
+            Step::Repeat {
+                times: self.layout.probes as u32,
+                steps: vec![
+                    init,
+                    Step::Repeat {
+                        times: terms as u32,
+                        steps: term,
+                    },
+                    next_probe,
+                ],
+            },
+            reduce,
+        ])
+    }
+
+    /// `dst = src * act'(pre)` elementwise (unfused plans).
+    fn mask(&mut self, name: &str, n: usize, src: &str, pre: &str, dst: &str, a: &ActRef) -> Result<Step> {
+        let body = format!(
+            "    let o = sample * {n}u + i;\n    dst[o] = src[o] * dact_{}(pre[o], beta);",
+            act_suffix(a.act)
+        );
+        self.eltwise(
+            name,
+            n,
+            vec![
+                Binding::read("src", src),
+                Binding::read("pre", pre),
+                Binding::write("dst", dst),
+            ],
+            Some(a),
+            &body,
+        )
+    }
+
+    fn bn_bindings(&mut self, bn: &str) -> Result<(Vec<Binding>, String)> {
+        let mut v = Vec::new();
+        for (var, suffix) in [
+            ("bn_w", "weight"),
+            ("bn_b", "bias"),
+            ("bn_mean", "running_mean"),
+            ("bn_var", "running_var"),
+        ] {
+            let t = param_name(bn, suffix);
+            self.weight(&t)?;
+            v.push(Binding::read(var, t));
+        }
+        Ok((v, String::new()))
+    }
+
+    fn batchnorm(&mut self, name: &str, ix: NodeIndex, input: NodeIndex, eps: f64) -> Result<Step> {
+        let n = self.g.node(ix);
+        let (src, dst) = (self.val(input)?, self.val(ix)?);
+        let d = self.elems(ix);
+        let hw = spatial(&n.shape);
+        let (mut bindings, _) = self.bn_bindings(&n.name)?;
+        bindings.insert(0, Binding::read("src", src));
+        bindings.insert(1, Binding::write("dst", dst));
+        let body = format!(
+            "    let c = i / {hw}u;\n    let scale = bn_w[c] / sqrt(bn_var[c] + {eps});\n    let o = sample * {d}u + i;\n    dst[o] = (src[o] - bn_mean[c]) * scale + bn_b[c];",
+            eps = float(eps)
+        );
+        self.eltwise(name, d, bindings, None, &body)
+    }
+
+    /// Global average pool; fused, it also applies the head's batch norm and ReLU.
+    fn pool(&mut self, name: &str, ix: NodeIndex, input: NodeIndex) -> Result<Step> {
+        let g = self.g;
+        let c = self.elems(ix);
+        let dst = self.val(ix)?;
+        let mut bindings = vec![Binding::write("dst", dst)];
+        let (src_ix, per_elem) = match self.fusion.head_pool.clone() {
+            Some(chain) => {
+                // chain = [bn?, relu, pool]: read the chain's input.
+                let first = g
+                    .dag
+                    .node_indices()
+                    .find(|&i| g.node(i).name == chain[0])
+                    .ok_or_else(|| Error::Codegen {
+                        context: name.into(),
+                        message: "fused head chain not found".into(),
+                    })?;
+                let mut expr = "x".to_string();
+                let mut setup = String::new();
+                if let Op::BatchNorm { eps } = g.node(first).op {
+                    let (bn, _) = self.bn_bindings(&chain[0])?;
+                    bindings.extend(bn);
+                    setup = format!(
+                        "    let scale = bn_w[i] / sqrt(bn_var[i] + {});\n    let shift = bn_b[i] - bn_mean[i] * scale;\n",
+                        float(eps)
+                    );
+                    expr = "x * scale + shift".into();
+                }
+                (g.inputs(first)[0], (setup, format!("max({expr}, 0.0)")))
+            }
+            None => (input, (String::new(), "x".to_string())),
+        };
+        let src = self.val(src_ix)?;
+        bindings.insert(0, Binding::read("src", src));
+        let hw = spatial(&g.node(src_ix).shape);
+        let body = format!(
+            "{}    var sum = 0.0;\n    for (var q = 0u; q < {hw}u; q++) {{\n        let x = src[(sample * {c}u + i) * {hw}u + q];\n        sum += {};\n    }}\n    dst[sample * {c}u + i] = sum / {};",
+            per_elem.0,
+            per_elem.1,
+            float(hw as f64)
+        );
+        self.eltwise(name, c, bindings, None, &body)
+    }
+
+    // ---------------------------------------------------------------- inverse
+
+    /// Fixed-point iterations of block `b` (the certificate's count, capped by the spec).
+    pub fn inverse_iters(&self, b: usize) -> usize {
+        let cert = self.lip.blocks.get(b).map_or(1, |r| r.inverse_iters);
+        cert.clamp(1, self.g.spec.inverse.max_iters.max(1))
+    }
+
+    /// The inverse of a flow: `z_in` -> `x_out`, every block's fixed point unrolled into the
+    /// one submission.
+    pub fn inverse(&mut self) -> Result<Vec<Step>> {
+        let g = self.g;
+        let d_in = g.input_dim();
+        let x_out = self.b.buffer(names::X_OUT, d_in, true, BufferInit::Output)?;
+        let mut steps = Vec::new();
+        let latent_off = self.latent_offsets();
+        // The value of each node while walking backwards.
+        let mut val: HashMap<NodeIndex, Loc> = HashMap::new();
+        let inv_val = |s: &mut Self, ix: NodeIndex| -> Result<Loc> {
+            if ix == g.input {
+                Ok(Loc {
+                    buffer: x_out.clone(),
+                    offset: 0,
+                    stride: d_in,
+                })
+            } else {
+                s.loc(ix)
+            }
+        };
+        for (&l, &off) in &latent_off {
+            let z = self.z_loc(names::Z_IN, off, BufferInit::Input)?;
+            if matches!(g.node(l).op, Op::SliceChannels { .. }) {
+                val.insert(l, Loc { stride: z.stride, ..z });
+            } else {
+                let dst = inv_val(self, l)?;
+                let name = format!("inv.latent.{}", g.node(l).name);
+                steps.push(self.gather(&name, dst.stride, &z, "i", &dst, "i", "")?);
+                val.insert(l, dst);
+            }
+        }
+        let mut order = g.topo_order()?;
+        order.reverse();
+        for ix in order {
+            let n = g.node(ix);
+            if n.block.is_some() || n.op == Op::Input {
+                continue;
+            }
+            let name = format!("inv.{}", n.name);
+            let ins = g.inputs(ix);
+            let in_shape = g.input_shape(ix);
+            let y = match val.get(&ix) {
+                Some(l) => l.clone(),
+                None => inv_val(self, ix)?,
+            };
+            match &n.op {
+                Op::Residual => {
+                    let b = self.block_of_residual[&ix];
+                    steps.extend(self.block_inverse(b, &y.buffer)?);
+                }
+                Op::ActNorm => {
+                    let dst = inv_val(self, ins[0])?;
+                    let d = self.elems(ix);
+                    let hw = spatial(&n.shape);
+                    let body = format!(
+                        "    let o = sample * {d}u + i;\n    let c = i / {hw}u;\n    dst[o] = (src[o] - an_bias[c]) * exp(-an_scale[c]);"
+                    );
+                    steps.push(self.eltwise(
+                        &name,
+                        d,
+                        vec![
+                            Binding::read("src", y.buffer.clone()),
+                            Binding::write("dst", dst.buffer),
+                            Binding::read("an_scale", param_name(&n.name, "log_scale")),
+                            Binding::read("an_bias", param_name(&n.name, "bias")),
+                        ],
+                        None,
+                        &body,
+                    )?);
+                }
+                Op::Squeeze => {
+                    let dst = inv_val(self, ins[0])?;
+                    let prelude = Self::squeeze_prelude(&in_shape);
+                    steps.push(self.gather(&name, y.stride, &y, "i", &dst, "u", &prelude)?);
+                }
+                Op::PadChannels { .. } => {
+                    let dst = inv_val(self, ins[0])?;
+                    steps.push(self.gather(&name, dst.stride, &y, "i", &dst, "i", "")?);
+                }
+                Op::SliceChannels { start, len } => {
+                    let per = spatial(&in_shape);
+                    let dst = inv_val(self, ins[0])?;
+                    let dst = Loc {
+                        offset: start * per,
+                        ..dst
+                    };
+                    steps.push(self.gather(&name, len * per, &y, "i", &dst, "i", "")?);
+                }
+                other => {
+                    return Err(Error::Unsupported {
+                        what: n.name.clone(),
+                        reason: format!("op {} has no inverse", other.kind()),
+                    })
+                }
+            }
+        }
+        Ok(steps)
+    }
+
+    /// `a = y - g(a)` iterated from `a = y`; `a` is the block's ActNorm buffer.
+    fn block_inverse(&mut self, b: usize, y: &str) -> Result<Vec<Step>> {
+        let g = self.g;
+        let fb: FusedBlock = self.fusion.blocks[b].clone();
+        let s = fb.stage;
+        let d: usize = fb.shape.iter().product();
+        let x = self.val(g.blocks[b].actnorm)?;
+        let prefix = format!("inv.{}", fb.name);
+        let lead_buf = match &fb.lead_act {
+            Some(_) => Some(self.stage_buf(s, "lead", d)?),
+            None => None,
+        };
+        let mut steps = Vec::new();
+        // x_0 = y (and act(y) for the first layer).
+        match (&fb.lead_act, &lead_buf) {
+            (Some(act), Some(lead)) => {
+                let body = format!(
+                    "    let o = sample * {d}u + i;\n    let y = src[o];\n    dst[o] = y;\n    lead[o] = act_{}(y, beta);",
+                    act_suffix(act.act)
+                );
+                steps.push(self.eltwise(
+                    &format!("{prefix}.init"),
+                    d,
+                    vec![
+                        Binding::read("src", y),
+                        Binding::write("dst", x.clone()),
+                        Binding::write("lead", lead.clone()),
+                    ],
+                    Some(act),
+                    &body,
+                )?);
+            }
+            _ => steps.push(Step::Copy {
+                src: y.to_string(),
+                dst: x.clone(),
+            }),
+        }
+        let last = fb.layers.len() - 1;
+        let mut iteration = Vec::new();
+        for (i, layer) in fb.layers.iter().enumerate() {
+            let name = format!("inv.{}", layer.node);
+            let src = match (i, &lead_buf) {
+                (0, Some(l)) => l.clone(),
+                (0, None) => x.clone(),
+                _ => self.stage_buf(s, &format!("post{i}"), layer.geom.in_len())?,
+            };
+            let out_n = layer.geom.out_len();
+            if i < last {
+                let act = layer.act_after.clone().ok_or_else(|| Error::Codegen {
+                    context: layer.node.clone(),
+                    message: "inner layer without activation".into(),
+                })?;
+                let post = self.stage_buf(s, &format!("post{}", i + 1), out_n)?;
+                if self.fusion.enabled {
+                    iteration.push(self.layer(&name, layer, src, Epilogue::StoreAct {
+                        pre: None,
+                        dst: post,
+                        act,
+                    })?);
+                } else {
+                    let pre = self.stage_buf(s, &format!("pre{}", i + 1), out_n)?;
+                    iteration.push(self.layer(&name, layer, src, Epilogue::Store { dst: pre.clone() })?);
+                    iteration.push(self.act_kernel(&format!("{name}.act"), out_n, &pre, &post, &act)?);
+                }
+                continue;
+            }
+            if self.fusion.enabled {
+                let lead = match (&fb.lead_act, &lead_buf) {
+                    (Some(act), Some(buf)) => Some(ActOut {
+                        buffer: buf.clone(),
+                        act: act.clone(),
+                    }),
+                    _ => None,
+                };
+                iteration.push(self.layer(&name, layer, src, Epilogue::FixedPoint {
+                    target: y.to_string(),
+                    dst: x.clone(),
+                    lead,
+                })?);
+            } else {
+                let gout = self.stage_buf(s, "gout", out_n)?;
+                iteration.push(self.layer(&name, layer, src, Epilogue::Store { dst: gout.clone() })?);
+                let body = format!("    let o = sample * {d}u + i;\n    dst[o] = yt[o] - gout[o];");
+                iteration.push(self.eltwise(
+                    &format!("{prefix}.step"),
+                    d,
+                    vec![
+                        Binding::read("yt", y),
+                        Binding::read("gout", gout),
+                        Binding::write("dst", x.clone()),
+                    ],
+                    None,
+                    &body,
+                )?);
+                if let (Some(act), Some(lead)) = (&fb.lead_act, &lead_buf) {
+                    iteration.push(self.act_kernel(&format!("{prefix}.lead_act"), d, &x, lead, act)?);
+                }
+            }
+        }
+        steps.push(Step::Repeat {
+            times: self.inverse_iters(b) as u32,
+            steps: iteration,
+        });
+        Ok(steps)
+    }
+}

@@ -1,0 +1,121 @@
+//! WGSL text: the templates in `shaders/` (compiled into the binary), placeholder
+//! substitution, binding declarations, and naga validation of every generated module.
+
+use std::fmt::Write as _;
+
+use crate::error::{Error, Result};
+use crate::ops::activation::LIPSWISH_DIV;
+use crate::spec::Activation;
+
+pub const CONV_TEMPLATE: &str = include_str!("../../../shaders/conv.wgsl");
+pub const ELTWISE_TEMPLATE: &str = include_str!("../../../shaders/eltwise.wgsl");
+pub const REDUCE_TEMPLATE: &str = include_str!("../../../shaders/logdet_reduce.wgsl");
+const ACTIVATIONS: &str = include_str!("../../../shaders/activations.wgsl");
+
+/// One `@group(0) @binding(i)` storage buffer of a kernel: the WGSL variable and the plan
+/// buffer bound to it. Binding indices follow the order of the list.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    pub var: &'static str,
+    pub buffer: String,
+    pub write: bool,
+}
+
+impl Binding {
+    pub fn read(var: &'static str, buffer: impl Into<String>) -> Self {
+        Self {
+            var,
+            buffer: buffer.into(),
+            write: false,
+        }
+    }
+
+    pub fn write(var: &'static str, buffer: impl Into<String>) -> Self {
+        Self {
+            var,
+            buffer: buffer.into(),
+            write: true,
+        }
+    }
+}
+
+/// The declarations of `bindings`, one per line.
+pub fn declare(bindings: &[Binding]) -> String {
+    let mut s = String::new();
+    for (i, b) in bindings.iter().enumerate() {
+        let access = if b.write { "read_write" } else { "read" };
+        let _ = writeln!(
+            s,
+            "@group(0) @binding({i}) var<storage, {access}> {}: array<f32>;",
+            b.var
+        );
+    }
+    s
+}
+
+/// Replaces every `{{NAME}}` of `template`; a placeholder left over is a codegen bug.
+pub fn render(template: &str, vars: &[(&str, String)]) -> Result<String> {
+    let mut out = template.to_string();
+    for (name, value) in vars {
+        out = out.replace(&format!("{{{{{name}}}}}"), value);
+    }
+    if let Some(start) = out.find("{{") {
+        let end = out[start..].find("}}").map_or(out.len(), |e| start + e + 2);
+        return Err(Error::Codegen {
+            context: "WGSL template".into(),
+            message: format!("placeholder {} was not filled", &out[start..end]),
+        });
+    }
+    Ok(out)
+}
+
+/// The activation helpers (with LipSwish's divisor filled in).
+pub fn activation_functions() -> String {
+    ACTIVATIONS.replace("{{LIPSWISH_DIV}}", &float(LIPSWISH_DIV))
+}
+
+/// WGSL name suffix of an activation's functions (`act_elu`, `dact_elu`, ...).
+pub fn act_suffix(act: Activation) -> &'static str {
+    match act {
+        Activation::Elu => "elu",
+        Activation::Relu => "relu",
+        Activation::LipSwish => "lipswish",
+    }
+}
+
+/// An f32 literal WGSL accepts (always with a decimal point or exponent).
+pub fn float(v: f64) -> String {
+    let s = format!("{:?}", v as f32);
+    if s.contains('.') || s.contains('e') || s.contains("inf") || s.contains("NaN") {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+/// Parses and validates a module with naga, as the runtime and wgpu will; the error names the
+/// kernel and the line.
+pub fn validate(kernel: &str, source: &str) -> Result<()> {
+    let err = |message: String| Error::Codegen {
+        context: format!("kernel `{kernel}`"),
+        message,
+    };
+    let module = naga::front::wgsl::parse_str(source).map_err(|e| {
+        err(format!(
+            "generated WGSL does not parse: {}",
+            e.emit_to_string(source)
+        ))
+    })?;
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .map_err(|e| {
+        err(format!(
+            "generated WGSL does not validate: {}",
+            e.emit_to_string(source)
+        ))
+    })?;
+    Ok(())
+}

@@ -1,0 +1,491 @@
+//! The wgpu backend against the f64 reference executor, on whatever adapter wgpu finds
+//! (lavapipe in CI). Without an adapter the tests print a notice and return, unless
+//! `IRESNETC_REQUIRE_GPU=1`.
+//!
+//! Tolerances are relative in the max norm: `max_i |gpu_i - ref_i| / max(1, max_i |ref_i|)`
+//! for arrays (z, x, logits), `|gpu - ref| / max(1, |ref|)` per sample for log-dets.
+//! GPU work is serialized (lavapipe shares the machine's two cores); model loading is not.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use common::{inputs, model_file};
+use iresnetc::codegen::{self, entries, inputs as ld_inputs, CodegenOptions, LogDetLayout};
+use iresnetc::pipeline::Model;
+use iresnetc::reference::{LogDetMethod, Reference};
+use iresnetc::spec::{ProbeKind, RouletteDist};
+use iresnetc_runtime::{Bundle, GpuDevice, GpuExecutor, RuntimeError};
+
+const TOL: f64 = 1e-4;
+const FUSION_TOL: f64 = 1e-5;
+
+/// One device for the whole test binary (opening lavapipe costs time).
+fn device() -> Option<&'static GpuDevice> {
+    static DEVICE: OnceLock<Option<GpuDevice>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| match GpuDevice::new() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                if std::env::var("IRESNETC_REQUIRE_GPU").as_deref() == Ok("1") {
+                    panic!("IRESNETC_REQUIRE_GPU=1 but no GPU device: {e}");
+                }
+                eprintln!("notice: no GPU adapter ({e}); skipping GPU checks");
+                None
+            }
+        })
+        .as_ref()
+}
+
+fn gpu_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bundle(model: &Model, fuse: bool) -> Bundle {
+    let opts = CodegenOptions {
+        fuse,
+        ..Default::default()
+    };
+    let (bundle, _) = codegen::compile_in_memory(model, &opts).expect("codegen");
+    // Every generated module parses and validates with naga (codegen checks too).
+    for (file, source) in &bundle.shaders {
+        let module = naga::front::wgsl::parse_str(source)
+            .unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(source)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(source)));
+    }
+    bundle
+}
+
+fn executor(dev: &GpuDevice, model: &Model, fuse: bool) -> GpuExecutor {
+    GpuExecutor::new(dev, &bundle(model, fuse)).expect("executor")
+}
+
+fn flat(xs: &[Vec<f64>]) -> Vec<f32> {
+    xs.iter().flatten().map(|&v| v as f32).collect()
+}
+
+fn rel_err(gpu: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(gpu.len(), reference.len(), "output length");
+    let scale = reference.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    gpu.iter()
+        .zip(reference)
+        .map(|(&g, &r)| (f64::from(g) - r).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+fn rel_err32(a: &[f32], b: &[f32]) -> f64 {
+    let b64: Vec<f64> = b.iter().map(|&v| f64::from(v)).collect();
+    rel_err(a, &b64)
+}
+
+fn logdet_err(gpu: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(gpu.len(), reference.len());
+    gpu.iter()
+        .zip(reference)
+        .map(|(&g, &r)| (f64::from(g) - r).abs() / r.abs().max(1.0))
+        .fold(0.0, f64::max)
+}
+
+fn series(model: &Model) -> LogDetMethod {
+    let s = &model.graph.spec.logdet;
+    LogDetMethod::Series {
+        terms: s.terms,
+        probes: s.probes,
+        kind: s.probe,
+        seed: s.seed,
+    }
+}
+
+fn layout(ex: &GpuExecutor) -> LogDetLayout {
+    serde_json::from_value(ex.plan().meta["logdet"].clone()).expect("log-det layout in meta")
+}
+
+/// Runs the log-det forward of `method` on the GPU: (z, logdet).
+fn gpu_forward(
+    ex: &mut GpuExecutor,
+    method: &LogDetMethod,
+    x: &[f32],
+    batch: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let layout = layout(ex);
+    let (entry, coef, seed, kind) = ld_inputs::coefs_for(&layout, method, batch)
+        .expect("coefficients")
+        .expect("a GPU estimator");
+    let probes = ld_inputs::probes(&layout, seed, kind, batch);
+    let mut out = ex
+        .run(entry, batch, &[("x", x), ("probes", &probes), ("coef", &coef)])
+        .expect("gpu forward");
+    (
+        out.remove("z").expect("z"),
+        out.remove("logdet").expect("logdet"),
+    )
+}
+
+/// A flow against the reference: forward z and log-det (identical probes), the inverse of
+/// the GPU's own z, the inverse against the reference's, and fused = unfused.
+fn check_flow(model: &Model, batch: usize, check_unfused: bool) {
+    let g = &model.graph;
+    let xs = inputs(batch, g.input_dim(), 11);
+    let method = series(model);
+    let r = Reference::new(g);
+    let fwd = r.forward(&xs, &method).expect("reference forward");
+    let z_ref: Vec<f64> = fwd.outputs.iter().flatten().copied().collect();
+    let (x_ref, _) = r.inverse(&fwd.outputs).expect("reference inverse");
+    let x_ref: Vec<f64> = x_ref.into_iter().flatten().collect();
+
+    let _l = gpu_lock();
+    let Some(dev) = device() else { return };
+    let x = flat(&xs);
+    let mut fused = executor(dev, model, true);
+    let (z, ld) = gpu_forward(&mut fused, &method, &x, batch);
+    let (ez, eld) = (rel_err(&z, &z_ref), logdet_err(&ld, &fwd.logdet));
+    let x_back = fused
+        .run(entries::INVERSE, batch, &[("z", &z)])
+        .expect("gpu inverse")
+        .remove("x")
+        .expect("x");
+    let zin = flat(&fwd.outputs);
+    let x_inv = fused
+        .run(entries::INVERSE, batch, &[("z", &zin)])
+        .expect("gpu inverse")
+        .remove("x")
+        .expect("x");
+    let (e_round, e_inv) = (rel_err(&x_back, &flat64(&x)), rel_err(&x_inv, &x_ref));
+    eprintln!(
+        "{} batch {batch}: z {ez:.1e}, logdet {eld:.1e}, inverse(gpu z) vs x {e_round:.1e}, inverse vs reference {e_inv:.1e} ({} forward / {} inverse dispatches)",
+        g.spec.name,
+        fused.dispatch_count(entries::FORWARD),
+        fused.dispatch_count(entries::INVERSE)
+    );
+    assert!(ez < TOL, "{}: z rel err {ez}", g.spec.name);
+    assert!(eld < TOL, "{}: logdet rel err {eld}", g.spec.name);
+    assert!(e_round < TOL, "{}: inverse of forward {e_round}", g.spec.name);
+    assert!(e_inv < TOL, "{}: inverse vs reference {e_inv}", g.spec.name);
+
+    if check_unfused {
+        let mut unfused = executor(dev, model, false);
+        let (z2, ld2) = gpu_forward(&mut unfused, &method, &x, batch);
+        let x2 = unfused
+            .run(entries::INVERSE, batch, &[("z", &zin)])
+            .expect("unfused inverse")
+            .remove("x")
+            .expect("x");
+        let (a, b, c) = (rel_err32(&z2, &z), rel_err32(&ld2, &ld), rel_err32(&x2, &x_inv));
+        eprintln!(
+            "{} fused vs unfused: z {a:.1e}, logdet {b:.1e}, inverse {c:.1e} ({} vs {} forward dispatches)",
+            g.spec.name,
+            fused.dispatch_count(entries::FORWARD),
+            unfused.dispatch_count(entries::FORWARD)
+        );
+        assert!(a < FUSION_TOL && b < FUSION_TOL && c < FUSION_TOL);
+        assert!(unfused.dispatch_count(entries::FORWARD) > fused.dispatch_count(entries::FORWARD));
+    }
+}
+
+fn flat64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| f64::from(v)).collect()
+}
+
+#[test]
+fn toy2d_matches_reference() {
+    check_flow(&model_file("toy2d.toml"), 8, true);
+}
+
+#[test]
+fn cifar_tiny_matches_reference() {
+    check_flow(&model_file("cifar-tiny.toml"), 4, true);
+}
+
+#[test]
+fn cifar_block_matches_reference() {
+    let mut m = model_file("cifar-block.toml");
+    // The certified count for the default tolerance is long on lavapipe; both sides run the
+    // same fixed number of steps when the tolerance cannot be reached.
+    m.graph.spec.inverse.max_iters = 12;
+    m.graph.spec.inverse.tol = 1e-30;
+    check_flow(&m, 4, true);
+}
+
+/// The big flows at batch 1: forward z and log-det, and the inverse with the same fixed
+/// number of fixed-point steps on both sides (the certified count would take minutes on
+/// lavapipe and in the reference).
+fn check_big_flow(name: &str) {
+    let mut m = model_file(name);
+    m.graph.spec.inverse.max_iters = 2;
+    m.graph.spec.inverse.tol = 1e-30;
+    let g = &m.graph;
+    let xs = inputs(1, g.input_dim(), 5);
+    let method = series(&m);
+    let r = Reference::new(g);
+    let fwd = r.forward(&xs, &method).expect("reference forward");
+    let (x_ref, _) = r.inverse(&fwd.outputs).expect("reference inverse");
+    let _l = gpu_lock();
+    let Some(dev) = device() else { return };
+    let mut ex = executor(dev, &m, true);
+    let (z, ld) = gpu_forward(&mut ex, &method, &flat(&xs), 1);
+    let z_ref: Vec<f64> = fwd.outputs.iter().flatten().copied().collect();
+    let x = ex
+        .run(entries::INVERSE, 1, &[("z", &flat(&fwd.outputs))])
+        .expect("gpu inverse")
+        .remove("x")
+        .expect("x");
+    let x_ref: Vec<f64> = x_ref.into_iter().flatten().collect();
+    let (ez, eld, ex_) = (
+        rel_err(&z, &z_ref),
+        logdet_err(&ld, &fwd.logdet),
+        rel_err(&x, &x_ref),
+    );
+    eprintln!("{name} batch 1: z {ez:.1e}, logdet {eld:.1e}, 2-step inverse {ex_:.1e}");
+    assert!(ez < TOL && eld < TOL && ex_ < TOL);
+}
+
+#[test]
+fn cifar_matches_reference() {
+    check_big_flow("cifar.toml");
+}
+
+#[test]
+fn mnist_matches_reference() {
+    check_big_flow("mnist.toml");
+}
+
+#[test]
+fn classifier_matches_reference() {
+    let m = model_file("cifar-classifier.toml");
+    let batch = 4;
+    let xs = inputs(batch, m.graph.input_dim(), 2);
+    let r = Reference::new(&m.graph)
+        .forward(&xs, &LogDetMethod::None)
+        .expect("reference");
+    let logits_ref: Vec<f64> = r.outputs.iter().flatten().copied().collect();
+    let _l = gpu_lock();
+    let Some(dev) = device() else { return };
+    let x = flat(&xs);
+    let mut outs = Vec::new();
+    for fuse in [true, false] {
+        let mut ex = executor(dev, &m, fuse);
+        let l = ex
+            .run(entries::CLASSIFY, batch, &[("x", &x)])
+            .expect("classify")
+            .remove("logits")
+            .expect("logits");
+        let e = rel_err(&l, &logits_ref);
+        eprintln!(
+            "cifar-classifier fused={fuse}: logits {e:.1e} ({} dispatches)",
+            ex.dispatch_count(entries::CLASSIFY)
+        );
+        assert!(e < TOL, "logits rel err {e}");
+        outs.push(l);
+    }
+    assert!(rel_err32(&outs[0], &outs[1]) < FUSION_TOL);
+}
+
+#[test]
+fn roulette_matches_reference() {
+    let m = model_file("cifar-tiny.toml");
+    let batch = 4;
+    let s = &m.graph.spec.logdet;
+    let method = LogDetMethod::Roulette {
+        terms: s.terms,
+        probes: s.probes,
+        kind: ProbeKind::Rademacher,
+        seed: 7,
+        dist: RouletteDist::Geometric,
+        param: 0.5,
+    };
+    let xs = inputs(batch, m.graph.input_dim(), 4);
+    let r = Reference::new(&m.graph).forward(&xs, &method).expect("reference");
+    let _l = gpu_lock();
+    let Some(dev) = device() else { return };
+    let mut ex = executor(dev, &m, true);
+    let (_, ld) = gpu_forward(&mut ex, &method, &flat(&xs), batch);
+    let e = logdet_err(&ld, &r.logdet);
+    eprintln!("cifar-tiny roulette: logdet {e:.1e}");
+    assert!(e < TOL);
+}
+
+/// Batches larger than the limits allow are split into chunks with the same results; a
+/// buffer that cannot fit at all is refused naming the limit.
+#[test]
+fn limits_split_or_refuse() {
+    let m = model_file("cifar-tiny.toml");
+    let b = bundle(&m, true);
+    let limits = iresnetc_runtime::wgpu::Limits::default();
+    let huge = 1usize << 40;
+    match iresnetc_runtime::check_limits(&b.plan, &limits, huge) {
+        Err(RuntimeError::LimitExceeded { limit, .. }) => {
+            assert!(limit.starts_with("max_"), "{limit}")
+        }
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
+    let _l = gpu_lock();
+    let Some(dev) = device() else { return };
+    let mut ex = GpuExecutor::new(dev, &b).expect("executor");
+    let batch = 5;
+    let x = flat(&inputs(batch, m.graph.input_dim(), 9));
+    let whole = ex.run(entries::ENCODE, batch, &[("x", &x)]).expect("run");
+    ex.set_max_batch(2);
+    let split = ex.run(entries::ENCODE, batch, &[("x", &x)]).expect("split run");
+    assert_eq!(whole["z"], split["z"]);
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_iresnetc"));
+    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    c
+}
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("iresnetc-gpu-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmp dir");
+    d
+}
+
+/// Exit code 2 and a one-line message containing every needle.
+fn fails_with(cmd: &mut Command, needles: &[&str]) {
+    let out = cmd.output().expect("run iresnetc");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+}
+
+/// `iresnetc compile` then `iresnetc run DIR --backend wgpu` (no compiler work at run time),
+/// against the reference backend on the same bundle; then damaged bundles and a missing
+/// adapter, each a clear one-line error with exit code 2.
+#[test]
+fn cli_compile_run_and_bad_bundles() {
+    let dir = tmpdir("cli");
+    let out = dir.join("bundle");
+    let status = bin()
+        .args(["compile", &models().join("cifar-tiny.toml").to_string_lossy()])
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("compile");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    for f in ["plan.json", "weights.safetensors", "model.toml", "report.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(!dir.read_dir().expect("dir").any(|e| e
+        .map(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .unwrap_or(false)));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report"))
+            .expect("report json");
+    assert!(report["codegen"]["entry_points"]["forward"]["dispatches"].as_u64() > Some(0));
+    assert!(report["lipschitz"]["blocks"].is_array());
+
+    let x = dir.join("x.npy");
+    let xs = inputs(3, 3 * 8 * 8, 1);
+    iresnetc::npy::write(&x, &xs, &[3, 8, 8], false).expect("x.npy");
+    let run = |backend: &str, z: &Path, ld: &Path| {
+        let o = bin()
+            .args(["run"])
+            .arg(&out)
+            .args(["--backend", backend, "--mode", "forward", "--input"])
+            .arg(&x)
+            .arg("--output")
+            .arg(z)
+            .arg("--logdet-out")
+            .arg(ld)
+            .output()
+            .expect("run");
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let have_gpu = {
+        let _l = gpu_lock();
+        device().is_some()
+    };
+    if have_gpu {
+        let (zg, lg, zc, lc) = (
+            dir.join("zg.npy"),
+            dir.join("lg.npy"),
+            dir.join("zc.npy"),
+            dir.join("lc.npy"),
+        );
+        let _l = gpu_lock();
+        let (code, err) = run("wgpu", &zg, &lg);
+        assert_eq!(code, Some(0), "{err}");
+        drop(_l);
+        let (code, err) = run("cpu", &zc, &lc);
+        assert_eq!(code, Some(0), "{err}");
+        let read = |p: &Path, s: &[usize]| -> Vec<f64> {
+            iresnetc::npy::read_batch(p, "a", s)
+                .expect("read")
+                .samples
+                .into_iter()
+                .flatten()
+                .collect()
+        };
+        let (a, b) = (read(&zg, &[192]), read(&zc, &[192]));
+        let a32: Vec<f32> = a.iter().map(|&v| v as f32).collect();
+        assert!(rel_err(&a32, &b) < TOL);
+        let (a, b) = (read(&lg, &[]), read(&lc, &[]));
+        let a32: Vec<f32> = a.iter().map(|&v| v as f32).collect();
+        assert!(logdet_err(&a32, &b) < TOL);
+    }
+
+    // No adapter by that name.
+    fails_with(
+        bin()
+            .env("IRESNETC_ADAPTER", "nonexistent")
+            .args(["run"])
+            .arg(&out)
+            .args(["--backend", "wgpu", "--mode", "forward", "--input"])
+            .arg(&x)
+            .arg("--output")
+            .arg(dir.join("never.npy")),
+        &["nonexistent"],
+    );
+    assert!(!dir.join("never.npy").exists());
+
+    // A truncated plan.json, then one from another version.
+    let plan = std::fs::read_to_string(out.join("plan.json")).expect("plan");
+    let damaged = dir.join("damaged");
+    std::fs::create_dir_all(&damaged).expect("dir");
+    for f in std::fs::read_dir(&out).expect("bundle") {
+        let f = f.expect("entry").path();
+        std::fs::copy(&f, damaged.join(f.file_name().expect("name"))).expect("copy");
+    }
+    let run_damaged = |needles: &[&str]| {
+        fails_with(
+            bin()
+                .args(["run"])
+                .arg(&damaged)
+                .args(["--backend", "wgpu", "--mode", "forward", "--input"])
+                .arg(&x)
+                .arg("--output")
+                .arg(dir.join("never.npy")),
+            needles,
+        )
+    };
+    std::fs::write(damaged.join("plan.json"), &plan[..plan.len() / 2]).expect("truncate");
+    run_damaged(&["plan.json", "damaged"]);
+    let other = plan.replacen(
+        &format!("\"version\": {}", iresnetc_runtime::BUNDLE_VERSION),
+        "\"version\": 999",
+        1,
+    );
+    assert_ne!(other, plan, "version field not found");
+    std::fs::write(damaged.join("plan.json"), other).expect("write");
+    run_damaged(&["version 999"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,371 @@
+//! ONNX export: every model's forward, forward + log-det and unrolled inverse
+//! graphs, read back and run by tract, against the f64 reference executor.
+//!
+//! Error norm: `max_i |tract_i - ref_i| / max_i |ref_i|` (the largest error
+//! relative to the reference's infinity norm), below 1e-4 for every output.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use iresnetc::ir::Graph;
+use iresnetc::onnx::{self, ConvStyle, LogDetExport};
+use iresnetc::pipeline::Model;
+use iresnetc::reference::{LogDetMethod, Reference};
+use iresnetc::spec::{Estimator, ModelKind};
+use iresnetc_runtime::tract::{ProbeLayout, TractGraph};
+use prost::Message;
+
+const TOL: f64 = 1e-4;
+
+fn to_f32(xs: &[Vec<f64>]) -> Vec<f32> {
+    xs.iter().flatten().map(|&v| v as f32).collect()
+}
+
+/// `max |a - b| / max |a|`, with `a` the reference.
+fn rel_err(reference: &[f64], got: &[f32]) -> f64 {
+    assert_eq!(reference.len(), got.len(), "output lengths differ");
+    let scale = reference
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-30);
+    let diff = reference
+        .iter()
+        .zip(got)
+        .fold(0.0f64, |m, (a, &b)| m.max((a - b as f64).abs()));
+    diff / scale
+}
+
+fn run(bytes: &[u8], shapes: &[Vec<usize>], inputs: &[&[f32]]) -> Vec<(Vec<usize>, Vec<f32>)> {
+    let g = TractGraph::load(bytes, shapes, "test").expect("tract loads the export");
+    g.run(inputs).expect("tract runs the export")
+}
+
+fn batched(b: usize, s: &[usize]) -> Vec<usize> {
+    std::iter::once(b).chain(s.iter().copied()).collect()
+}
+
+fn check_forward(m: &Model, xs: &[Vec<f64>], style: ConvStyle) {
+    let g = &m.graph;
+    let r = Reference::new(g).forward(xs, &LogDetMethod::None).unwrap();
+    let bytes = onnx::encode(&onnx::forward(g, style).unwrap());
+    let outs = run(&bytes, &[batched(xs.len(), &g.spec.input)], &[&to_f32(xs)]);
+    let e = rel_err(&r.outputs.concat(), &outs[0].1);
+    eprintln!("{}: forward ({style:?}) rel err {e:.2e}", g.spec.name);
+    assert!(e < TOL, "{}: forward rel err {e}", g.spec.name);
+}
+
+fn check_logdet(m: &Model, xs: &[Vec<f64>], ld: &LogDetExport, method: &LogDetMethod, seed: u64) {
+    let g = &m.graph;
+    let r = Reference::new(g).forward(xs, method).unwrap();
+    let bytes = onnx::encode(&onnx::forward_logdet(g, ld, ConvStyle::default()).unwrap());
+    let layout: ProbeLayout = ld.probe_layout(g);
+    let mut shapes = vec![batched(xs.len(), &g.spec.input)];
+    let x32 = to_f32(xs);
+    let probes = layout.matrix(seed, 0, xs.len());
+    let mut inputs: Vec<&[f32]> = vec![&x32];
+    if layout.total > 0 {
+        shapes.push(vec![xs.len(), layout.total]);
+        inputs.push(&probes);
+    }
+    let outs = run(&bytes, &shapes, &inputs);
+    let ez = rel_err(&r.outputs.concat(), &outs[0].1);
+    let el = rel_err(&r.logdet, &outs[1].1);
+    eprintln!(
+        "{}: forward+logdet ({ld:?}) z rel err {ez:.2e}, logdet rel err {el:.2e} (ref {:?}, tract {:?})",
+        g.spec.name, r.logdet, outs[1].1
+    );
+    assert_eq!(outs[1].0, vec![xs.len()]);
+    assert!(ez < TOL && el < TOL, "{}: z {ez}, logdet {el}", g.spec.name);
+}
+
+/// The reference inverse run for exactly `k` fixed-point steps per block.
+fn reference_inverse_k(g: &Graph, zs: &[Vec<f64>], k: usize) -> Vec<Vec<f64>> {
+    let mut g = g.clone();
+    g.spec.inverse.max_iters = k;
+    g.spec.inverse.tol = 0.0;
+    Reference::new(&g).inverse(zs).unwrap().0
+}
+
+fn check_inverse(m: &Model, zs: &[Vec<f64>], steps: Option<usize>) {
+    let g = &m.graph;
+    let (reference, step_counts) = match steps {
+        Some(k) => (reference_inverse_k(g, zs, k), vec![k; g.blocks.len()]),
+        None => (
+            Reference::new(g).inverse(zs).unwrap().0,
+            onnx::certified_steps(m),
+        ),
+    };
+    let bytes = onnx::encode(&onnx::inverse(g, &step_counts, ConvStyle::default()).unwrap());
+    let outs = run(&bytes, &[vec![zs.len(), g.latent_dim()]], &[&to_f32(zs)]);
+    let e = rel_err(&reference.concat(), &outs[0].1);
+    eprintln!("{}: inverse ({steps:?} steps) rel err {e:.2e}", g.spec.name);
+    assert!(e < TOL, "{}: inverse rel err {e}", g.spec.name);
+}
+
+fn series(g: &Graph) -> (LogDetExport, LogDetMethod, u64) {
+    let s = &g.spec.logdet;
+    let mut spec = s.clone();
+    spec.estimator = Estimator::Series;
+    (
+        LogDetExport::from_spec(g, &spec).unwrap(),
+        LogDetMethod::from_spec(&spec),
+        spec.seed,
+    )
+}
+
+/// Forward, series log-det and inverse of a flow; `inv_steps` None = certified counts.
+fn check_flow(m: &Model, batch: usize, inv_steps: Option<usize>) {
+    let g = &m.graph;
+    let xs = common::inputs(batch, g.input_dim(), 11);
+    check_forward(m, &xs, ConvStyle::Conv);
+    check_forward(m, &xs, ConvStyle::PointwiseMatMul);
+    let (ld, method, seed) = series(g);
+    check_logdet(m, &xs, &ld, &method, seed);
+    let zs = Reference::new(g)
+        .forward(&xs, &LogDetMethod::None)
+        .unwrap()
+        .outputs;
+    check_inverse(m, &zs, inv_steps);
+}
+
+#[test]
+fn toy2d_all_graphs_match_reference() {
+    let m = common::model_file("toy2d.toml");
+    check_flow(&m, 8, None);
+    // The model's own estimator is exact: closed-form 2x2 log-det in the graph.
+    let g = &m.graph;
+    let xs = common::inputs(8, 2, 5);
+    let ld = LogDetExport::from_spec(g, &g.spec.logdet).unwrap();
+    assert_eq!(ld, LogDetExport::Exact2d);
+    check_logdet(&m, &xs, &ld, &LogDetMethod::Exact, 0);
+}
+
+#[test]
+fn cifar_tiny_all_graphs_match_reference() {
+    check_flow(&common::model_file("cifar-tiny.toml"), 4, None);
+}
+
+#[test]
+fn cifar_block_all_graphs_match_reference() {
+    check_flow(&common::model_file("cifar-block.toml"), 2, Some(3));
+}
+
+#[test]
+fn cifar_classifier_forward_matches_reference() {
+    let m = common::model_file("cifar-classifier.toml");
+    let xs = common::inputs(2, m.graph.input_dim(), 3);
+    check_forward(&m, &xs, ConvStyle::Conv);
+    check_forward(&m, &xs, ConvStyle::PointwiseMatMul);
+    let err = onnx::inverse(&m.graph, &[], ConvStyle::Conv)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cifar-classifier") && err.contains("invertible"),
+        "{err}"
+    );
+    let err = onnx::forward_logdet(&m.graph, &LogDetExport::Exact2d, ConvStyle::Conv)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("log-det"), "{err}");
+}
+
+/// The full-size flows at batch 1; the inverse is compared with the
+/// reference fixed point run for the same (small) number of steps.
+#[test]
+fn cifar_and_mnist_batch1_match_reference() {
+    for name in ["cifar.toml", "mnist.toml"] {
+        let m = common::model_file(name);
+        assert_eq!(m.graph.spec.kind, ModelKind::Flow);
+        check_flow(&m, 1, Some(2));
+    }
+}
+
+#[test]
+fn files_are_standard_onnx() {
+    let m = common::model_file("cifar-tiny.toml");
+    let g = &m.graph;
+    let (ld, _, _) = series(g);
+    for proto in [
+        onnx::forward(g, ConvStyle::Conv).unwrap(),
+        onnx::forward_logdet(g, &ld, ConvStyle::Conv).unwrap(),
+        onnx::inverse(g, &[2; 6], ConvStyle::Conv).unwrap(),
+    ] {
+        // Round trip through the wire format.
+        let back = tract_onnx::pb::ModelProto::decode(onnx::encode(&proto).as_slice()).unwrap();
+        assert_eq!(back.ir_version, 8);
+        assert_eq!(back.opset_import.len(), 1);
+        assert_eq!(back.opset_import[0].domain, "");
+        assert!((13..=17).contains(&back.opset_import[0].version));
+        let graph = back.graph.unwrap();
+        assert!(
+            graph.node.iter().all(|n| n.domain.is_empty()),
+            "non-standard domain"
+        );
+        let names: std::collections::HashSet<&str> =
+            graph.node.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names.len(), graph.node.len(), "node names are unique");
+        for io in graph.input.iter().chain(&graph.output) {
+            let Some(tract_onnx::pb::type_proto::Value::TensorType(t)) =
+                io.r#type.as_ref().and_then(|t| t.value.clone())
+            else {
+                panic!("{} has no tensor type", io.name)
+            };
+            let dims = t.shape.unwrap().dim;
+            assert_eq!(
+                dims[0].value,
+                Some(
+                    tract_onnx::pb::tensor_shape_proto::dimension::Value::DimParam("batch".into())
+                ),
+                "{}: batch is symbolic",
+                io.name
+            );
+            assert!(dims[1..].iter().all(|d| matches!(
+                d.value,
+                Some(tract_onnx::pb::tensor_shape_proto::dimension::Value::DimValue(_))
+            )));
+        }
+        if graph.name.ends_with(".forward") {
+            for n in [
+                "stage0.block0.actnorm",
+                "stage0.block0.conv1",
+                "stage1.block1.act0",
+                "pre.squeeze",
+            ] {
+                assert!(names.contains(n), "node `{n}` missing");
+            }
+            assert!(graph
+                .initializer
+                .iter()
+                .any(|t| t.name == "stage0.block0.conv1.weight"));
+        }
+    }
+}
+
+#[test]
+fn roulette_is_refused_with_a_clear_error() {
+    let m = common::model_from_toml(&format!(
+        "{}\n[logdet]\nestimator = \"roulette\"\n",
+        common::SMALL_CONV
+    ));
+    let err = LogDetExport::from_spec(&m.graph, &m.graph.spec.logdet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("roulette"), "{err}");
+}
+
+// ---- the CLI ----
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_iresnetc"))
+}
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("iresnetc-onnx-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{cmd:?}: {err}");
+    err + &String::from_utf8_lossy(&out.stdout)
+}
+
+fn read(path: &Path, per_sample: &[usize]) -> Vec<Vec<f64>> {
+    iresnetc::npy::read_batch(path, "x", per_sample)
+        .unwrap()
+        .samples
+}
+
+#[test]
+fn cli_export_validates_and_writes_inverse() {
+    let d = tmpdir("export");
+    let out = d.join("m.onnx");
+    let log = ok(bin()
+        .args([
+            "export-onnx",
+            models().join("cifar-tiny.toml").to_str().unwrap(),
+            "-o",
+        ])
+        .arg(&out)
+        .args(["--with-logdet", "--inverse-steps", "3", "--validate"]));
+    assert!(log.contains("max abs") && log.contains("max rel"), "{log}");
+    for f in ["m.onnx", "m.inverse.onnx", "m.json"] {
+        assert!(d.join(f).is_file(), "{f} missing: {log}");
+    }
+    // Unsupported: clear one-line error, exit 2.
+    let out = bin()
+        .args([
+            "export-onnx",
+            models().join("cifar-classifier.toml").to_str().unwrap(),
+            "-o",
+        ])
+        .arg(d.join("c.onnx"))
+        .args(["--inverse-steps", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("invertible") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// `--backend tract` against `--backend cpu`: forward, log-det (same probe seed), inverse.
+fn cli_tract_matches_cpu(model: &Path, per_sample: &[usize], latent: usize, n: usize) {
+    let d = tmpdir(model.file_stem().unwrap().to_str().unwrap());
+    let xs = common::inputs(n, per_sample.iter().product(), 21);
+    let xin = d.join("x.npy");
+    iresnetc::npy::write(&xin, &xs, per_sample, true).unwrap();
+    let m = model.to_str().unwrap();
+    let run = |backend: &str, mode: &str, input: &Path, out: &Path| {
+        let log = ok(bin()
+            .args([
+                "run",
+                m,
+                "--backend",
+                backend,
+                "--mode",
+                mode,
+                "--probe-seed",
+                "7",
+                "--input",
+            ])
+            .arg(input)
+            .arg("--output")
+            .arg(out));
+        if backend == "tract" {
+            assert!(log.contains("backend tract"), "{log}");
+        }
+    };
+    let compare = |mode: &str, input: &Path, shape: &[usize]| {
+        let (a, b) = (
+            d.join(format!("{mode}.cpu.npy")),
+            d.join(format!("{mode}.tract.npy")),
+        );
+        run("cpu", mode, input, &a);
+        run("tract", mode, input, &b);
+        let (ra, rb) = (read(&a, shape).concat(), read(&b, shape).concat());
+        let e = rel_err(&ra, &rb.iter().map(|&v| v as f32).collect::<Vec<_>>());
+        eprintln!("{m}: cli {mode} tract vs cpu rel err {e:.2e}");
+        assert!(e < TOL, "{m} {mode}: {e}");
+    };
+    compare("forward", &xin, &[latent]);
+    compare("logdet", &xin, &[]);
+    compare("inverse", &d.join("forward.cpu.npy"), per_sample);
+}
+
+#[test]
+fn cli_tract_backend_matches_cpu() {
+    cli_tract_matches_cpu(&models().join("cifar-tiny.toml"), &[3, 8, 8], 192, 3);
+    cli_tract_matches_cpu(&models().join("toy2d.toml"), &[2], 2, 6);
+}
