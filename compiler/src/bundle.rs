@@ -73,7 +73,10 @@ pub fn write_bundle(model: &Model, dir: &Path, opts: &BundleOptions) -> Result<C
             .as_bytes(),
         )?;
         // Last of the GPU files: a directory with a plan.json is a bundle to the runtime.
-        write(iresnetc_runtime::plan::PLAN_FILE, json(&gen.plan)?.as_bytes())?;
+        write(
+            iresnetc_runtime::plan::PLAN_FILE,
+            json(&gen.plan)?.as_bytes(),
+        )?;
         // ONNX: the graphs the tract backend runs (forward, forward + log-det, inverse).
         crate::onnx::write_bundle_graphs(model, &tmp)?;
         Ok(())

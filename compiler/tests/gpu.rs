@@ -122,7 +122,11 @@ fn gpu_forward(
         .expect("a GPU estimator");
     let probes = ld_inputs::probes(&layout, seed, kind, batch);
     let mut out = ex
-        .run(entry, batch, &[("x", x), ("probes", &probes), ("coef", &coef)])
+        .run(
+            entry,
+            batch,
+            &[("x", x), ("probes", &probes), ("coef", &coef)],
+        )
         .expect("gpu forward");
     (
         out.remove("z").expect("z"),
@@ -168,7 +172,11 @@ fn check_flow(model: &Model, batch: usize, check_unfused: bool) {
     );
     assert!(ez < TOL, "{}: z rel err {ez}", g.spec.name);
     assert!(eld < TOL, "{}: logdet rel err {eld}", g.spec.name);
-    assert!(e_round < TOL, "{}: inverse of forward {e_round}", g.spec.name);
+    assert!(
+        e_round < TOL,
+        "{}: inverse of forward {e_round}",
+        g.spec.name
+    );
     assert!(e_inv < TOL, "{}: inverse vs reference {e_inv}", g.spec.name);
 
     if check_unfused {
@@ -179,7 +187,11 @@ fn check_flow(model: &Model, batch: usize, check_unfused: bool) {
             .expect("unfused inverse")
             .remove("x")
             .expect("x");
-        let (a, b, c) = (rel_err32(&z2, &z), rel_err32(&ld2, &ld), rel_err32(&x2, &x_inv));
+        let (a, b, c) = (
+            rel_err32(&z2, &z),
+            rel_err32(&ld2, &ld),
+            rel_err32(&x2, &x_inv),
+        );
         eprintln!(
             "{} fused vs unfused: z {a:.1e}, logdet {b:.1e}, inverse {c:.1e} ({} vs {} forward dispatches)",
             g.spec.name,
@@ -303,7 +315,9 @@ fn roulette_matches_reference() {
         param: 0.5,
     };
     let xs = inputs(batch, m.graph.input_dim(), 4);
-    let r = Reference::new(&m.graph).forward(&xs, &method).expect("reference");
+    let r = Reference::new(&m.graph)
+        .forward(&xs, &method)
+        .expect("reference");
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
     let mut ex = executor(dev, &m, true);
@@ -334,7 +348,9 @@ fn limits_split_or_refuse() {
     let x = flat(&inputs(batch, m.graph.input_dim(), 9));
     let whole = ex.run(entries::ENCODE, batch, &[("x", &x)]).expect("run");
     ex.set_max_batch(2);
-    let split = ex.run(entries::ENCODE, batch, &[("x", &x)]).expect("split run");
+    let split = ex
+        .run(entries::ENCODE, batch, &[("x", &x)])
+        .expect("split run");
     assert_eq!(whole["z"], split["z"]);
 }
 
@@ -375,13 +391,25 @@ fn cli_compile_run_and_bad_bundles() {
     let dir = tmpdir("cli");
     let out = dir.join("bundle");
     let status = bin()
-        .args(["compile", &models().join("cifar-tiny.toml").to_string_lossy()])
+        .args([
+            "compile",
+            &models().join("cifar-tiny.toml").to_string_lossy(),
+        ])
         .arg("-o")
         .arg(&out)
         .output()
         .expect("compile");
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    for f in ["plan.json", "weights.safetensors", "model.toml", "report.json"] {
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    for f in [
+        "plan.json",
+        "weights.safetensors",
+        "model.toml",
+        "report.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert!(!dir.read_dir().expect("dir").any(|e| e
@@ -408,7 +436,10 @@ fn cli_compile_run_and_bad_bundles() {
             .arg(ld)
             .output()
             .expect("run");
-        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let have_gpu = {
         let _l = gpu_lock();
@@ -488,4 +519,46 @@ fn cli_compile_run_and_bad_bundles() {
     std::fs::write(damaged.join("plan.json"), other).expect("write");
     run_damaged(&["version 999"]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Not a timed test. `cargo test --release -p iresnetc --test gpu -- --ignored --nocapture
+/// bench_cifar_block` prints dispatches and median wall times (upload, one submission, device
+/// sync, read-back) of fused vs unfused plans on cifar-block at batch 8.
+#[test]
+#[ignore]
+fn bench_cifar_block() {
+    let m = model_file("cifar-block.toml");
+    let batch = 8;
+    let _l = gpu_lock();
+    let Some(dev) = device() else { return };
+    for fuse in [true, false] {
+        let mut ex = executor(dev, &m, fuse);
+        let layout = layout(&ex);
+        let x = flat(&inputs(batch, m.graph.input_dim(), 3));
+        let probes = ld_inputs::probes(&layout, 0, ProbeKind::Gaussian, batch);
+        let coef = ld_inputs::series_coefs(&layout, layout.terms, batch);
+        let z = vec![0.1f32; batch * m.graph.latent_dim()];
+        for entry in [entries::ENCODE, entries::FORWARD, entries::INVERSE] {
+            let ins: Vec<(&str, &[f32])> = match entry {
+                entries::ENCODE => vec![("x", &x)],
+                entries::INVERSE => vec![("z", &z)],
+                _ => vec![("x", &x), ("probes", &probes), ("coef", &coef)],
+            };
+            ex.run(entry, batch, &ins).expect("warm-up");
+            let mut times: Vec<f64> = (0..3)
+                .map(|_| {
+                    ex.run_timed(entry, batch, &ins)
+                        .expect("run")
+                        .wall
+                        .as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            eprintln!(
+                "bench cifar-block batch {batch} fused={fuse:<5} {entry:<8} {:>4} dispatches  median {:>8.1} ms",
+                ex.dispatch_count(entry),
+                times[1] * 1e3
+            );
+        }
+    }
 }

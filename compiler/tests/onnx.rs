@@ -121,6 +121,7 @@ fn check_flow(m: &Model, batch: usize, inv_steps: Option<usize>) {
     let xs = common::inputs(batch, g.input_dim(), 11);
     check_forward(m, &xs, ConvStyle::Conv);
     check_forward(m, &xs, ConvStyle::PointwiseMatMul);
+    check_forward(m, &xs, ConvStyle::TapSum);
     let (ld, method, seed) = series(g);
     check_logdet(m, &xs, &ld, &method, seed);
     let zs = Reference::new(g)
@@ -158,6 +159,7 @@ fn cifar_classifier_forward_matches_reference() {
     let xs = common::inputs(2, m.graph.input_dim(), 3);
     check_forward(&m, &xs, ConvStyle::Conv);
     check_forward(&m, &xs, ConvStyle::PointwiseMatMul);
+    check_forward(&m, &xs, ConvStyle::TapSum);
     let err = onnx::inverse(&m.graph, &[], ConvStyle::Conv)
         .unwrap_err()
         .to_string();
@@ -368,4 +370,77 @@ fn cli_tract_matches_cpu(model: &Path, per_sample: &[usize], latent: usize, n: u
 fn cli_tract_backend_matches_cpu() {
     cli_tract_matches_cpu(&models().join("cifar-tiny.toml"), &[3, 8, 8], 192, 3);
     cli_tract_matches_cpu(&models().join("toy2d.toml"), &[2], 2, 6);
+}
+
+/// A bundle's ONNX graphs run by the runtime alone (no compiler types), and by
+/// `iresnetc run BUNDLE --backend tract`.
+#[test]
+fn bundle_graphs_run_in_the_runtime() {
+    use iresnetc_runtime::tract::TractBundle;
+    let m = common::model_file("cifar-tiny.toml");
+    let g = &m.graph;
+    let d = tmpdir("bundle");
+    std::fs::copy(models().join("cifar-tiny.toml"), d.join("model.toml")).unwrap();
+    iresnetc::weights::save(&g.params, &d.join("weights.safetensors")).unwrap();
+    onnx::write_bundle_graphs(&m, &d).unwrap();
+
+    let b = TractBundle::open(&d).unwrap();
+    assert_eq!(b.manifest.inverse_steps, onnx::certified_steps(&m));
+    let xs = common::inputs(2, g.input_dim(), 9);
+    let r = Reference::new(g);
+    let (_, method, seed) = series(g);
+    let want = r.forward(&xs, &method).unwrap();
+    let layout = b.manifest.probes.clone().unwrap();
+    let probes = layout.matrix(seed, 0, 2);
+    let outs = b
+        .forward_logdet(2)
+        .unwrap()
+        .run(&[&to_f32(&xs), &probes])
+        .unwrap();
+    assert!(rel_err(&want.outputs.concat(), &outs[0].1) < TOL);
+    assert!(rel_err(&want.logdet, &outs[1].1) < TOL);
+    let outs = b.forward(2).unwrap().run(&[&to_f32(&xs)]).unwrap();
+    assert!(rel_err(&want.outputs.concat(), &outs[0].1) < TOL);
+    let back = b
+        .inverse(2)
+        .unwrap()
+        .run(&[&to_f32(&want.outputs)])
+        .unwrap();
+    let e = rel_err(&xs.concat(), &back[0].1);
+    eprintln!("bundle: inverse round trip rel err {e:.2e}");
+    assert!(e < TOL);
+
+    // The CLI on the bundle uses its files and says so.
+    let xin = d.join("x.npy");
+    iresnetc::npy::write(&xin, &xs, &g.spec.input, true).unwrap();
+    let out = d.join("z.npy");
+    let log = ok(bin()
+        .args([
+            "run",
+            d.to_str().unwrap(),
+            "--backend",
+            "tract",
+            "--mode",
+            "forward",
+            "--input",
+        ])
+        .arg(&xin)
+        .arg("--output")
+        .arg(&out));
+    assert!(
+        log.contains("backend tract") && log.contains("bundle"),
+        "{log}"
+    );
+    let z = read(&out, &[g.latent_dim()]).concat();
+    assert!(
+        rel_err(
+            &want.outputs.concat(),
+            &z.iter().map(|&v| v as f32).collect::<Vec<_>>()
+        ) < TOL
+    );
+
+    // A damaged manifest is a one-line error naming the file.
+    std::fs::write(d.join("onnx.json"), "{").unwrap();
+    let err = TractBundle::open(&d).err().unwrap().to_string();
+    assert!(err.contains("onnx.json"), "{err}");
 }

@@ -17,7 +17,7 @@ BIN=target/release/iresnetc
 MODEL=models/cifar-block.toml
 FLOPS=$($BIN inspect "$MODEL" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["forward_flops_per_sample"])')
 echo "cifar-block forward: $FLOPS FLOP per sample, batch $BATCH, $(nproc) cores"
-for style in conv pointwise-matmul; do
+for style in conv pointwise-matmul tap-sum; do
   echo "== conv style: $style"
   $BIN export-onnx "$MODEL" -o "$OUT/cifar-block-$style.onnx" --conv-style "$style" \
     --time-batch "$BATCH" --time-samples "$SAMPLES" | grep '^tract'

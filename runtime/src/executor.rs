@@ -84,6 +84,7 @@ struct Program {
     dispatches: usize,
 }
 
+#[derive(Clone)]
 struct Kernel {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
@@ -138,6 +139,8 @@ impl GpuExecutor {
 
         let mut modules: HashMap<&str, (naga::Module, naga::valid::ModuleInfo)> = HashMap::new();
         let mut kernels = Vec::with_capacity(plan.kernels.len());
+        type PipelineKey = (String, String, [u32; 3], Vec<bool>);
+        let mut pipelines: HashMap<PipelineKey, Kernel> = HashMap::new();
         for decl in &plan.kernels {
             let source = bundle
                 .shaders
@@ -150,7 +153,19 @@ impl GpuExecutor {
             let (module, info) = &modules[decl.file.as_str()];
             let read_only = reflect_bindings(decl, module, info)?;
             check_kernel_limits(decl, limits)?;
-            kernels.push(create_kernel(gpu, decl, source, &read_only)?);
+            // Kernels that differ only in the buffers they bind (every block of a stage) share
+            // one pipeline: compiling a shader is the expensive part (seconds on lavapipe for
+            // a big model), bind groups stay per kernel.
+            let key = (decl.file.clone(), decl.entry.clone(), decl.workgroup_size, read_only);
+            let kernel = match pipelines.get(&key) {
+                Some(k) => Kernel::clone(k),
+                None => {
+                    let k = create_kernel(gpu, decl, source, &key.3)?;
+                    pipelines.insert(key, Kernel::clone(&k));
+                    k
+                }
+            };
+            kernels.push(kernel);
         }
         let fill_decl = KernelDecl {
             name: "builtin.fill".to_string(),

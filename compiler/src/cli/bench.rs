@@ -1,12 +1,250 @@
-//! `iresnetc bench`: per model and entry point, every backend, fused vs unfused.
+//! `iresnetc bench`: per model and entry point, the time per image, GFLOP/s and
+//! dispatches of every backend (wgpu fused and unfused, tract on the exported
+//! ONNX, the f64 reference). Timings include a device sync; each number is the
+//! median of `--samples` runs after a warm-up run.
 
-use anyhow::{bail, Result};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use iresnetc::codegen::{self, CodegenOptions, Tiling};
+use iresnetc::pipeline::{self, LoadOptions, Model};
+use iresnetc::reference::{LogDetMethod, Reference};
+use iresnetc::spec::ModelKind;
+use iresnetc_runtime::rng::Rng;
+use iresnetc_runtime::{GpuDevice, GpuExecutor};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    pub model: Vec<std::path::PathBuf>,
+    /// Model files; default: the single CIFAR block (batch 8) and models/cifar.toml (batch 1).
+    pub model: Vec<PathBuf>,
+    /// Batch size (default: 8 for the block and small models, 1 for the 25M-parameter flows).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub samples: usize,
+    /// Backends to measure.
+    #[arg(long, value_delimiter = ',', default_value = "wgpu,tract,cpu")]
+    pub backends: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
-pub fn run(_a: &BenchArgs) -> Result<()> {
-    bail!("bench: not implemented yet")
+#[derive(Clone, Debug, Serialize)]
+struct Row {
+    model: String,
+    entry: String,
+    backend: String,
+    batch: usize,
+    dispatches: Option<usize>,
+    median_ms: f64,
+    ms_per_image: f64,
+    gflops: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of `f` over `samples` runs after one warm-up.
+fn time(samples: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = vec![];
+    for _ in 0..samples.max(1) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| (r.uniform() - 0.5) as f32).collect()
+}
+
+/// FLOPs per sample of the entry points, from the IR: forward; forward plus
+/// `terms * probes` vjps of every branch; the inverse's fixed-point steps.
+struct Flops {
+    forward: f64,
+    logdet_extra: f64,
+    inverse: f64,
+}
+
+fn flops(m: &Model, inverse_iters: &[usize]) -> Flops {
+    let g = &m.graph;
+    let ld = &g.spec.logdet;
+    let branch: f64 = (0..g.blocks.len()).map(|b| g.block_macs(b) as f64).sum();
+    Flops {
+        forward: 2.0 * g.forward_macs() as f64,
+        logdet_extra: 2.0 * (ld.terms * ld.probes) as f64 * branch,
+        inverse: (0..g.blocks.len())
+            .map(|b| 2.0 * inverse_iters.get(b).copied().unwrap_or(1) as f64 * g.block_macs(b) as f64)
+            .sum(),
+    }
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let models = if a.model.is_empty() {
+        vec![root.join("models/cifar-block.toml"), root.join("models/cifar.toml")]
+    } else {
+        a.model.clone()
+    };
+    let mut rows = vec![];
+    let dev = if a.backends.iter().any(|b| b == "wgpu") {
+        Some(GpuDevice::new()?)
+    } else {
+        None
+    };
+    for path in &models {
+        eprintln!("loading {}", path.display());
+        let m = pipeline::load_model(path, &LoadOptions::default(), &|_, _| {})?;
+        let g = &m.graph;
+        let batch = a
+            .batch
+            .unwrap_or(if g.param_count() > 5_000_000 { 1 } else { 8 });
+        let name = g.spec.name.clone();
+        let flow = g.spec.kind == ModelKind::Flow;
+        let iters: Vec<usize> = m
+            .lipschitz
+            .blocks
+            .iter()
+            .map(|b| b.inverse_iters.min(g.spec.inverse.max_iters))
+            .collect();
+        let f = flops(&m, &iters);
+        let mut push = |entry: &str, backend: &str, dispatches: Option<usize>, secs: f64, flops: f64| {
+            rows.push(Row {
+                model: name.clone(),
+                entry: entry.to_string(),
+                backend: backend.to_string(),
+                batch,
+                dispatches,
+                median_ms: secs * 1e3,
+                ms_per_image: secs * 1e3 / batch as f64,
+                gflops: flops * batch as f64 / secs / 1e9,
+            });
+        };
+        let entries: Vec<(&str, f64)> = if flow {
+            vec![
+                ("forward", f.forward),
+                ("forward+logdet", f.forward + f.logdet_extra),
+                ("inverse", f.inverse),
+            ]
+        } else {
+            vec![("classify", f.forward)]
+        };
+
+        if let Some(dev) = &dev {
+            let tiling = if dev.adapter().is_software { Tiling::CPU } else { Tiling::GPU };
+            for fuse in [true, false] {
+                let label = if fuse { "wgpu fused" } else { "wgpu unfused" };
+                let (bundle, _) = codegen::compile_in_memory(&m, &CodegenOptions { fuse, tiling })?;
+                let mut ex = GpuExecutor::new(dev, &bundle)?;
+                for (entry, fl) in &entries {
+                    let plan_entry = match *entry {
+                        "forward" => codegen::entries::ENCODE,
+                        "forward+logdet" => codegen::entries::FORWARD,
+                        "inverse" => codegen::entries::INVERSE,
+                        _ => codegen::entries::CLASSIFY,
+                    };
+                    let Some(ep) = bundle.plan.entry_points.get(plan_entry) else { continue };
+                    let data: Vec<(String, Vec<f32>)> = ep
+                        .inputs
+                        .iter()
+                        .map(|io| {
+                            let per = io.shape.iter().product::<usize>();
+                            let per_sample = bundle.plan.buffer(&io.buffer).map(|b| b.per_sample).unwrap_or(true);
+                            (io.name.clone(), random(if per_sample { per * batch } else { per }, 7))
+                        })
+                        .collect();
+                    let inputs: Vec<(&str, &[f32])> = data.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+                    let secs = time(a.samples, || {
+                        ex.run(plan_entry, batch, &inputs)?;
+                        Ok(())
+                    })?;
+                    let d = ex.dispatch_count(plan_entry);
+                    push(entry, label, Some(d), secs, *fl);
+                }
+            }
+        }
+
+        if a.backends.iter().any(|b| b == "tract") {
+            let dir = std::env::temp_dir().join(format!("iresnetc-bench-{}-{}", name, std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            iresnetc::onnx::write_bundle_graphs(&m, &dir)?;
+            let tb = iresnetc_runtime::tract::TractBundle::open(&dir)?;
+            let x = random(batch * g.input_dim(), 3);
+            if flow {
+                let probes = random(
+                    batch * tb.manifest.probes.as_ref().map(|p| p.total).unwrap_or(0),
+                    4,
+                );
+                let z = random(batch * g.latent_dim(), 5);
+                let fwd = tb.forward(batch)?;
+                let t = iresnetc_runtime::tract::time_graph(&fwd, &[&x], 1, a.samples)?;
+                push("forward", "tract", None, t.median_s, f.forward);
+                let fl = tb.forward_logdet(batch)?;
+                let t = iresnetc_runtime::tract::time_graph(&fl, &[&x, &probes], 1, a.samples)?;
+                push("forward+logdet", "tract", None, t.median_s, f.forward + f.logdet_extra);
+                let inv = tb.inverse(batch)?;
+                let t = iresnetc_runtime::tract::time_graph(&inv, &[&z], 1, a.samples)?;
+                push("inverse", "tract", None, t.median_s, f.inverse);
+            } else {
+                let fwd = tb.forward(batch)?;
+                let t = iresnetc_runtime::tract::time_graph(&fwd, &[&x], 1, a.samples)?;
+                push("classify", "tract", None, t.median_s, f.forward);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+
+        if a.backends.iter().any(|b| b == "cpu") {
+            let r = Reference::new(g);
+            let xs: Vec<Vec<f64>> = (0..batch)
+                .map(|s| random(g.input_dim(), 10 + s as u64).iter().map(|&v| v as f64).collect())
+                .collect();
+            // The reference is slow on the big models: one timed run there.
+            let samples = if g.param_count() > 5_000_000 { 1 } else { a.samples.min(3) };
+            let secs = time(samples, || {
+                r.forward(&xs, &LogDetMethod::None)?;
+                Ok(())
+            })?;
+            push(entries[0].0, "cpu (f64 reference)", None, secs, entries[0].1);
+            if flow {
+                let method = LogDetMethod::from_spec(&g.spec.logdet);
+                let secs = time(samples, || {
+                    r.forward(&xs, &method)?;
+                    Ok(())
+                })?;
+                push("forward+logdet", "cpu (f64 reference)", None, secs, f.forward + f.logdet_extra);
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows).context("serializing")?);
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<15} {:<20} {:>5} {:>10} {:>12} {:>12} {:>9}",
+        "model", "entry", "backend", "batch", "dispatch", "median ms", "ms/image", "GFLOP/s"
+    );
+    for r in &rows {
+        println!(
+            "{:<12} {:<15} {:<20} {:>5} {:>10} {:>12.2} {:>12.2} {:>9.2}",
+            r.model,
+            r.entry,
+            r.backend,
+            r.batch,
+            r.dispatches.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+            r.median_ms,
+            r.ms_per_image,
+            r.gflops
+        );
+    }
+    Ok(())
 }

@@ -146,7 +146,10 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
     let method = LogDetMethod::from_spec(&ld_spec);
     let need_flow = |what: &str| -> Result<()> {
         if !flow {
-            bail!("{}: --mode {what} needs a flow (kind = \"flow\")", a.model.display());
+            bail!(
+                "{}: --mode {what} needs a flow (kind = \"flow\")",
+                a.model.display()
+            );
         }
         Ok(())
     };
@@ -170,8 +173,8 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
         serde_json::from_value(bundle.plan.meta["logdet"].clone())
             .context("plan.json meta has no log-det layout (bundle from an older compiler?)")
     };
-    // (entry, inputs) of a log-det forward on `x`.
-    let logdet_run = |x: &[f32], batch: usize| -> Result<(&'static str, Vec<f32>, Vec<f32>)> {
+    // Entry point, probes and term weights of a log-det forward on `batch` samples.
+    let logdet_run = |batch: usize| -> Result<(&'static str, Vec<f32>, Vec<f32>)> {
         let layout = layout()?;
         let Some((entry, coef, seed, kind)) = ld_inputs::coefs_for(&layout, &method, batch)? else {
             bail!(
@@ -179,7 +182,6 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
                 ld_spec.estimator
             );
         };
-        let _ = x;
         Ok((entry, ld_inputs::probes(&layout, seed, kind, batch), coef))
     };
     let start = Instant::now();
@@ -203,30 +205,55 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
             if !flow {
                 let out = ex.run(entries::CLASSIFY, batch, &[("x", &x)])?;
                 let l = &out["logits"];
-                npy::write(&a.output, &rows(l, l.len() / batch.max(1)), &[l.len() / batch.max(1)], false)?;
+                npy::write(
+                    &a.output,
+                    &rows(l, l.len() / batch.max(1)),
+                    &[l.len() / batch.max(1)],
+                    false,
+                )?;
                 summary = format!("logits of {batch} samples");
             } else if a.mode == Mode::Forward && a.logdet_out.is_none() {
                 let out = ex.run(entries::ENCODE, batch, &[("x", &x)])?;
-                npy::write(&a.output, &rows(&out["z"], latent_dim), &[latent_dim], false)?;
+                npy::write(
+                    &a.output,
+                    &rows(&out["z"], latent_dim),
+                    &[latent_dim],
+                    false,
+                )?;
                 summary = format!("forward of {batch} samples");
             } else {
-                let (entry, probes, coef) = logdet_run(&x, batch)?;
-                let out = ex.run(entry, batch, &[("x", &x), ("probes", &probes), ("coef", &coef)])?;
+                let (entry, probes, coef) = logdet_run(batch)?;
+                let out = ex.run(
+                    entry,
+                    batch,
+                    &[("x", &x), ("probes", &probes), ("coef", &coef)],
+                )?;
                 let ld = &out["logdet"];
                 match a.mode {
                     Mode::Forward => {
-                        npy::write(&a.output, &rows(&out["z"], latent_dim), &[latent_dim], false)?;
+                        npy::write(
+                            &a.output,
+                            &rows(&out["z"], latent_dim),
+                            &[latent_dim],
+                            false,
+                        )?;
                         if let Some(p) = &a.logdet_out {
                             npy::write(p, &rows(ld, 1), &[], false)?;
                         }
-                        summary = format!("forward + log-det ({:?}) of {batch} samples", ld_spec.estimator);
+                        summary = format!(
+                            "forward + log-det ({:?}) of {batch} samples",
+                            ld_spec.estimator
+                        );
                     }
                     Mode::Logdet => {
                         npy::write(&a.output, &rows(ld, 1), &[], false)?;
                         summary = format!("log-det ({:?}) of {batch} samples", ld_spec.estimator);
                     }
                     _ => {
-                        let (mean, log_std) = (weight(&bundle, "prior.mean")?, weight(&bundle, "prior.log_std")?);
+                        let (mean, log_std) = (
+                            weight(&bundle, "prior.mean")?,
+                            weight(&bundle, "prior.log_std")?,
+                        );
                         let deq = spec.data.dequantize;
                         let d = in_dim as f64;
                         let out_rows: Vec<Vec<f64>> = out["z"]
@@ -234,11 +261,13 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
                             .zip(ld)
                             .map(|(z, &l)| {
                                 let logp = prior_logp(z, mean, log_std) + f64::from(l);
-                                let bpd = -logp / (d * std::f64::consts::LN_2) + if deq { 8.0 } else { 0.0 };
+                                let bpd = -logp / (d * std::f64::consts::LN_2)
+                                    + if deq { 8.0 } else { 0.0 };
                                 vec![logp, bpd]
                             })
                             .collect();
-                        let mean_bpd = out_rows.iter().map(|r| r[1]).sum::<f64>() / out_rows.len().max(1) as f64;
+                        let mean_bpd = out_rows.iter().map(|r| r[1]).sum::<f64>()
+                            / out_rows.len().max(1) as f64;
                         npy::write(&a.output, &out_rows, &[2], false)?;
                         summary = format!("columns (log p(x) nats, bits/dim) of {batch} samples; mean bits/dim {mean_bpd:.4}");
                     }
@@ -254,7 +283,10 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
                     bail!("--num must be >= 1");
                 }
                 // The reference's `sample`: z = mean + exp(log_std) * N(0, 1), one stream per sample.
-                let (mean, log_std) = (weight(&bundle, "prior.mean")?, weight(&bundle, "prior.log_std")?);
+                let (mean, log_std) = (
+                    weight(&bundle, "prior.mean")?,
+                    weight(&bundle, "prior.log_std")?,
+                );
                 (0..a.num)
                     .flat_map(|i| {
                         let mut r = Rng::for_stream(probe_seed, &[streams::PRIOR_SAMPLE, i as u64]);
@@ -271,14 +303,22 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
             npy::write(&a.output, &rows(x, in_dim), &spec.input, false)?;
             if a.mode == Mode::Sample && spec.input.len() == 3 {
                 let png = a.output.with_extension("png");
-                image::write_grid(&png, x, &spec.input, if spec.data.dequantize { 0.5 } else { 0.0 })?;
+                image::write_grid(
+                    &png,
+                    x,
+                    &spec.input,
+                    if spec.data.dequantize { 0.5 } else { 0.0 },
+                )?;
                 eprintln!("sample grid -> {}", png.display());
             }
             summary = format!("inverse of {batch} samples");
         }
         Mode::Classify => {
             if flow {
-                bail!("{}: --mode classify needs a classifier (kind = \"classifier\")", a.model.display());
+                bail!(
+                    "{}: --mode classify needs a classifier (kind = \"classifier\")",
+                    a.model.display()
+                );
             }
             let x = input(&spec.input, "input")?;
             let batch = x.len() / in_dim.max(1);
@@ -377,7 +417,11 @@ mod image {
         for &d in data {
             crc ^= u32::from(d);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc

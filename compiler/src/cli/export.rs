@@ -26,8 +26,11 @@ const CHUNK: usize = 16;
 pub enum ConvStyleArg {
     /// Every convolution as ONNX Conv.
     Conv,
-    /// 1x1 convolutions as MatMul (faster in tract).
+    /// 1x1 convolutions as MatMul.
     PointwiseMatmul,
+    /// 1x1 convolutions as MatMul, k x k convolutions that reduce channels as one
+    /// MatMul over the taps plus shifted sums (fastest in tract).
+    TapSum,
 }
 
 impl From<ConvStyleArg> for ConvStyle {
@@ -35,6 +38,7 @@ impl From<ConvStyleArg> for ConvStyle {
         match c {
             ConvStyleArg::Conv => ConvStyle::Conv,
             ConvStyleArg::PointwiseMatmul => ConvStyle::PointwiseMatMul,
+            ConvStyleArg::TapSum => ConvStyle::TapSum,
         }
     }
 }
@@ -63,7 +67,7 @@ pub struct ExportArgs {
     #[arg(long, value_name = "K")]
     pub inverse_steps: Option<usize>,
     /// How convolutions are written.
-    #[arg(long, value_enum, default_value = "pointwise-matmul")]
+    #[arg(long, value_enum, default_value = "tap-sum")]
     pub conv_style: ConvStyleArg,
     /// Run the written graphs in tract on random input, compare with the f64
     /// reference, print the errors; fail (exit 2, nothing written) above 1e-4 relative.
@@ -506,7 +510,7 @@ pub fn run_tract(a: &RunArgs) -> Result<()> {
             || (a.mode == Mode::Forward && a.logdet_out.is_some() && flow);
         Graphs::Memory {
             m: &m,
-            style: ConvStyle::PointwiseMatMul,
+            style: ConvStyle::default(),
             ld: if needs_ld {
                 Some(LogDetExport::from_spec(g, &ld_spec)?)
             } else {

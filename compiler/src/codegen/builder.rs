@@ -116,7 +116,8 @@ impl PlanBuilder {
             }
             return Ok(step);
         }
-        self.kernel_index.insert(name.to_string(), self.kernels.len());
+        self.kernel_index
+            .insert(name.to_string(), self.kernels.len());
         self.kernels.push(decl);
         self.flops.insert(name.to_string(), flops_per_sample);
         Ok(step)

@@ -118,7 +118,8 @@ impl<'a> Lowering<'a> {
         match &n.op {
             Op::Input => self.b.buffer(names::X, elems, true, BufferInit::Input),
             _ if Some(ix) == self.g.logits => {
-                self.b.buffer(names::LOGITS, elems, true, BufferInit::Output)
+                self.b
+                    .buffer(names::LOGITS, elems, true, BufferInit::Output)
             }
             _ => self.b.scratch(&format!("v.{}", n.name), elems),
         }
@@ -189,7 +190,14 @@ impl<'a> Lowering<'a> {
     }
 
     /// `dst = act(src)` elementwise.
-    fn act_kernel(&mut self, name: &str, n: usize, src: &str, dst: &str, a: &ActRef) -> Result<Step> {
+    fn act_kernel(
+        &mut self,
+        name: &str,
+        n: usize,
+        src: &str,
+        dst: &str,
+        a: &ActRef,
+    ) -> Result<Step> {
         let body = format!(
             "    let o = sample * {n}u + i;\n    dst[o] = act_{}(src[o], beta);",
             act_suffix(a.act)
@@ -248,9 +256,12 @@ impl<'a> Lowering<'a> {
         let acc = self
             .b
             .buffer(&format!("s{}.acc", fb.stage), dim, true, BufferInit::Zero)?;
-        let coef = self
-            .b
-            .buffer(names::COEF, self.layout.coef_elems(), true, BufferInit::Input)?;
+        let coef = self.b.buffer(
+            names::COEF,
+            self.layout.coef_elems(),
+            true,
+            BufferInit::Input,
+        )?;
         let probes = self.b.buffer(
             names::PROBES,
             self.layout.probe_elems(),
@@ -344,13 +355,21 @@ impl<'a> Lowering<'a> {
                     }
                 }
                 Op::BatchNorm { eps } => {
-                    let fused = self.fusion.head_pool.as_ref().is_some_and(|c| c.contains(&n.name));
+                    let fused = self
+                        .fusion
+                        .head_pool
+                        .as_ref()
+                        .is_some_and(|c| c.contains(&n.name));
                     if !fused {
                         steps.push(self.batchnorm(&name, ix, ins[0], *eps)?);
                     }
                 }
                 Op::Act { act } => {
-                    let fused = self.fusion.head_pool.as_ref().is_some_and(|c| c.contains(&n.name));
+                    let fused = self
+                        .fusion
+                        .head_pool
+                        .as_ref()
+                        .is_some_and(|c| c.contains(&n.name));
                     if !fused {
                         let a = ActRef {
                             act: *act,
@@ -454,7 +473,10 @@ impl<'a> Lowering<'a> {
             (Some((b, a)), true) => {
                 let lead_buf = self.stage_buf(self.fusion.blocks[*b].stage, "lead", d)?;
                 bindings.push(Binding::write("lead", lead_buf));
-                body.push_str(&format!("    lead[o] = act_{}(a, beta);\n", act_suffix(a.act)));
+                body.push_str(&format!(
+                    "    lead[o] = act_{}(a, beta);\n",
+                    act_suffix(a.act)
+                ));
                 steps.push(self.eltwise(&name, d, bindings, Some(a), &body)?);
             }
             (Some((b, a)), false) => {
@@ -497,14 +519,30 @@ impl<'a> Lowering<'a> {
                 let pre = self.stage_buf(s, &format!("pre{}", i + 1), out_n)?;
                 let post = self.stage_buf(s, &format!("post{}", i + 1), out_n)?;
                 if self.fusion.enabled {
-                    steps.push(self.layer(&name, layer, src, Epilogue::StoreAct {
-                        pre: Some(pre),
-                        dst: post,
-                        act,
-                    })?);
+                    steps.push(self.layer(
+                        &name,
+                        layer,
+                        src,
+                        Epilogue::StoreAct {
+                            pre: Some(pre),
+                            dst: post,
+                            act,
+                        },
+                    )?);
                 } else {
-                    steps.push(self.layer(&name, layer, src, Epilogue::Store { dst: pre.clone() })?);
-                    steps.push(self.act_kernel(&format!("{name}.act"), out_n, &pre, &post, &act)?);
+                    steps.push(self.layer(
+                        &name,
+                        layer,
+                        src,
+                        Epilogue::Store { dst: pre.clone() },
+                    )?);
+                    steps.push(self.act_kernel(
+                        &format!("{name}.act"),
+                        out_n,
+                        &pre,
+                        &post,
+                        &act,
+                    )?);
                 }
                 continue;
             }
@@ -522,11 +560,14 @@ impl<'a> Lowering<'a> {
                     };
                     self.weight(&param_name(an, "log_scale"))?;
                     self.weight(&param_name(an, "bias"))?;
-                    Some((next_ix, NextActNorm {
-                        log_scale: param_name(an, "log_scale"),
-                        bias: param_name(an, "bias"),
-                        lead,
-                    }))
+                    Some((
+                        next_ix,
+                        NextActNorm {
+                            log_scale: param_name(an, "log_scale"),
+                            bias: param_name(an, "bias"),
+                            lead,
+                        },
+                    ))
                 }
                 _ => None,
             };
@@ -535,18 +576,22 @@ impl<'a> Lowering<'a> {
                     Some((next_ix, n)) => (self.val(next_ix)?, Some(n)),
                     None => (self.val(blk.residual)?, None),
                 };
-                steps.push(self.layer(&name, layer, src, Epilogue::Residual {
-                    res: a.clone(),
-                    dst,
-                    next,
-                })?);
+                steps.push(self.layer(
+                    &name,
+                    layer,
+                    src,
+                    Epilogue::Residual {
+                        res: a.clone(),
+                        dst,
+                        next,
+                    },
+                )?);
             } else {
                 let gout = self.stage_buf(s, "gout", out_n)?;
                 steps.push(self.layer(&name, layer, src, Epilogue::Store { dst: gout.clone() })?);
                 let y = self.val(blk.residual)?;
-                let body = format!(
-                    "    let o = sample * {out_n}u + i;\n    dst[o] = res[o] + gout[o];"
-                );
+                let body =
+                    format!("    let o = sample * {out_n}u + i;\n    dst[o] = res[o] + gout[o];");
                 steps.push(self.eltwise(
                     &format!("fwd.{}.residual", fb.name),
                     out_n,
@@ -648,10 +693,13 @@ impl<'a> Lowering<'a> {
                 epilogue,
             };
             if i > 0 {
-                let act = fb.layers[i - 1].act_after.clone().ok_or_else(|| Error::Codegen {
-                    context: layer.node.clone(),
-                    message: "inner layer without activation".into(),
-                })?;
+                let act = fb.layers[i - 1]
+                    .act_after
+                    .clone()
+                    .ok_or_else(|| Error::Codegen {
+                        context: layer.node.clone(),
+                        message: "inner layer without activation".into(),
+                    })?;
                 let pre = self.stage_buf(s, &format!("pre{i}"), in_n)?;
                 let dst = self.stage_buf(s, &format!("g{i}"), in_n)?;
                 if self.fusion.enabled {
@@ -663,11 +711,14 @@ impl<'a> Lowering<'a> {
                 }
             } else if self.fusion.enabled {
                 let mask = fb.lead_act.clone().map(|act| (a.clone(), act));
-                term.push(self.conv(&name, conv(Epilogue::VjpDot {
-                    mask,
-                    dst: w.clone(),
-                    ld: ld.clone(),
-                }))?);
+                term.push(self.conv(
+                    &name,
+                    conv(Epilogue::VjpDot {
+                        mask,
+                        dst: w.clone(),
+                        ld: ld.clone(),
+                    }),
+                )?);
             } else {
                 match fb.lead_act.clone() {
                     Some(act) => {
@@ -719,7 +770,15 @@ impl<'a> Lowering<'a> {
     }
 
     /// `dst = src * act'(pre)` elementwise (unfused plans).
-    fn mask(&mut self, name: &str, n: usize, src: &str, pre: &str, dst: &str, a: &ActRef) -> Result<Step> {
+    fn mask(
+        &mut self,
+        name: &str,
+        n: usize,
+        src: &str,
+        pre: &str,
+        dst: &str,
+        a: &ActRef,
+    ) -> Result<Step> {
         let body = format!(
             "    let o = sample * {n}u + i;\n    dst[o] = src[o] * dact_{}(pre[o], beta);",
             act_suffix(a.act)
@@ -737,7 +796,7 @@ impl<'a> Lowering<'a> {
         )
     }
 
-    fn bn_bindings(&mut self, bn: &str) -> Result<(Vec<Binding>, String)> {
+    fn bn_bindings(&mut self, bn: &str) -> Result<Vec<Binding>> {
         let mut v = Vec::new();
         for (var, suffix) in [
             ("bn_w", "weight"),
@@ -749,7 +808,7 @@ impl<'a> Lowering<'a> {
             self.weight(&t)?;
             v.push(Binding::read(var, t));
         }
-        Ok((v, String::new()))
+        Ok(v)
     }
 
     fn batchnorm(&mut self, name: &str, ix: NodeIndex, input: NodeIndex, eps: f64) -> Result<Step> {
@@ -757,7 +816,7 @@ impl<'a> Lowering<'a> {
         let (src, dst) = (self.val(input)?, self.val(ix)?);
         let d = self.elems(ix);
         let hw = spatial(&n.shape);
-        let (mut bindings, _) = self.bn_bindings(&n.name)?;
+        let mut bindings = self.bn_bindings(&n.name)?;
         bindings.insert(0, Binding::read("src", src));
         bindings.insert(1, Binding::write("dst", dst));
         let body = format!(
@@ -787,7 +846,7 @@ impl<'a> Lowering<'a> {
                 let mut expr = "x".to_string();
                 let mut setup = String::new();
                 if let Op::BatchNorm { eps } = g.node(first).op {
-                    let (bn, _) = self.bn_bindings(&chain[0])?;
+                    let bn = self.bn_bindings(&chain[0])?;
                     bindings.extend(bn);
                     setup = format!(
                         "    let scale = bn_w[i] / sqrt(bn_var[i] + {});\n    let shift = bn_b[i] - bn_mean[i] * scale;\n",
@@ -824,7 +883,9 @@ impl<'a> Lowering<'a> {
     pub fn inverse(&mut self) -> Result<Vec<Step>> {
         let g = self.g;
         let d_in = g.input_dim();
-        let x_out = self.b.buffer(names::X_OUT, d_in, true, BufferInit::Output)?;
+        let x_out = self
+            .b
+            .buffer(names::X_OUT, d_in, true, BufferInit::Output)?;
         let mut steps = Vec::new();
         let latent_off = self.latent_offsets();
         // The value of each node while walking backwards.
@@ -843,7 +904,13 @@ impl<'a> Lowering<'a> {
         for (&l, &off) in &latent_off {
             let z = self.z_loc(names::Z_IN, off, BufferInit::Input)?;
             if matches!(g.node(l).op, Op::SliceChannels { .. }) {
-                val.insert(l, Loc { stride: z.stride, ..z });
+                val.insert(
+                    l,
+                    Loc {
+                        stride: z.stride,
+                        ..z
+                    },
+                );
             } else {
                 let dst = inv_val(self, l)?;
                 let name = format!("inv.latent.{}", g.node(l).name);
@@ -973,15 +1040,31 @@ impl<'a> Lowering<'a> {
                 })?;
                 let post = self.stage_buf(s, &format!("post{}", i + 1), out_n)?;
                 if self.fusion.enabled {
-                    iteration.push(self.layer(&name, layer, src, Epilogue::StoreAct {
-                        pre: None,
-                        dst: post,
-                        act,
-                    })?);
+                    iteration.push(self.layer(
+                        &name,
+                        layer,
+                        src,
+                        Epilogue::StoreAct {
+                            pre: None,
+                            dst: post,
+                            act,
+                        },
+                    )?);
                 } else {
                     let pre = self.stage_buf(s, &format!("pre{}", i + 1), out_n)?;
-                    iteration.push(self.layer(&name, layer, src, Epilogue::Store { dst: pre.clone() })?);
-                    iteration.push(self.act_kernel(&format!("{name}.act"), out_n, &pre, &post, &act)?);
+                    iteration.push(self.layer(
+                        &name,
+                        layer,
+                        src,
+                        Epilogue::Store { dst: pre.clone() },
+                    )?);
+                    iteration.push(self.act_kernel(
+                        &format!("{name}.act"),
+                        out_n,
+                        &pre,
+                        &post,
+                        &act,
+                    )?);
                 }
                 continue;
             }
@@ -993,14 +1076,24 @@ impl<'a> Lowering<'a> {
                     }),
                     _ => None,
                 };
-                iteration.push(self.layer(&name, layer, src, Epilogue::FixedPoint {
-                    target: y.to_string(),
-                    dst: x.clone(),
-                    lead,
-                })?);
+                iteration.push(self.layer(
+                    &name,
+                    layer,
+                    src,
+                    Epilogue::FixedPoint {
+                        target: y.to_string(),
+                        dst: x.clone(),
+                        lead,
+                    },
+                )?);
             } else {
                 let gout = self.stage_buf(s, "gout", out_n)?;
-                iteration.push(self.layer(&name, layer, src, Epilogue::Store { dst: gout.clone() })?);
+                iteration.push(self.layer(
+                    &name,
+                    layer,
+                    src,
+                    Epilogue::Store { dst: gout.clone() },
+                )?);
                 let body = format!("    let o = sample * {d}u + i;\n    dst[o] = yt[o] - gout[o];");
                 iteration.push(self.eltwise(
                     &format!("{prefix}.step"),
@@ -1014,7 +1107,13 @@ impl<'a> Lowering<'a> {
                     &body,
                 )?);
                 if let (Some(act), Some(lead)) = (&fb.lead_act, &lead_buf) {
-                    iteration.push(self.act_kernel(&format!("{prefix}.lead_act"), d, &x, lead, act)?);
+                    iteration.push(self.act_kernel(
+                        &format!("{prefix}.lead_act"),
+                        d,
+                        &x,
+                        lead,
+                        act,
+                    )?);
                 }
             }
         }

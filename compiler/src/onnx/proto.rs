@@ -52,15 +52,6 @@ pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
     }
 }
 
-pub fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Float as i32,
-        f,
-        ..Default::default()
-    }
-}
-
 fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
     let dim = dims
         .iter()
