@@ -36,8 +36,9 @@ fn main() -> anyhow::Result<()> {
     println!("bundle written to {}", out.display());
 
     // The forward graph as standard ONNX.
+    let proto = iresnetc::onnx::forward(&model.graph, Default::default())?;
     let onnx = std::env::temp_dir().join("iresnetc-example.onnx");
-    iresnetc::onnx::export(&model, &onnx, &Default::default())?;
+    std::fs::write(&onnx, iresnetc::onnx::encode(&proto))?;
     println!("ONNX written to {}", onnx.display());
     Ok(())
 }
