@@ -11,7 +11,11 @@ use iresnetc::reference::{LogDetMethod, Reference};
 fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     // Parse, build the IR, initialize weights from the seed, normalize and certify.
-    let model = load_model(&root.join("models/cifar-tiny.toml"), &LoadOptions::default(), &|_, _| {})?;
+    let model = load_model(
+        &root.join("models/cifar-tiny.toml"),
+        &LoadOptions::default(),
+        &|_, _| {},
+    )?;
     println!(
         "{}: {} parameters, largest certified block Lipschitz bound {:.4}",
         model.graph.spec.name,
@@ -22,13 +26,25 @@ fn main() -> anyhow::Result<()> {
     // Forward with the model file's log-det estimator, then invert.
     let r = Reference::new(&model.graph);
     let x: Vec<Vec<f64>> = (0..2)
-        .map(|s| (0..model.graph.input_dim()).map(|i| ((i * 7 + s * 3) % 11) as f64 / 11.0).collect())
+        .map(|s| {
+            (0..model.graph.input_dim())
+                .map(|i| ((i * 7 + s * 3) % 11) as f64 / 11.0)
+                .collect()
+        })
         .collect();
     let method = LogDetMethod::from_spec(&model.graph.spec.logdet);
     let fwd = r.forward(&x, &method)?;
     let (back, stats) = r.inverse(&fwd.outputs)?;
-    let err = x.iter().flatten().zip(back.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    println!("log-det {:?}; inverse: {} iterations max, |x - inverse(z)| = {err:.2e}", fwd.logdet, stats.max_iters);
+    let err = x
+        .iter()
+        .flatten()
+        .zip(back.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    println!(
+        "log-det {:?}; inverse: {} iterations max, |x - inverse(z)| = {err:.2e}",
+        fwd.logdet, stats.max_iters
+    );
 
     // A bundle for the GPU runtime (WGSL + plan + normalized weights + ONNX).
     let out = std::env::temp_dir().join("iresnetc-example-bundle");

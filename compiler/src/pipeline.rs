@@ -56,6 +56,43 @@ pub fn load_spec(
     })
 }
 
+/// Loads a compiled bundle's model: its `model.toml`, its (already
+/// normalized) weights and the certificate stored in `report.json`, without
+/// running the Lipschitz pass again. Falls back to certifying when the report
+/// is missing or unreadable.
+pub fn load_bundle(dir: &Path, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Model> {
+    let spec = ModelSpec::from_file(&dir.join("model.toml"))?;
+    let weights = dir.join("weights.safetensors");
+    let stored = std::fs::read_to_string(dir.join("report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| serde_json::from_value::<LipschitzReport>(v.get("lipschitz")?.clone()).ok());
+    let Some(lipschitz) = stored else {
+        return load_spec(
+            spec,
+            &LoadOptions {
+                weights: Some(&weights),
+                seed: None,
+            },
+            progress,
+        );
+    };
+    let mut graph = ir::build(&spec)?;
+    graph.params = weights::load(&graph, &weights)?;
+    let shapes = passes::infer_shapes(&mut graph)?;
+    if lipschitz.blocks.len() != graph.blocks.len() || !(lipschitz.max_block_bound < 1.0) {
+        return Err(crate::Error::WeightsFile {
+            file: dir.join("report.json"),
+            reason: "the stored certificate does not match the bundle's model".into(),
+        });
+    }
+    Ok(Model {
+        graph,
+        shapes,
+        lipschitz,
+    })
+}
+
 /// Cost and certificate summary (what `iresnetc inspect --json` prints and
 /// what a bundle's report.json holds).
 #[derive(Clone, Debug, Serialize)]

@@ -447,9 +447,11 @@ def main() -> int:
                     help="iresnetc backend to compare with (default cpu: the f64 reference executor)")
     ap.add_argument("--tol", type=float, default=1e-4, help="max |err| / max(1, |ref|) allowed (default 1e-4)")
     ap.add_argument("--logdet", choices=["auto", "exact", "off"], default="auto",
-                    help="exact log-det check: auto = when every block has dimension <= --exact-max-dim")
-    ap.add_argument("--exact-max-dim", type=int, default=4096,
-                    help="largest block dimension for the exact log-det under --logdet auto (iresnetc's own limit is 4096)")
+                    help="exact log-det check: auto = when the block dimensions sum to <= --exact-budget")
+    ap.add_argument("--exact-budget", type=int, default=4096,
+                    help="--logdet auto checks the exact log-det when the block dimensions sum to at most this"
+                         " (Jacobian rows, i.e. vjps, per sample; default 4096: toy2d, cifar-tiny, cifar-block yes,"
+                         " cifar/mnist no). iresnetc itself refuses blocks above 4096 dimensions")
     ap.add_argument("--jac-chunk", type=int, default=256, help="vjps per batch when building a Jacobian")
     ap.add_argument("--reps", type=int, default=10, help="timed PyTorch repetitions (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -471,6 +473,7 @@ def main() -> int:
 
     model_path = args.model
     weights = args.weights
+    run_target = [str(args.model)] + (["--weights", str(weights)] if weights else [])
     if model_path.is_dir():
         toml = model_path / "model.toml"
         if not toml.is_file():
@@ -533,14 +536,18 @@ def main() -> int:
         np.save(x_path, x_np)
         x = torch.from_numpy(x_np)
 
-        max_dim = max(model.block_dims)
-        do_logdet = is_flow and (args.logdet == "exact" or (args.logdet == "auto" and max_dim <= args.exact_max_dim))
+        vjps = sum(model.block_dims)
+        # iresnetc's exact estimator runs on the cpu backend (tract: 2-D blocks only, wgpu: none).
+        backend_exact = args.backend == "cpu" or (args.backend == "tract" and max(model.block_dims) <= 2)
+        do_logdet = is_flow and (args.logdet == "exact" or
+                                 (args.logdet == "auto" and vjps <= args.exact_budget and backend_exact))
 
         # iresnetc: with the exact log-det (if checked), and z alone (timed).
         z_path, ld_path = work / "z.npy", work / "ld.npy"
         mode = "forward" if is_flow else "classify"
-        base = [str(exe), "run", str(model_path), "--backend", args.backend, "--mode", mode,
-                "--input", str(x_path), "--weights", str(weights)]
+        if not args.model.is_dir():  # a bundle directory is run as it is (its plan, ONNX and weights)
+            run_target = [str(model_path), "--weights", str(weights)]
+        base = [str(exe), "run", *run_target, "--backend", args.backend, "--mode", mode, "--input", str(x_path)]
         t_ir_ld = None
         if do_logdet:
             t_ir_ld, _ = run_cmd(base + ["--output", str(z_path), "--logdet-out", str(ld_path), "--estimator", "exact"],
@@ -601,8 +608,13 @@ def main() -> int:
             print(f"  log-det (exact, per sample, range {ld_ir.min():.4f} .. {ld_ir.max():.4f}): "
                   f"max abs err {la:.3e}, max rel err {lr:.3e}")
         elif is_flow:
-            print(f"  log-det: not checked (largest block dimension {max_dim} > --exact-max-dim {args.exact_max_dim}"
-                  if args.logdet == "auto" else "  log-det: not checked (--logdet off)")
+            if args.logdet == "off":
+                print("  log-det: not checked (--logdet off)")
+            elif not backend_exact:
+                print(f"  log-det: not checked (iresnetc's exact estimator does not run on --backend {args.backend})")
+            else:
+                print(f"  log-det: not checked (block dimensions sum to {vjps} > --exact-budget {args.exact_budget};"
+                      " --logdet exact forces it)")
         if sigma_rel:
             w = res["sigma_check"]
             print(f"  sigma: PyTorch power iteration vs iresnetc estimate, max rel diff {w['max_rel_diff']:.2e} "
@@ -615,8 +627,8 @@ def main() -> int:
                   " OMP_WAIT_POLICY=PASSIVE or --threads 1")
         print(f"    PyTorch f32 forward ({what}), median of {args.reps} after {args.warmup} warm-up: {fmt_s(t_pt)}")
         print(f"    iresnetc run --backend {args.backend} ({what}), wall time of the whole command: {fmt_s(t_ir)}"
-              f"   [includes process start, weight load, Lipschitz certification (`iresnetc inspect` alone:"
-              f" {fmt_s(t_inspect)})" + (", f64 reference arithmetic]" if args.backend == "cpu" else "]"))
+              f"   [includes process start and loading; `iresnetc inspect` (load + Lipschitz certification) alone:"
+              f" {fmt_s(t_inspect)}" + ("; f64 reference arithmetic]" if args.backend == "cpu" else "]"))
         print(f"    ratio iresnetc wall / PyTorch forward: {t_ir / t_pt:.1f}x")
         if do_logdet:
             print(f"    exact log-det: PyTorch f64 (d vjps + slogdet, one run) {fmt_s(t_pt_ld)}; "

@@ -156,7 +156,12 @@ impl GpuExecutor {
             // Kernels that differ only in the buffers they bind (every block of a stage) share
             // one pipeline: compiling a shader is the expensive part (seconds on lavapipe for
             // a big model), bind groups stay per kernel.
-            let key = (decl.file.clone(), decl.entry.clone(), decl.workgroup_size, read_only);
+            let key = (
+                decl.file.clone(),
+                decl.entry.clone(),
+                decl.workgroup_size,
+                read_only,
+            );
             let kernel = match pipelines.get(&key) {
                 Some(k) => Kernel::clone(k),
                 None => {

@@ -84,7 +84,9 @@ fn flops(m: &Model, inverse_iters: &[usize]) -> Flops {
         forward: 2.0 * g.forward_macs() as f64,
         logdet_extra: 2.0 * (ld.terms * ld.probes) as f64 * branch,
         inverse: (0..g.blocks.len())
-            .map(|b| 2.0 * inverse_iters.get(b).copied().unwrap_or(1) as f64 * g.block_macs(b) as f64)
+            .map(|b| {
+                2.0 * inverse_iters.get(b).copied().unwrap_or(1) as f64 * g.block_macs(b) as f64
+            })
             .sum(),
     }
 }
@@ -92,7 +94,10 @@ fn flops(m: &Model, inverse_iters: &[usize]) -> Flops {
 pub fn run(a: &BenchArgs) -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let models = if a.model.is_empty() {
-        vec![root.join("models/cifar-block.toml"), root.join("models/cifar.toml")]
+        vec![
+            root.join("models/cifar-block.toml"),
+            root.join("models/cifar.toml"),
+        ]
     } else {
         a.model.clone()
     };
@@ -118,18 +123,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             .map(|b| b.inverse_iters.min(g.spec.inverse.max_iters))
             .collect();
         let f = flops(&m, &iters);
-        let mut push = |entry: &str, backend: &str, dispatches: Option<usize>, secs: f64, flops: f64| {
-            rows.push(Row {
-                model: name.clone(),
-                entry: entry.to_string(),
-                backend: backend.to_string(),
-                batch,
-                dispatches,
-                median_ms: secs * 1e3,
-                ms_per_image: secs * 1e3 / batch as f64,
-                gflops: flops * batch as f64 / secs / 1e9,
-            });
-        };
+        let mut push =
+            |entry: &str, backend: &str, dispatches: Option<usize>, secs: f64, flops: f64| {
+                rows.push(Row {
+                    model: name.clone(),
+                    entry: entry.to_string(),
+                    backend: backend.to_string(),
+                    batch,
+                    dispatches,
+                    median_ms: secs * 1e3,
+                    ms_per_image: secs * 1e3 / batch as f64,
+                    gflops: flops * batch as f64 / secs / 1e9,
+                });
+            };
         let entries: Vec<(&str, f64)> = if flow {
             vec![
                 ("forward", f.forward),
@@ -141,7 +147,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         };
 
         if let Some(dev) = &dev {
-            let tiling = if dev.adapter().is_software { Tiling::CPU } else { Tiling::GPU };
+            let tiling = if dev.adapter().is_software {
+                Tiling::CPU
+            } else {
+                Tiling::GPU
+            };
             for fuse in [true, false] {
                 let label = if fuse { "wgpu fused" } else { "wgpu unfused" };
                 let (bundle, _) = codegen::compile_in_memory(&m, &CodegenOptions { fuse, tiling })?;
@@ -153,17 +163,29 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                         "inverse" => codegen::entries::INVERSE,
                         _ => codegen::entries::CLASSIFY,
                     };
-                    let Some(ep) = bundle.plan.entry_points.get(plan_entry) else { continue };
+                    let Some(ep) = bundle.plan.entry_points.get(plan_entry) else {
+                        continue;
+                    };
                     let data: Vec<(String, Vec<f32>)> = ep
                         .inputs
                         .iter()
                         .map(|io| {
                             let per = io.shape.iter().product::<usize>();
-                            let per_sample = bundle.plan.buffer(&io.buffer).map(|b| b.per_sample).unwrap_or(true);
-                            (io.name.clone(), random(if per_sample { per * batch } else { per }, 7))
+                            let per_sample = bundle
+                                .plan
+                                .buffer(&io.buffer)
+                                .map(|b| b.per_sample)
+                                .unwrap_or(true);
+                            (
+                                io.name.clone(),
+                                random(if per_sample { per * batch } else { per }, 7),
+                            )
                         })
                         .collect();
-                    let inputs: Vec<(&str, &[f32])> = data.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+                    let inputs: Vec<(&str, &[f32])> = data
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_slice()))
+                        .collect();
                     let secs = time(a.samples, || {
                         ex.run(plan_entry, batch, &inputs)?;
                         Ok(())
@@ -175,7 +197,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
 
         if a.backends.iter().any(|b| b == "tract") {
-            let dir = std::env::temp_dir().join(format!("iresnetc-bench-{}-{}", name, std::process::id()));
+            let dir = std::env::temp_dir().join(format!(
+                "iresnetc-bench-{}-{}",
+                name,
+                std::process::id()
+            ));
             std::fs::create_dir_all(&dir)?;
             iresnetc::onnx::write_bundle_graphs(&m, &dir)?;
             let tb = iresnetc_runtime::tract::TractBundle::open(&dir)?;
@@ -191,7 +217,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 push("forward", "tract", None, t.median_s, f.forward);
                 let fl = tb.forward_logdet(batch)?;
                 let t = iresnetc_runtime::tract::time_graph(&fl, &[&x, &probes], 1, a.samples)?;
-                push("forward+logdet", "tract", None, t.median_s, f.forward + f.logdet_extra);
+                push(
+                    "forward+logdet",
+                    "tract",
+                    None,
+                    t.median_s,
+                    f.forward + f.logdet_extra,
+                );
                 let inv = tb.inverse(batch)?;
                 let t = iresnetc_runtime::tract::time_graph(&inv, &[&z], 1, a.samples)?;
                 push("inverse", "tract", None, t.median_s, f.inverse);
@@ -206,27 +238,51 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         if a.backends.iter().any(|b| b == "cpu") {
             let r = Reference::new(g);
             let xs: Vec<Vec<f64>> = (0..batch)
-                .map(|s| random(g.input_dim(), 10 + s as u64).iter().map(|&v| v as f64).collect())
+                .map(|s| {
+                    random(g.input_dim(), 10 + s as u64)
+                        .iter()
+                        .map(|&v| v as f64)
+                        .collect()
+                })
                 .collect();
             // The reference is slow on the big models: one timed run there.
-            let samples = if g.param_count() > 5_000_000 { 1 } else { a.samples.min(3) };
+            let samples = if g.param_count() > 5_000_000 {
+                1
+            } else {
+                a.samples.min(3)
+            };
             let secs = time(samples, || {
                 r.forward(&xs, &LogDetMethod::None)?;
                 Ok(())
             })?;
-            push(entries[0].0, "cpu (f64 reference)", None, secs, entries[0].1);
+            push(
+                entries[0].0,
+                "cpu (f64 reference)",
+                None,
+                secs,
+                entries[0].1,
+            );
             if flow {
                 let method = LogDetMethod::from_spec(&g.spec.logdet);
                 let secs = time(samples, || {
                     r.forward(&xs, &method)?;
                     Ok(())
                 })?;
-                push("forward+logdet", "cpu (f64 reference)", None, secs, f.forward + f.logdet_extra);
+                push(
+                    "forward+logdet",
+                    "cpu (f64 reference)",
+                    None,
+                    secs,
+                    f.forward + f.logdet_extra,
+                );
             }
         }
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows).context("serializing")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).context("serializing")?
+        );
         return Ok(());
     }
     println!(
@@ -240,7 +296,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             r.entry,
             r.backend,
             r.batch,
-            r.dispatches.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+            r.dispatches
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into()),
             r.median_ms,
             r.ms_per_image,
             r.gflops

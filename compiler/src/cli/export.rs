@@ -404,7 +404,6 @@ enum Graphs<'m> {
 enum Which {
     Forward,
     ForwardLogdet,
-    Inverse,
 }
 
 impl Graphs<'_> {
@@ -413,14 +412,8 @@ impl Graphs<'_> {
             Graphs::Bundle(b) => match which {
                 Which::Forward => b.forward(batch)?,
                 Which::ForwardLogdet => b.forward_logdet(batch)?,
-                Which::Inverse => b.inverse(batch)?,
             },
-            Graphs::Memory {
-                m,
-                style,
-                ld,
-                steps,
-            } => {
+            Graphs::Memory { m, style, ld, .. } => {
                 let g = &m.graph;
                 match which {
                     Which::Forward => TractGraph::load(
@@ -441,11 +434,6 @@ impl Graphs<'_> {
                             "forward_logdet",
                         )?
                     }
-                    Which::Inverse => TractGraph::load(
-                        &onnx::encode(&onnx::inverse(g, steps, *style)?),
-                        &[vec![batch, g.latent_dim()]],
-                        "inverse",
-                    )?,
                 }
             }
         })
@@ -636,14 +624,15 @@ pub fn run_tract(a: &RunArgs) -> Result<()> {
                 }
                 prior_samples(g, a.num, probe_seed)
             };
-            let outs = run_chunked(&graphs, Which::Inverse, &zs, &none)?;
-            npy::write(&a.output, &outs[0], &in_shape, false)?;
             let steps = match &graphs {
                 Graphs::Bundle(b) => b.manifest.inverse_steps.clone(),
                 Graphs::Memory { steps, .. } => steps.clone(),
             };
+            let xs = inverse_stepwise(&m, &zs, &steps, ConvStyle::default())?;
+            npy::write(&a.output, &xs, &in_shape, false)?;
+            let outs = [xs];
             eprintln!(
-                "backend tract (CPU, f32, {source}): {} of {} samples, {}..{} unrolled fixed-point steps per block (certified)",
+                "backend tract (CPU, f32, per-block step graphs): {} of {} samples, {}..{} fixed-point steps per block (certified)",
                 if a.mode == Mode::Inverse { "inverse" } else { "samples" },
                 outs[0].len(),
                 steps.iter().min().copied().unwrap_or(0),
@@ -652,6 +641,116 @@ pub fn run_tract(a: &RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The inverse on tract, one block at a time: each block's fixed point runs
+/// `steps[b]` times through its step graph `y, x -> y - g(x)` (see
+/// [`onnx::inverse_step`]: a fully unrolled CIFAR inverse is too big for
+/// tract's optimizer); the cheap exact glue between blocks (ActNorm inverse,
+/// unsqueeze, re-joining factored-out channels) runs in f64 on the host.
+fn inverse_stepwise(
+    m: &Model,
+    zs: &[Vec<f64>],
+    steps: &[usize],
+    style: ConvStyle,
+) -> Result<Vec<Vec<f64>>> {
+    use iresnetc::ops::{actnorm, layout, Op};
+    use petgraph::stable_graph::NodeIndex;
+    let g = &m.graph;
+    let n = zs.len();
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    let mut vals: HashMap<NodeIndex, Vec<Vec<f64>>> = HashMap::new();
+    let mut off = 0;
+    for &l in &g.latents {
+        let d: usize = g.node(l).shape.iter().product();
+        vals.insert(
+            l,
+            zs.iter()
+                .map(|z| z.get(off..off + d).map(<[f64]>::to_vec).unwrap_or_default())
+                .collect(),
+        );
+        off += d;
+    }
+    let block_of_residual: HashMap<NodeIndex, usize> = g
+        .blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.residual, i))
+        .collect();
+    let mut order = g.topo_order()?;
+    order.reverse();
+    let pb = super::bar(g.blocks.len() as u64, "inverse");
+    for ix in order {
+        let node = g.node(ix);
+        if node.block.is_some() || node.op == Op::Input {
+            continue;
+        }
+        let Some(y) = vals.remove(&ix) else {
+            bail!(
+                "inverse: node `{}` has no value (graph not invertible)",
+                node.name
+            );
+        };
+        let ins = g.inputs(ix);
+        let in_shape = g.input_shape(ix);
+        let x: Vec<Vec<f64>> = match &node.op {
+            Op::Residual => {
+                let b = block_of_residual[&ix];
+                let shape = g.node(g.blocks[b].actnorm).shape.clone();
+                let graph = TractGraph::load(
+                    &onnx::encode(&onnx::inverse_step(g, b, style)?),
+                    &[batched(n, &shape), batched(n, &shape)],
+                    &g.blocks[b].name,
+                )?;
+                let y32 = flat32(&y);
+                let mut x32 = y32.clone();
+                for _ in 0..steps.get(b).copied().unwrap_or(0) {
+                    x32 = graph
+                        .run(&[&y32, &x32])?
+                        .into_iter()
+                        .next()
+                        .map(|o| o.1)
+                        .unwrap_or_default();
+                }
+                pb.inc(1);
+                let per = x32.len() / n;
+                x32.chunks(per.max(1))
+                    .map(|r| r.iter().map(|&v| v as f64).collect())
+                    .collect()
+            }
+            Op::ActNorm => y
+                .iter()
+                .map(|v| actnorm::inverse(&node.name, &g.params, v, &in_shape))
+                .collect(),
+            Op::Squeeze => y.iter().map(|v| layout::unsqueeze(v, &in_shape)).collect(),
+            Op::PadChannels { .. } => {
+                let len: usize = in_shape.iter().product();
+                y.iter().map(|v| v[..len.min(v.len())].to_vec()).collect()
+            }
+            Op::SliceChannels { start, .. } => {
+                let per: usize = in_shape[1..].iter().product::<usize>().max(1);
+                let total: usize = in_shape.iter().product();
+                let full = vals
+                    .entry(ins[0])
+                    .or_insert_with(|| vec![vec![0.0; total]; n]);
+                for (f, v) in full.iter_mut().zip(&y) {
+                    f[start * per..start * per + v.len()].copy_from_slice(v);
+                }
+                continue;
+            }
+            other => bail!(
+                "inverse: op {} `{}` has no inverse",
+                other.kind(),
+                node.name
+            ),
+        };
+        vals.insert(ins[0], x);
+    }
+    pb.finish_and_clear();
+    vals.remove(&g.input)
+        .context("inverse did not reach the input")
 }
 
 /// Prior samples exactly as the reference draws them (same seed, same streams).

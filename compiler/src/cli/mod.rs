@@ -109,7 +109,17 @@ pub(crate) fn load(model: &Path, weights: Option<&Path>, seed: Option<u64>) -> R
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     };
-    let m = pipeline::load_model(model, &LoadOptions { weights, seed }, &progress)?;
+    // A bundle (model.toml next to its own weights and report.json) carries its
+    // certificate: reuse it rather than re-running the Lipschitz pass.
+    let dir = model.parent().filter(|d| d.join("report.json").is_file());
+    let bundle = dir
+        .filter(|d| weights.is_none_or(|w| w == d.join("weights.safetensors")) && seed.is_none());
+    let m = match bundle {
+        Some(d) if model.file_name().is_some_and(|f| f == "model.toml") => {
+            pipeline::load_bundle(d, &progress)?
+        }
+        _ => pipeline::load_model(model, &LoadOptions { weights, seed }, &progress)?,
+    };
     pb.finish_and_clear();
     Ok(m)
 }
@@ -206,7 +216,11 @@ fn graph(model: &Path, dot: bool) -> Result<()> {
 
 /// The spec of a model file or of a bundle directory.
 pub(crate) fn spec_of(path: &Path) -> Result<iresnetc::spec::ModelSpec> {
-    let file = if path.is_dir() { path.join("model.toml") } else { path.to_path_buf() };
+    let file = if path.is_dir() {
+        path.join("model.toml")
+    } else {
+        path.to_path_buf()
+    };
     Ok(iresnetc::spec::ModelSpec::from_file(&file)?)
 }
 
@@ -221,11 +235,26 @@ fn random_input(model: &Path, num: usize, output: &Path, seed: u64) -> Result<()
     let rows: Vec<Vec<f64>> = (0..num)
         .map(|_| {
             (0..dim)
-                .map(|_| if pixels { (rng.uniform() * 256.0).floor().min(255.0) / 255.0 } else { rng.normal() })
+                .map(|_| {
+                    if pixels {
+                        (rng.uniform() * 256.0).floor().min(255.0) / 255.0
+                    } else {
+                        rng.normal()
+                    }
+                })
                 .collect()
         })
         .collect();
     iresnetc::npy::write(output, &rows, &spec.input, true)?;
-    eprintln!("wrote {num} x {:?} ({}) to {}", spec.input, if pixels { "8-bit pixels in [0, 1]" } else { "standard normal" }, output.display());
+    eprintln!(
+        "wrote {num} x {:?} ({}) to {}",
+        spec.input,
+        if pixels {
+            "8-bit pixels in [0, 1]"
+        } else {
+            "standard normal"
+        },
+        output.display()
+    );
     Ok(())
 }

@@ -11,7 +11,7 @@ use iresnetc_runtime::rng::{probe_vector, streams, Rng};
 
 use super::lower::LogDetLayout;
 use crate::error::{Error, Result};
-use crate::reference::LogDetMethod;
+use crate::reference::{draw, survival, LogDetMethod};
 use crate::spec::{ProbeKind, RouletteDist};
 
 /// Probes for samples `first..first + batch` of an array (the index is the stream's sample).
@@ -85,46 +85,8 @@ pub fn roulette_coefs(
     Ok(out)
 }
 
-/// The reference's draw of N (`reference/logdet.rs`, private there): same stream, same
-/// algorithm, so GPU and reference use the same number of terms.
-fn draw(dist: RouletteDist, param: f64, rng: &mut Rng) -> usize {
-    match dist {
-        RouletteDist::Geometric => {
-            let mut n = 0;
-            while rng.uniform() >= param && n < 10_000 {
-                n += 1;
-            }
-            n
-        }
-        RouletteDist::Poisson => {
-            let l = (-param).exp();
-            let (mut k, mut prod) = (0usize, rng.uniform());
-            while prod > l && k < 10_000 {
-                k += 1;
-                prod *= rng.uniform();
-            }
-            k
-        }
-    }
-}
-
-/// `P(N >= m)`, as `reference/logdet.rs` computes it (not exported there).
-fn survival(dist: RouletteDist, param: f64, m: usize) -> f64 {
-    match dist {
-        RouletteDist::Geometric => (1.0 - param).powi(m as i32),
-        RouletteDist::Poisson => {
-            let mut pmf = (-param).exp();
-            let mut cdf = 0.0;
-            for j in 0..m {
-                if j > 0 {
-                    pmf *= param / j as f64;
-                }
-                cdf += pmf;
-            }
-            (1.0 - cdf).max(f64::MIN_POSITIVE)
-        }
-    }
-}
+/// Entry point, `coef` input, probe seed and probe kind of a log-det run.
+pub type LogDetInputs = (&'static str, Vec<f32>, u64, ProbeKind);
 
 /// The entry point and `coef` input for a log-det method on a batch; `None` for methods the
 /// GPU plan does not run (exact, none).
@@ -132,7 +94,7 @@ pub fn coefs_for(
     layout: &LogDetLayout,
     method: &LogDetMethod,
     batch: usize,
-) -> Result<Option<(&'static str, Vec<f32>, u64, ProbeKind)>> {
+) -> Result<Option<LogDetInputs>> {
     Ok(match *method {
         LogDetMethod::Series {
             terms, kind, seed, ..

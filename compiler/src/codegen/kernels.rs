@@ -470,10 +470,10 @@ fn conv1x1_vec4(
     let fits = c.geom.k == 1
         && c.geom.stride == 1
         && c.geom.pad == 0
-        && ohw % 4 == 0
-        && tc % 4 == 0
-        && cout % tc == 0
-        && cin % 4 == 0;
+        && ohw.is_multiple_of(4)
+        && tc.is_multiple_of(4)
+        && cout.is_multiple_of(tc)
+        && cin.is_multiple_of(4);
     if !fits {
         return Ok(None);
     }

@@ -213,6 +213,7 @@ impl<'a> Lowering<'a> {
 
     /// Copies `n` elements per sample, `dst[map_dst(i)] = src[map_src(i)]`; the maps are WGSL
     /// expressions in `i` (per-sample indices, offsets added here).
+    #[allow(clippy::too_many_arguments)]
     fn gather(
         &mut self,
         name: &str,

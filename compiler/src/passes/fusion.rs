@@ -219,16 +219,15 @@ fn match_head(g: &Graph) -> Option<Vec<String>> {
         let ins = g.inputs(cur);
         let &[prev] = ins.as_slice() else { break };
         let single_consumer = g.dag.neighbors_directed(prev, Direction::Outgoing).count() == 1;
-        let fits = match (&g.node(prev).op, chain.len()) {
+        let fits = matches!(
+            (&g.node(prev).op, chain.len()),
             (
                 Op::Act {
-                    act: Activation::Relu,
+                    act: Activation::Relu
                 },
-                1,
-            ) => true,
-            (Op::BatchNorm { .. }, 2) => true,
-            _ => false,
-        };
+                1
+            ) | (Op::BatchNorm { .. }, 2)
+        );
         if !fits || !single_consumer {
             break;
         }

@@ -12,14 +12,14 @@
 //!    which must be < 1; from it the fixed-point iterations that the inverse
 //!    needs (Banach) and the truncation error of the log-det series.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::ops::{param_name, Op};
 use crate::spectral;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerReport {
     pub name: String,
     pub kind: String,
@@ -27,13 +27,13 @@ pub struct LayerReport {
     pub sigma_estimate: f64,
     pub power_iterations: usize,
     pub converged: bool,
-    /// The factor the weight (and bias) was divided by (>= 1).
+    /// The factor the weight was divided by (>= 1); the bias is left as is.
     pub scale: f64,
     /// Certified upper bound of the operator norm after scaling.
     pub certified_bound: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BlockReport {
     pub name: String,
     /// Product of the layers' certified bounds: Lip(g) <= this.
@@ -48,13 +48,16 @@ pub struct BlockReport {
     pub macs: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LipschitzReport {
     pub coeff: f64,
     pub layers: Vec<LayerReport>,
     pub blocks: Vec<BlockReport>,
     pub max_block_bound: f64,
 }
+
+/// Relative slack of the soft scaling: `sigma <= c (1 + this)` counts as normalized.
+pub const ALREADY_NORMALIZED: f64 = 1e-6;
 
 /// Iterations n with `L^n / (1 - L) * first_step <= tol`: after n steps of the
 /// fixed point started at `x_0 = y`, the distance to the true inverse is below `tol`.
@@ -244,7 +247,17 @@ fn layer(
         }
         _ => unreachable!("only linear layers are normalized"),
     };
-    let scale = (est.sigma / coeff).max(1.0);
+    // Weights that are already normalized (a bundle's, or PyTorch's after
+    // spectral_norm) come back through f32 with sigma a few ulps above c;
+    // rescaling them by 1 + 1e-9 would only churn them, so within
+    // ALREADY_NORMALIZED of c they are left as they are. The certificate below
+    // uses the weights as they end up, so nothing is assumed.
+    let ratio = est.sigma / coeff;
+    let scale = if ratio > 1.0 + ALREADY_NORMALIZED {
+        ratio
+    } else {
+        1.0
+    };
     let scaled: Vec<f64> = w.iter().map(|v| v / scale).collect();
     LayerReport {
         name: name.to_string(),
@@ -260,7 +273,14 @@ fn layer(
 /// Estimate for a `[fout, fin]` matrix: Lanczos-accelerated power iteration
 /// from a seeded random start (a few dozen matrix-vector products, far cheaper
 /// than the SVD that certifies the bound).
-fn matrix_estimate(fin: usize, fout: usize, w: &[f64], tol: f64, max_iters: usize, seed: u64) -> spectral::PowerIteration {
+fn matrix_estimate(
+    fin: usize,
+    fout: usize,
+    w: &[f64],
+    tol: f64,
+    max_iters: usize,
+    seed: u64,
+) -> spectral::PowerIteration {
     spectral::lanczos_sigma(
         fin,
         fout,

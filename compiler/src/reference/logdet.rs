@@ -120,7 +120,7 @@ fn hutchinson(
 }
 
 /// Draws the number of extra terms N (N >= 0).
-fn draw(dist: RouletteDist, param: f64, rng: &mut Rng) -> usize {
+pub fn draw(dist: RouletteDist, param: f64, rng: &mut Rng) -> usize {
     match dist {
         // P(N = m) = p (1-p)^m.
         RouletteDist::Geometric => {

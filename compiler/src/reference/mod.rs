@@ -6,7 +6,7 @@
 
 mod logdet;
 
-pub use logdet::{exact_block_logdet, series_exact_traces, LogDetMethod};
+pub use logdet::{draw, exact_block_logdet, series_exact_traces, survival, LogDetMethod};
 
 use std::collections::HashMap;
 
