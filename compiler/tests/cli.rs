@@ -349,3 +349,49 @@ fn inspect_reports_certificate() {
     assert!(max > 0.0 && max < 1.0, "{max}");
     assert_eq!(v["lipschitz"]["blocks"].as_array().unwrap().len(), 6);
 }
+
+/// The CLI runs the reference in chunks; probes depend on the sample's index in
+/// the whole array, so the log-det equals one library call over all samples.
+#[test]
+fn chunked_logdet_matches_one_call() {
+    let d = tmpdir("chunks");
+    let model = models().join("cifar-tiny.toml");
+    let m = iresnetc::pipeline::load_model(&model, &Default::default(), &|_, _| {}).unwrap();
+    let xs: Vec<Vec<f64>> = (0..6)
+        .map(|s| {
+            (0..m.graph.input_dim())
+                .map(|i| ((i * 13 + s * 7) % 17) as f64 / 17.0)
+                .collect()
+        })
+        .collect();
+    let xin = d.join("x.npy");
+    iresnetc::npy::write(&xin, &xs, &m.graph.spec.input, false).unwrap();
+    let out = d.join("ld.npy");
+    let st = bin()
+        .args([
+            "run",
+            model.to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--mode",
+            "logdet",
+        ])
+        .args([
+            "--input",
+            xin.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let got = read(&out, &[]);
+    let method = iresnetc::reference::LogDetMethod::from_spec(&m.graph.spec.logdet);
+    let want = iresnetc::reference::Reference::new(&m.graph)
+        .forward(&xs, &method)
+        .unwrap()
+        .logdet;
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g[0] - w).abs() < 1e-12, "{} vs {w}", g[0]);
+    }
+}

@@ -119,8 +119,12 @@ fn series(g: &Graph) -> (LogDetExport, LogDetMethod, u64) {
 fn check_flow(m: &Model, batch: usize, inv_steps: Option<usize>) {
     let g = &m.graph;
     let xs = common::inputs(batch, g.input_dim(), 11);
-    check_forward(m, &xs, ConvStyle::Conv);
-    check_forward(m, &xs, ConvStyle::PointwiseMatMul);
+    // Every conv formulation on the small models; the big ones (slow f64
+    // reference) only in the default one, which the other graphs use too.
+    if g.forward_macs() < 1_000_000_000 {
+        check_forward(m, &xs, ConvStyle::Conv);
+        check_forward(m, &xs, ConvStyle::PointwiseMatMul);
+    }
     check_forward(m, &xs, ConvStyle::TapSum);
     let (ld, method, seed) = series(g);
     check_logdet(m, &xs, &ld, &method, seed);

@@ -29,6 +29,13 @@ pub struct BenchArgs {
     /// Backends to measure.
     #[arg(long, value_delimiter = ',', default_value = "wgpu,tract,cpu")]
     pub backends: Vec<String>,
+    /// Entry points to measure (forward, forward+logdet, inverse; classify for classifiers).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "forward,forward+logdet,inverse,classify"
+    )]
+    pub entries: Vec<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -136,6 +143,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     gflops: flops * batch as f64 / secs / 1e9,
                 });
             };
+        let wanted = |e: &str| a.entries.iter().any(|w| w == e);
         let entries: Vec<(&str, f64)> = if flow {
             vec![
                 ("forward", f.forward),
@@ -144,7 +152,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             ]
         } else {
             vec![("classify", f.forward)]
-        };
+        }
+        .into_iter()
+        .filter(|(e, _)| wanted(e))
+        .collect();
 
         if let Some(dev) = &dev {
             let tiling = if dev.adapter().is_software {

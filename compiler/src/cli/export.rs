@@ -589,7 +589,7 @@ pub fn run_tract(a: &RunArgs) -> Result<()> {
             let x = input(&in_shape, "input")?;
             let deq = g.spec.data.dequantize;
             let xs = if deq {
-                r.dequantize(&x.samples, probe_seed)
+                r.dequantize(&x.samples, probe_seed, 0)
             } else {
                 x.samples.clone()
             };

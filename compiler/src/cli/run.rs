@@ -144,13 +144,13 @@ fn run_reference(a: &RunArgs) -> Result<()> {
     let in_shape = g.spec.input.clone();
     let latent = [g.latent_dim()];
     let chunked = |xs: &[Vec<f64>],
-                   f: &dyn Fn(&[Vec<f64>]) -> iresnetc::Result<Vec<Vec<f64>>>|
+                   f: &dyn Fn(usize, &[Vec<f64>]) -> iresnetc::Result<Vec<Vec<f64>>>|
      -> Result<Vec<Vec<f64>>> {
         // Chunks of a few samples so the progress bar moves on long runs.
         let pb = bar(xs.len() as u64, "running");
         let mut out = vec![];
-        for c in xs.chunks(4) {
-            out.extend(f(c)?);
+        for (i, c) in xs.chunks(4).enumerate() {
+            out.extend(f(4 * i, c)?);
             pb.inc(c.len() as u64);
         }
         pb.finish_and_clear();
@@ -165,8 +165,8 @@ fn run_reference(a: &RunArgs) -> Result<()> {
                 LogDetMethod::None
             };
             let mut lds = vec![];
-            let outs = chunked(&x.samples, &|c| {
-                let f = r.forward(c, &method)?;
+            let outs = chunked(&x.samples, &|first, c| {
+                let f = r.forward_from(c, &method, first)?;
                 Ok(f.outputs
                     .into_iter()
                     .zip(f.logdet)
@@ -208,8 +208,8 @@ fn run_reference(a: &RunArgs) -> Result<()> {
         Mode::Logdet => {
             need_flow("logdet")?;
             let x = input(&in_shape, "input")?;
-            let out = chunked(&x.samples, &|c| {
-                Ok(r.forward(c, &method)?
+            let out = chunked(&x.samples, &|first, c| {
+                Ok(r.forward_from(c, &method, first)?
                     .logdet
                     .into_iter()
                     .map(|l| vec![l])
@@ -225,8 +225,8 @@ fn run_reference(a: &RunArgs) -> Result<()> {
         Mode::Density => {
             need_flow("density")?;
             let x = input(&in_shape, "input")?;
-            let out = chunked(&x.samples, &|c| {
-                Ok(r.density(c, &method, probe_seed)?
+            let out = chunked(&x.samples, &|first, c| {
+                Ok(r.density_from(c, &method, probe_seed, first)?
                     .into_iter()
                     .map(|(l, b)| vec![l, b])
                     .collect())
@@ -256,7 +256,7 @@ fn run_reference(a: &RunArgs) -> Result<()> {
                 );
             }
             let x = input(&in_shape, "input")?;
-            let logits = chunked(&x.samples, &|c| {
+            let logits = chunked(&x.samples, &|_, c| {
                 Ok(r.forward(c, &LogDetMethod::None)?.outputs)
             })?;
             let classes = logits.first().map(|v| v.len()).unwrap_or(0);

@@ -175,6 +175,18 @@ impl<'g> Reference<'g> {
 
     /// Forward over a batch with the given log-det method.
     pub fn forward(&self, xs: &[Vec<f64>], method: &LogDetMethod) -> Result<ForwardOut> {
+        self.forward_from(xs, method, 0)
+    }
+
+    /// Forward of a slice of a larger array whose first sample has index
+    /// `first`: probes and roulette draws depend on the index within the whole
+    /// array, so running in chunks gives the same numbers as one call.
+    pub fn forward_from(
+        &self,
+        xs: &[Vec<f64>],
+        method: &LogDetMethod,
+        first: usize,
+    ) -> Result<ForwardOut> {
         self.check_batch(xs, self.g.input_dim(), "input")?;
         if matches!(method, LogDetMethod::Exact) {
             let g = self.g;
@@ -194,7 +206,7 @@ impl<'g> Reference<'g> {
             }
         }
         let results = par_map(xs.to_vec(), |i, x| {
-            self.forward_one(&x, |b, a| method.block_logdet(self, b, i, a))
+            self.forward_one(&x, |b, a| method.block_logdet(self, b, first + i, a))
         });
         let mut out = ForwardOut {
             outputs: vec![],
@@ -385,11 +397,11 @@ impl<'g> Reference<'g> {
     }
 
     /// Dequantized input for density evaluation: `(255 x + u) / 256 - 0.5`, u ~ U(0,1) seeded.
-    pub fn dequantize(&self, xs: &[Vec<f64>], seed: u64) -> Vec<Vec<f64>> {
+    pub fn dequantize(&self, xs: &[Vec<f64>], seed: u64, first: usize) -> Vec<Vec<f64>> {
         xs.iter()
             .enumerate()
             .map(|(i, x)| {
-                let mut r = Rng::for_stream(seed, &[streams::DEQUANTIZE, i as u64]);
+                let mut r = Rng::for_stream(seed, &[streams::DEQUANTIZE, (first + i) as u64]);
                 x.iter()
                     .map(|v| (255.0 * v + r.uniform()) / 256.0 - 0.5)
                     .collect()
@@ -405,6 +417,17 @@ impl<'g> Reference<'g> {
         method: &LogDetMethod,
         seed: u64,
     ) -> Result<Vec<(f64, f64)>> {
+        self.density_from(xs, method, seed, 0)
+    }
+
+    /// [`Self::density`] of a chunk starting at sample `first` (see [`Self::forward_from`]).
+    pub fn density_from(
+        &self,
+        xs: &[Vec<f64>],
+        method: &LogDetMethod,
+        seed: u64,
+        first: usize,
+    ) -> Result<Vec<(f64, f64)>> {
         if self.g.spec.kind != ModelKind::Flow {
             return Err(Error::Unsupported {
                 what: format!("model `{}`", self.g.spec.name),
@@ -413,11 +436,11 @@ impl<'g> Reference<'g> {
         }
         let deq = self.g.spec.data.dequantize;
         let inputs = if deq {
-            self.dequantize(xs, seed)
+            self.dequantize(xs, seed, first)
         } else {
             xs.to_vec()
         };
-        let fwd = self.forward(&inputs, method)?;
+        let fwd = self.forward_from(&inputs, method, first)?;
         let d = self.g.input_dim() as f64;
         Ok(fwd
             .outputs
