@@ -566,8 +566,8 @@ pub fn run_tract(a: &RunArgs) -> Result<()> {
                 npy::write(p, &lds, &[], false)?;
             }
             eprintln!(
-                "backend tract (CPU, f32, {source}): {:?} of {} samples -> {}",
-                a.mode,
+                "backend tract (CPU, f32, {source}): {} of {} samples -> {}",
+                format!("{:?}", a.mode).to_lowercase(),
                 out.len(),
                 a.output.display()
             );
