@@ -282,3 +282,26 @@ fn gpu_validation_errors_become_runtime_errors() {
     let out = exec.run("forward", 2, &[("a", &a)]).unwrap();
     assert_close(&out["y"], &cpu_forward(&a, &test_weights()), 1e-6, "y");
 }
+
+/// A device that goes away under the executor (here destroyed on purpose, the
+/// closest a test can get to a lost device) gives an error, never a panic.
+#[test]
+fn destroyed_device_is_an_error_not_a_panic() {
+    let Some(mut exec) = executor("destroyed") else {
+        return;
+    };
+    exec.device().device.destroy();
+    let a = inputs(2, 0.3);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        exec.run("forward", 2, &[("a", &a)])
+    }));
+    match outcome {
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            assert!(!msg.is_empty() && !msg.contains('\n'), "{msg}");
+            eprintln!("destroyed device: {msg}");
+        }
+        Ok(Ok(_)) => panic!("a run on a destroyed device reported success"),
+        Err(_) => panic!("a run on a destroyed device panicked"),
+    }
+}

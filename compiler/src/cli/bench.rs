@@ -208,26 +208,38 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
 
         if a.backends.iter().any(|b| b == "tract") {
-            let dir = std::env::temp_dir().join(format!(
-                "iresnetc-bench-{}-{}",
-                name,
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&dir)?;
-            iresnetc::onnx::write_bundle_graphs(&m, &dir)?;
-            let tb = iresnetc_runtime::tract::TractBundle::open(&dir)?;
+            // Export only the graphs being measured: the unrolled inverse of a
+            // big model is large, and tract's load time grows with its size.
+            use iresnetc::onnx;
+            use iresnetc_runtime::tract::{time_graph, TractGraph};
+            let style = Default::default();
+            let in_shape: Vec<usize> = std::iter::once(batch)
+                .chain(g.spec.input.iter().copied())
+                .collect();
             let x = random(batch * g.input_dim(), 3);
-            if flow {
-                let probes = random(
-                    batch * tb.manifest.probes.as_ref().map(|p| p.total).unwrap_or(0),
-                    4,
+            if wanted("forward") || wanted("classify") {
+                let bytes = onnx::encode(&onnx::forward(g, style)?);
+                let tg = TractGraph::load(&bytes, &[in_shape.clone()], "forward")?;
+                let t = time_graph(&tg, &[&x], 1, a.samples)?;
+                push(
+                    if flow { "forward" } else { "classify" },
+                    "tract",
+                    None,
+                    t.median_s,
+                    f.forward,
                 );
-                let z = random(batch * g.latent_dim(), 5);
-                let fwd = tb.forward(batch)?;
-                let t = iresnetc_runtime::tract::time_graph(&fwd, &[&x], 1, a.samples)?;
-                push("forward", "tract", None, t.median_s, f.forward);
-                let fl = tb.forward_logdet(batch)?;
-                let t = iresnetc_runtime::tract::time_graph(&fl, &[&x, &probes], 1, a.samples)?;
+            }
+            if flow && wanted("forward+logdet") {
+                let ld = onnx::LogDetExport::from_spec(g, &g.spec.logdet)?;
+                let total = ld.probe_layout(g).total;
+                let bytes = onnx::encode(&onnx::forward_logdet(g, &ld, style)?);
+                let tg = TractGraph::load(
+                    &bytes,
+                    &[in_shape.clone(), vec![batch, total]],
+                    "forward+logdet",
+                )?;
+                let probes = random(batch * total, 4);
+                let t = time_graph(&tg, &[&x, &probes], 1, a.samples)?;
                 push(
                     "forward+logdet",
                     "tract",
@@ -235,15 +247,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     t.median_s,
                     f.forward + f.logdet_extra,
                 );
-                let inv = tb.inverse(batch)?;
-                let t = iresnetc_runtime::tract::time_graph(&inv, &[&z], 1, a.samples)?;
-                push("inverse", "tract", None, t.median_s, f.inverse);
-            } else {
-                let fwd = tb.forward(batch)?;
-                let t = iresnetc_runtime::tract::time_graph(&fwd, &[&x], 1, a.samples)?;
-                push("classify", "tract", None, t.median_s, f.forward);
             }
-            let _ = std::fs::remove_dir_all(&dir);
+            if flow && wanted("inverse") {
+                let bytes = onnx::encode(&onnx::inverse(g, &iters, style)?);
+                let tg = TractGraph::load(&bytes, &[vec![batch, g.latent_dim()]], "inverse")?;
+                let z = random(batch * g.latent_dim(), 5);
+                let t = time_graph(&tg, &[&z], 1, a.samples)?;
+                push("inverse", "tract", None, t.median_s, f.inverse);
+            }
         }
 
         if a.backends.iter().any(|b| b == "cpu") {
@@ -262,18 +273,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             } else {
                 a.samples.min(3)
             };
-            let secs = time(samples, || {
-                r.forward(&xs, &LogDetMethod::None)?;
-                Ok(())
-            })?;
-            push(
-                entries[0].0,
-                "cpu (f64 reference)",
-                None,
-                secs,
-                entries[0].1,
-            );
-            if flow {
+            if wanted("forward") || wanted("classify") {
+                let secs = time(samples, || {
+                    r.forward(&xs, &LogDetMethod::None)?;
+                    Ok(())
+                })?;
+                let entry = if flow { "forward" } else { "classify" };
+                push(entry, "cpu (f64 reference)", None, secs, f.forward);
+            }
+            if flow && wanted("forward+logdet") {
                 let method = LogDetMethod::from_spec(&g.spec.logdet);
                 let secs = time(samples, || {
                     r.forward(&xs, &method)?;
