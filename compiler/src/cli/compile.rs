@@ -7,12 +7,12 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 
 use super::load;
-use super::run::{model_and_weights, EstimatorArg, Mode, RunArgs};
+use super::run::{model_and_weights, Mode, RunArgs};
 use iresnetc::bundle::{write_bundle, BundleOptions};
 use iresnetc::codegen::{self, entries, inputs as ld_inputs, CodegenOptions, LogDetLayout, Tiling};
 use iresnetc::npy;
 use iresnetc::reference::LogDetMethod;
-use iresnetc::spec::{Estimator, ModelKind, ModelSpec};
+use iresnetc::spec::{ModelKind, ModelSpec};
 use iresnetc_runtime::rng::{streams, Rng};
 use iresnetc_runtime::{Bundle, GpuDevice, GpuExecutor};
 
@@ -134,15 +134,7 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
     let adapter = dev.adapter().to_string();
     let flow = spec.kind == ModelKind::Flow;
     let probe_seed = a.probe_seed.unwrap_or(spec.logdet.seed);
-    let mut ld_spec = spec.logdet.clone();
-    ld_spec.seed = probe_seed;
-    if let Some(e) = a.estimator {
-        ld_spec.estimator = match e {
-            EstimatorArg::Exact => Estimator::Exact,
-            EstimatorArg::Series => Estimator::Series,
-            EstimatorArg::Roulette => Estimator::Roulette,
-        };
-    }
+    let ld_spec = a.logdet_spec(&spec);
     let method = LogDetMethod::from_spec(&ld_spec);
     let need_flow = |what: &str| -> Result<()> {
         if !flow {
@@ -154,11 +146,7 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
         Ok(())
     };
     let input = |per_sample: &[usize], array: &str| -> Result<Vec<f32>> {
-        let p = a
-            .input
-            .as_deref()
-            .with_context(|| format!("--mode {:?} needs --input", a.mode).to_lowercase())?;
-        let b = npy::read_batch(p, array, per_sample)?;
+        let b = a.read_input(per_sample, array)?;
         Ok(b.samples.iter().flatten().map(|&v| v as f32).collect())
     };
     let in_dim: usize = spec.input.iter().product();

@@ -521,13 +521,7 @@ pub fn run_tract(a: &RunArgs) -> Result<()> {
         }
         Ok(())
     };
-    let input = |per_sample: &[usize], array: &str| -> Result<npy::Batch> {
-        let p = a
-            .input
-            .as_deref()
-            .with_context(|| format!("--mode {:?} needs --input", a.mode).to_lowercase())?;
-        Ok(npy::read_batch(p, array, per_sample)?)
-    };
+    let input = |per_sample: &[usize], array: &str| a.read_input(per_sample, array);
     let probe_layout = match &graphs {
         Graphs::Bundle(b) => b.manifest.probes.clone(),
         Graphs::Memory { ld, .. } => ld

@@ -8,7 +8,7 @@ use clap::ValueEnum;
 use super::{bar, load};
 use iresnetc::npy;
 use iresnetc::reference::{LogDetMethod, Reference};
-use iresnetc::spec::{Estimator, ModelKind};
+use iresnetc::spec::{Estimator, LogDetSpec, ModelKind, ModelSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -89,6 +89,31 @@ pub fn run(a: &RunArgs) -> Result<()> {
     }
 }
 
+impl RunArgs {
+    /// The model file's log-det settings with this run's `--estimator` and `--probe-seed`.
+    pub fn logdet_spec(&self, spec: &ModelSpec) -> LogDetSpec {
+        let mut s = spec.logdet.clone();
+        s.seed = self.probe_seed.unwrap_or(spec.logdet.seed);
+        if let Some(e) = self.estimator {
+            s.estimator = match e {
+                EstimatorArg::Exact => Estimator::Exact,
+                EstimatorArg::Series => Estimator::Series,
+                EstimatorArg::Roulette => Estimator::Roulette,
+            };
+        }
+        s
+    }
+
+    /// `--input`, read and checked against the per-sample shape.
+    pub fn read_input(&self, per_sample: &[usize], array: &str) -> Result<npy::Batch> {
+        let p = self
+            .input
+            .as_deref()
+            .with_context(|| format!("--mode {:?} needs --input", self.mode).to_lowercase())?;
+        Ok(npy::read_batch(p, array, per_sample)?)
+    }
+}
+
 /// Model file or bundle directory -> (model file, weights file).
 pub fn model_and_weights(a: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
     if a.model.is_dir() {
@@ -115,15 +140,7 @@ fn run_reference(a: &RunArgs) -> Result<()> {
     let g = &m.graph;
     let r = Reference::new(g);
     let probe_seed = a.probe_seed.unwrap_or(g.spec.logdet.seed);
-    let mut ld_spec = g.spec.logdet.clone();
-    ld_spec.seed = probe_seed;
-    if let Some(e) = a.estimator {
-        ld_spec.estimator = match e {
-            EstimatorArg::Exact => Estimator::Exact,
-            EstimatorArg::Series => Estimator::Series,
-            EstimatorArg::Roulette => Estimator::Roulette,
-        };
-    }
+    let ld_spec = a.logdet_spec(&g.spec);
     let method = LogDetMethod::from_spec(&ld_spec);
     let need_flow = |what: &str| -> Result<()> {
         if g.spec.kind != ModelKind::Flow {
@@ -134,13 +151,7 @@ fn run_reference(a: &RunArgs) -> Result<()> {
         }
         Ok(())
     };
-    let input = |per_sample: &[usize], array: &str| -> Result<npy::Batch> {
-        let p = a
-            .input
-            .as_deref()
-            .with_context(|| format!("--mode {:?} needs --input", a.mode).to_lowercase())?;
-        Ok(npy::read_batch(p, array, per_sample)?)
-    };
+    let input = |per_sample: &[usize], array: &str| a.read_input(per_sample, array);
     let in_shape = g.spec.input.clone();
     let latent = [g.latent_dim()];
     let chunked = |xs: &[Vec<f64>],
