@@ -667,12 +667,7 @@ fn inverse_stepwise(
         );
         off += d;
     }
-    let block_of_residual: HashMap<NodeIndex, usize> = g
-        .blocks
-        .iter()
-        .enumerate()
-        .map(|(i, b)| (b.residual, i))
-        .collect();
+    let block_of_residual = g.block_of_residual();
     let mut order = g.topo_order()?;
     order.reverse();
     let pb = super::bar(g.blocks.len() as u64, "inverse");

@@ -98,12 +98,7 @@ impl<'a> Lowering<'a> {
             tiling,
             b: PlanBuilder::default(),
             layout,
-            block_of_residual: g
-                .blocks
-                .iter()
-                .enumerate()
-                .map(|(i, b)| (b.residual, i))
-                .collect(),
+            block_of_residual: g.block_of_residual(),
         }
     }
 

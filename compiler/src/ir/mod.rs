@@ -92,6 +92,16 @@ impl Graph {
         })
     }
 
+    /// Which block each residual-add node closes (executors walk the graph and
+    /// need to know when a node starts a fixed point or a log-det).
+    pub fn block_of_residual(&self) -> std::collections::HashMap<NodeIndex, usize> {
+        self.blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.residual, i))
+            .collect()
+    }
+
     /// Total latent dimension (flows) per sample.
     pub fn latent_dim(&self) -> usize {
         self.latents

@@ -696,12 +696,7 @@ impl<'g> Emitter<'g> {
         let g = self.g;
         let mut vals: HashMap<NodeIndex, String> = HashMap::new();
         vals.insert(g.input, x.to_string());
-        let block_of_residual: HashMap<NodeIndex, usize> = g
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(i, b)| (b.residual, i))
-            .collect();
+        let block_of_residual = g.block_of_residual();
         let mut block_lds: Vec<String> = vec![];
         let mut actnorm_ld = 0.0;
         for ix in g.topo_order()? {
@@ -824,12 +819,7 @@ impl<'g> Emitter<'g> {
             vals.insert(l, v);
             off += d;
         }
-        let block_of_residual: HashMap<NodeIndex, usize> = g
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(i, b)| (b.residual, i))
-            .collect();
+        let block_of_residual = g.block_of_residual();
         let mut order = g.topo_order()?;
         order.reverse();
         for ix in order {

@@ -134,12 +134,7 @@ impl<'g> Reference<'g> {
         let g = self.g;
         let mut vals: HashMap<NodeIndex, Vec<f64>> = HashMap::new();
         vals.insert(g.input, x.to_vec());
-        let block_of_residual: HashMap<NodeIndex, usize> = g
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(i, b)| (b.residual, i))
-            .collect();
+        let block_of_residual = g.block_of_residual();
         let mut logdet = 0.0;
         for ix in g.topo_order()? {
             let n = g.node(ix);
@@ -287,12 +282,7 @@ impl<'g> Reference<'g> {
             vals.insert(l, z[off..off + n].to_vec());
             off += n;
         }
-        let block_of_residual: HashMap<NodeIndex, usize> = g
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(i, b)| (b.residual, i))
-            .collect();
+        let block_of_residual = g.block_of_residual();
         let mut block_iters = vec![0; g.blocks.len()];
         let (mut max_res, mut all_conv) = (0.0f64, true);
         let mut order = g.topo_order()?;
