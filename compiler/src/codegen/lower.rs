@@ -526,19 +526,7 @@ impl<'a> Lowering<'a> {
                         },
                     )?);
                 } else {
-                    steps.push(self.layer(
-                        &name,
-                        layer,
-                        src,
-                        Epilogue::Store { dst: pre.clone() },
-                    )?);
-                    steps.push(self.act_kernel(
-                        &format!("{name}.act"),
-                        out_n,
-                        &pre,
-                        &post,
-                        &act,
-                    )?);
+                    steps.extend(self.layer_then_act(&name, layer, src, out_n, &pre, &post, &act)?);
                 }
                 continue;
             }
@@ -602,6 +590,31 @@ impl<'a> Lowering<'a> {
             }
         }
         Ok(steps)
+    }
+
+    /// Unfused form of a hidden layer: the linear map stores its
+    /// pre-activation, then a separate kernel applies the activation.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_then_act(
+        &mut self,
+        name: &str,
+        layer: &crate::passes::fusion::Layer,
+        src: String,
+        out_n: usize,
+        pre: &str,
+        post: &str,
+        act: &ActRef,
+    ) -> Result<[Step; 2]> {
+        let linear = self.layer(
+            name,
+            layer,
+            src,
+            Epilogue::Store {
+                dst: pre.to_string(),
+            },
+        )?;
+        let activation = self.act_kernel(&format!("{name}.act"), out_n, pre, post, act)?;
+        Ok([linear, activation])
     }
 
     fn layer(
@@ -1048,19 +1061,8 @@ impl<'a> Lowering<'a> {
                     )?);
                 } else {
                     let pre = self.stage_buf(s, &format!("pre{}", i + 1), out_n)?;
-                    iteration.push(self.layer(
-                        &name,
-                        layer,
-                        src,
-                        Epilogue::Store { dst: pre.clone() },
-                    )?);
-                    iteration.push(self.act_kernel(
-                        &format!("{name}.act"),
-                        out_n,
-                        &pre,
-                        &post,
-                        &act,
-                    )?);
+                    iteration
+                        .extend(self.layer_then_act(&name, layer, src, out_n, &pre, &post, &act)?);
                 }
                 continue;
             }
