@@ -1,12 +1,17 @@
-//! The Rust API in one page: load a model, certify it, run forward and
-//! inverse on the f64 reference executor, compile a GPU bundle, export ONNX.
+//! The Rust API in one page: load and certify a model, compile a bundle, open it on a backend
+//! (the f64 reference and tract here; wgpu the same way with a `GpuDevice`), then the density
+//! and samples of a batch through the one `Backend` trait.
 //!
 //! cargo run --release --example library
 
 use std::path::Path;
 
 use iresnetc::pipeline::{load_model, LoadOptions};
-use iresnetc::reference::{LogDetMethod, Reference};
+use iresnetc::reference::ReferenceBackend;
+use iresnetc_runtime::backends::tract::TractBackend;
+use iresnetc_runtime::modes::{self, DEFAULT_CHUNK};
+use iresnetc_runtime::tract::TractBundle;
+use iresnetc_runtime::{Backend, Batch, Bundle};
 
 fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -23,38 +28,33 @@ fn main() -> anyhow::Result<()> {
         model.lipschitz.max_block_bound
     );
 
-    // Forward with the model file's log-det estimator, then invert.
-    let r = Reference::new(&model.graph);
-    let x: Vec<Vec<f64>> = (0..2)
-        .map(|s| {
-            (0..model.graph.input_dim())
-                .map(|i| ((i * 7 + s * 3) % 11) as f64 / 11.0)
-                .collect()
-        })
-        .collect();
-    let method = LogDetMethod::from_spec(&model.graph.spec.logdet);
-    let fwd = r.forward(&x, &method)?;
-    let (back, stats) = r.inverse(&fwd.outputs)?;
-    let err = x
-        .iter()
-        .flatten()
-        .zip(back.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    println!(
-        "log-det {:?}; inverse: {} iterations max, |x - inverse(z)| = {err:.2e}",
-        fwd.logdet, stats.max_iters
-    );
+    // A bundle: WGSL + plan + normalized weights + ONNX graphs; the runtime needs nothing else.
+    let dir = std::env::temp_dir().join("iresnetc-example-bundle");
+    iresnetc::bundle::write_bundle(&model, &dir, &Default::default())?;
+    let bundle = Bundle::load(&dir)?;
+    let mut backends: Vec<Box<dyn Backend>> = vec![
+        Box::new(ReferenceBackend::new(model.clone())),
+        Box::new(TractBackend::new(&bundle, TractBundle::open(&dir)?)?),
+    ];
 
-    // A bundle for the GPU runtime (WGSL + plan + normalized weights + ONNX).
-    let out = std::env::temp_dir().join("iresnetc-example-bundle");
-    iresnetc::bundle::write_bundle(&model, &out, &Default::default())?;
-    println!("bundle written to {}", out.display());
-
-    // The forward graph as standard ONNX.
-    let proto = iresnetc::onnx::forward(&model.graph, Default::default())?;
-    let onnx = std::env::temp_dir().join("iresnetc-example.onnx");
-    std::fs::write(&onnx, iresnetc::onnx::encode(&proto))?;
-    println!("ONNX written to {}", onnx.display());
+    // A batch of two images in [0, 1] (the model dequantizes them for the density).
+    let dim = model.graph.input_dim();
+    let x = Batch::new(
+        (0..2 * dim).map(|i| ((i * 7) % 11) as f64 / 11.0).collect(),
+        dim,
+    )?;
+    for be in backends.iter_mut() {
+        let method = be.model().logdet.method();
+        let seed = be.model().logdet.seed;
+        let d = modes::density(be.as_mut(), &x, &method, seed, DEFAULT_CHUNK, &mut |_| {})?;
+        let s = modes::sample(be.as_mut(), 4, seed, DEFAULT_CHUNK, &mut |_| {})?;
+        println!(
+            "{:<40} bits/dim {:.4} {:.4}; 4 samples, first pixel {:+.4}",
+            be.info().to_string(),
+            d[0].bits_per_dim,
+            d[1].bits_per_dim,
+            s.x.data[0]
+        );
+    }
     Ok(())
 }

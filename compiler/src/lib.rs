@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod codegen;
 pub mod error;
 pub mod fsutil;
+pub mod image;
 pub mod ir;
 pub mod kernels;
 pub mod npy;

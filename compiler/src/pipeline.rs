@@ -121,3 +121,40 @@ impl Model {
         }
     }
 }
+
+impl Model {
+    /// What every backend needs to know of this model (written into bundles as `plan.json`'s
+    /// `info`).
+    pub fn info(&self) -> iresnetc_runtime::ModelInfo {
+        let g = &self.graph;
+        let kind = match g.spec.kind {
+            crate::spec::ModelKind::Flow => iresnetc_runtime::ModelKind::Flow,
+            crate::spec::ModelKind::Classifier => iresnetc_runtime::ModelKind::Classifier,
+        };
+        let output_dim = match g.logits {
+            Some(l) => g.node(l).shape.iter().product(),
+            None => g.latent_dim(),
+        };
+        let cap = g.spec.inverse.max_iters.max(1);
+        iresnetc_runtime::ModelInfo {
+            name: g.spec.name.clone(),
+            kind,
+            input_shape: g.spec.input.clone(),
+            output_dim,
+            dequantize: g.spec.data.dequantize,
+            logdet: g.spec.logdet.clone(),
+            blocks: g.blocks.iter().map(|b| b.name.clone()).collect(),
+            // The certificate's count for the tolerance, within the model file's cap.
+            inverse_iters: (0..g.blocks.len())
+                .map(|b| {
+                    self.lipschitz
+                        .blocks
+                        .get(b)
+                        .map_or(1, |r| r.inverse_iters)
+                        .clamp(1, cap)
+                })
+                .collect(),
+            inverse_tol: g.spec.inverse.tol,
+        }
+    }
+}

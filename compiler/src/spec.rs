@@ -139,61 +139,9 @@ impl Default for InverseSpec {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Estimator {
-    /// Full Jacobian, `ln|det|` (small dimensions only).
-    Exact,
-    /// Truncated power series with Hutchinson probes (biased, cheap).
-    #[default]
-    Series,
-    /// Russian-roulette series (unbiased).
-    Roulette,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ProbeKind {
-    #[default]
-    Gaussian,
-    Rademacher,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum RouletteDist {
-    #[default]
-    Geometric,
-    Poisson,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogDetSpec {
-    pub estimator: Estimator,
-    /// Series terms (the deterministic part for roulette).
-    pub terms: usize,
-    pub probes: usize,
-    pub probe: ProbeKind,
-    pub seed: u64,
-    pub roulette: RouletteDist,
-    /// Geometric success probability, or Poisson mean.
-    pub roulette_param: f64,
-}
-
-impl Default for LogDetSpec {
-    fn default() -> Self {
-        Self {
-            estimator: Estimator::Series,
-            terms: 5,
-            probes: 1,
-            probe: ProbeKind::Gaussian,
-            seed: 0,
-            roulette: RouletteDist::Geometric,
-            roulette_param: 0.5,
-        }
-    }
-}
+// The log-det settings are the runtime's own types (every backend reads them from a bundle
+// without the compiler); the model file's `[logdet]` table deserializes straight into them.
+pub use iresnetc_runtime::logdet::{Estimator, LogDetSpec, ProbeKind, RouletteDist};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -386,7 +386,7 @@ fn chunked_logdet_matches_one_call() {
         .unwrap();
     assert!(st.success());
     let got = read(&out, &[]);
-    let method = iresnetc::reference::LogDetMethod::from_spec(&m.graph.spec.logdet);
+    let method = m.graph.spec.logdet.method();
     let want = iresnetc::reference::Reference::new(&m.graph)
         .forward(&xs, &method)
         .unwrap()

@@ -10,10 +10,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use common::{inputs, model_file};
-use iresnetc::codegen::{self, entries, inputs as ld_inputs, CodegenOptions, LogDetLayout};
+use common::{device, gpu_lock, inputs, model_file};
+use iresnetc::codegen::{self, entries, CodegenOptions, LogDetLayout, Tiling};
 use iresnetc::pipeline::Model;
 use iresnetc::reference::{LogDetMethod, Reference};
 use iresnetc::spec::{ProbeKind, RouletteDist};
@@ -22,33 +21,12 @@ use iresnetc_runtime::{Bundle, GpuDevice, GpuExecutor, RuntimeError};
 const TOL: f64 = 1e-4;
 const FUSION_TOL: f64 = 1e-5;
 
-/// One device for the whole test binary (opening lavapipe costs time).
-fn device() -> Option<&'static GpuDevice> {
-    static DEVICE: OnceLock<Option<GpuDevice>> = OnceLock::new();
-    DEVICE
-        .get_or_init(|| match GpuDevice::new() {
-            Ok(d) => Some(d),
-            Err(e) => {
-                if std::env::var("IRESNETC_REQUIRE_GPU").as_deref() == Ok("1") {
-                    panic!("IRESNETC_REQUIRE_GPU=1 but no GPU device: {e}");
-                }
-                eprintln!("notice: no GPU adapter ({e}); skipping GPU checks");
-                None
-            }
-        })
-        .as_ref()
-}
-
-fn gpu_lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn bundle(model: &Model, fuse: bool) -> Bundle {
-    let opts = CodegenOptions {
-        fuse,
-        ..Default::default()
-    };
+    bundle_tiled(model, fuse, Tiling::CPU)
+}
+
+fn bundle_tiled(model: &Model, fuse: bool, tiling: Tiling) -> Bundle {
+    let opts = CodegenOptions { fuse, tiling };
     let (bundle, _) = codegen::compile_in_memory(model, &opts).expect("codegen");
     // Every generated module parses and validates with naga (codegen checks too).
     for (file, source) in &bundle.shaders {
@@ -106,7 +84,10 @@ fn series(model: &Model) -> LogDetMethod {
 }
 
 fn layout(ex: &GpuExecutor) -> LogDetLayout {
-    serde_json::from_value(ex.plan().meta["logdet"].clone()).expect("log-det layout in meta")
+    ex.plan()
+        .logdet
+        .clone()
+        .expect("log-det layout in the plan")
 }
 
 /// Runs the log-det forward of `method` on the GPU: (z, logdet).
@@ -117,10 +98,11 @@ fn gpu_forward(
     batch: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let layout = layout(ex);
-    let (entry, coef, seed, kind) = ld_inputs::coefs_for(&layout, method, batch)
+    let (entry, coef) = layout
+        .coefs_for(method, 0, batch)
         .expect("coefficients")
         .expect("a GPU estimator");
-    let probes = ld_inputs::probes(&layout, seed, kind, batch);
+    let probes = layout.probes_for(method, 0, batch);
     let mut out = ex
         .run(
             entry,
@@ -137,6 +119,12 @@ fn gpu_forward(
 /// A flow against the reference: forward z and log-det (identical probes), the inverse of
 /// the GPU's own z, the inverse against the reference's, and fused = unfused.
 fn check_flow(model: &Model, batch: usize, check_unfused: bool) {
+    check_flow_tiled(model, batch, check_unfused, Tiling::CPU);
+    // The tiling chosen for hardware GPUs, checked numerically on lavapipe too.
+    check_flow_tiled(model, batch, false, Tiling::GPU);
+}
+
+fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Tiling) {
     let g = &model.graph;
     let xs = inputs(batch, g.input_dim(), 11);
     let method = series(model);
@@ -149,7 +137,7 @@ fn check_flow(model: &Model, batch: usize, check_unfused: bool) {
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
     let x = flat(&xs);
-    let mut fused = executor(dev, model, true);
+    let mut fused = GpuExecutor::new(dev, &bundle_tiled(model, true, tiling)).expect("executor");
     let (z, ld) = gpu_forward(&mut fused, &method, &x, batch);
     let (ez, eld) = (rel_err(&z, &z_ref), logdet_err(&ld, &fwd.logdet));
     let x_back = fused
@@ -165,7 +153,7 @@ fn check_flow(model: &Model, batch: usize, check_unfused: bool) {
         .expect("x");
     let (e_round, e_inv) = (rel_err(&x_back, &flat64(&x)), rel_err(&x_inv, &x_ref));
     eprintln!(
-        "{} batch {batch}: z {ez:.1e}, logdet {eld:.1e}, inverse(gpu z) vs x {e_round:.1e}, inverse vs reference {e_inv:.1e} ({} forward / {} inverse dispatches)",
+        "{} {tiling:?} batch {batch}: z {ez:.1e}, logdet {eld:.1e}, inverse(gpu z) vs x {e_round:.1e}, inverse vs reference {e_inv:.1e} ({} forward / {} inverse dispatches)",
         g.spec.name,
         fused.dispatch_count(entries::FORWARD),
         fused.dispatch_count(entries::INVERSE)
@@ -535,8 +523,17 @@ fn bench_cifar_block() {
         let mut ex = executor(dev, &m, fuse);
         let layout = layout(&ex);
         let x = flat(&inputs(batch, m.graph.input_dim(), 3));
-        let probes = ld_inputs::probes(&layout, 0, ProbeKind::Gaussian, batch);
-        let coef = ld_inputs::series_coefs(&layout, layout.terms, batch);
+        let method = LogDetMethod::Series {
+            terms: layout.terms,
+            probes: layout.probes,
+            kind: ProbeKind::Gaussian,
+            seed: 0,
+        };
+        let probes = layout.probes_for(&method, 0, batch);
+        let (_, coef) = layout
+            .coefs_for(&method, 0, batch)
+            .expect("coefficients")
+            .expect("a series");
         let z = vec![0.1f32; batch * m.graph.latent_dim()];
         for entry in [entries::ENCODE, entries::FORWARD, entries::INVERSE] {
             let ins: Vec<(&str, &[f32])> = match entry {

@@ -110,7 +110,7 @@ fn series(g: &Graph) -> (LogDetExport, LogDetMethod, u64) {
     spec.estimator = Estimator::Series;
     (
         LogDetExport::from_spec(g, &spec).unwrap(),
-        LogDetMethod::from_spec(&spec),
+        spec.method(),
         spec.seed,
     )
 }

@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use iresnetc::passes::lipschitz::banach_iters;
-use iresnetc::reference::{exact_block_logdet, series_exact_traces, LogDetMethod, Reference};
+use iresnetc::reference::{
+    exact_block_logdet, series_exact_traces, BlockLogDet, LogDetMethod, Reference,
+};
 use iresnetc::spec::{ProbeKind, RouletteDist};
 
 /// inverse(forward(x)) == x within 1e-6 at c = 0.9 (toy2d and cifar-tiny).

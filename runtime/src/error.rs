@@ -75,6 +75,14 @@ pub enum RuntimeError {
         available: Vec<String>,
     },
 
+    /// A request this backend or this compiled plan cannot serve (the message says what can).
+    #[error("{0}")]
+    Unsupported(String),
+
+    /// An error of a backend implemented outside this crate (the f64 reference), already one line.
+    #[error("{0}")]
+    Backend(String),
+
     #[error("tract: {context}: {message}")]
     Tract { context: String, message: String },
 

@@ -13,15 +13,22 @@
 //!   as a single submission (steps recorded into one encoder, `Repeat` unrolled), splitting
 //!   batches that exceed the limits.
 //! - [`error`]: [`RuntimeError`], one-line messages naming the file, limit or input at fault.
-//! - [`tract`]: the CPU backend, the bundle's ONNX graphs (`onnx.json`) run by tract.
+//! - [`tract`]: the bundle's ONNX graphs (`onnx.json`) loaded and run by tract.
+//! - [`engine`]: the execution API, [`Backend`], that every backend implements; [`modes`]:
+//!   density, sampling and classification written once over it; [`logdet`]: the estimator
+//!   and the layout of its inputs, typed once; [`backends`]: the wgpu and tract backends.
 //! - [`rng`]: the seeded generator shared with the compiler (probes, sampling noise), so
 //!   random streams are bit-identical on every backend.
 
+pub mod backends;
 pub mod buffers;
 pub mod bundle;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod logdet;
+pub mod modes;
 pub mod plan;
 pub mod rng;
 pub mod tract;
@@ -30,6 +37,9 @@ pub use buffers::{buffer_bytes, check_limits, max_batch_for_limits};
 pub use bundle::{Bundle, WeightTensor};
 pub use device::{
     has_hardware_gpu, list_adapters, AdapterSummary, GpuDevice, ADAPTER_ENV, BACKEND_ENV,
+};
+pub use engine::{
+    Backend, BackendInfo, Batch, BlockInversion, Decoded, Encoded, ModelInfo, Precision, Prior,
 };
 pub use error::{Result, RuntimeError};
 pub use executor::{GpuExecutor, Outputs, TimedRun};

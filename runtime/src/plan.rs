@@ -22,6 +22,22 @@ pub const PLAN_FILE: &str = "plan.json";
 /// File name of the weights inside a bundle directory.
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 
+/// Entry point names of a plan.
+pub mod entries {
+    /// Flows: x, probes, coef -> z, logdet (series terms). Classifiers: see CLASSIFY.
+    pub const FORWARD: &str = "forward";
+    /// Flows: like forward with room for the roulette's extra terms.
+    pub const FORWARD_ROULETTE: &str = "forward_roulette";
+    /// Flows: x -> z without the log-det.
+    pub const ENCODE: &str = "encode";
+    /// Flows: x, probes, coef -> logdet.
+    pub const LOGDET: &str = "logdet";
+    /// Flows: z_in -> x_out.
+    pub const INVERSE: &str = "inverse";
+    /// Classifiers: x -> logits.
+    pub const CLASSIFY: &str = "classify";
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
@@ -37,6 +53,12 @@ pub struct Plan {
     pub buffers: Vec<BufferDecl>,
     pub kernels: Vec<KernelDecl>,
     pub entry_points: BTreeMap<String, EntryPoint>,
+    /// Flows: where the log-det entry points' `probes` and `coef` inputs sit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logdet: Option<crate::logdet::LogDetLayout>,
+    /// What the model is (shapes, settings, certified inversion), for every backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<crate::engine::ModelInfo>,
     /// Free-form data for tools (the runtime never reads it).
     #[serde(default)]
     pub meta: serde_json::Value,

@@ -231,18 +231,48 @@ impl TractGraph {
     }
 }
 
+/// Where a bundle's ONNX files are: its directory, or memory (a model compiled for one run).
+#[derive(Clone, Debug)]
+pub enum GraphFiles {
+    Dir(PathBuf),
+    Memory(std::collections::BTreeMap<String, Vec<u8>>),
+}
+
 /// A bundle's ONNX graphs on tract (loaded lazily per graph and batch size).
 pub struct TractBundle {
-    pub dir: PathBuf,
+    pub files: GraphFiles,
     pub manifest: Manifest,
 }
 
 impl TractBundle {
     pub fn open(dir: &Path) -> Result<TractBundle> {
         Ok(TractBundle {
-            dir: dir.to_path_buf(),
+            files: GraphFiles::Dir(dir.to_path_buf()),
             manifest: Manifest::load(dir)?,
         })
+    }
+
+    /// Graphs held in memory, named as in `manifest`.
+    pub fn from_memory(
+        manifest: Manifest,
+        files: std::collections::BTreeMap<String, Vec<u8>>,
+    ) -> TractBundle {
+        TractBundle {
+            files: GraphFiles::Memory(files),
+            manifest,
+        }
+    }
+
+    fn load(&self, file: &str, shapes: &[Vec<usize>]) -> Result<TractGraph> {
+        match &self.files {
+            GraphFiles::Dir(dir) => TractGraph::load_file(&dir.join(file), shapes),
+            GraphFiles::Memory(m) => {
+                let bytes = m
+                    .get(file)
+                    .ok_or_else(|| RuntimeError::MissingFile(PathBuf::from(file)))?;
+                TractGraph::load(bytes, shapes, file)
+            }
+        }
     }
 
     fn entry(&self, which: &str) -> Result<&GraphEntry> {
@@ -276,10 +306,7 @@ impl TractBundle {
     /// The forward graph for `batch` samples.
     pub fn forward(&self, batch: usize) -> Result<TractGraph> {
         let e = self.entry("forward")?;
-        TractGraph::load_file(
-            &self.dir.join(&e.file),
-            &[Self::batched(batch, &self.manifest.input_shape)],
-        )
+        self.load(&e.file, &[Self::batched(batch, &self.manifest.input_shape)])
     }
 
     /// The forward + log-det graph for `batch` samples.
@@ -289,16 +316,13 @@ impl TractBundle {
         if let Some(p) = &self.manifest.probes {
             shapes.push(vec![batch, p.total]);
         }
-        TractGraph::load_file(&self.dir.join(&e.file), &shapes)
+        self.load(&e.file, &shapes)
     }
 
     /// The unrolled inverse graph for `batch` samples.
     pub fn inverse(&self, batch: usize) -> Result<TractGraph> {
         let e = self.entry("inverse")?;
-        TractGraph::load_file(
-            &self.dir.join(&e.file),
-            &[vec![batch, self.manifest.output_dim]],
-        )
+        self.load(&e.file, &[vec![batch, self.manifest.output_dim]])
     }
 }
 

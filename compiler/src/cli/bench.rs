@@ -282,7 +282,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 push(entry, "cpu (f64 reference)", None, secs, f.forward);
             }
             if flow && wanted("forward+logdet") {
-                let method = LogDetMethod::from_spec(&g.spec.logdet);
+                let method = g.spec.logdet.method();
                 let secs = time(samples, || {
                     r.forward(&xs, &method)?;
                     Ok(())

@@ -1,5 +1,6 @@
 //! Subcommands of the `iresnetc` binary, one file each.
 
+mod backend;
 mod bench;
 mod compile;
 mod devices;
@@ -31,10 +32,8 @@ enum Cmd {
     /// Shapes per stage, parameters, FLOPs and the Lipschitz certificate.
     Inspect {
         model: PathBuf,
-        #[arg(long)]
-        weights: Option<PathBuf>,
-        #[arg(long)]
-        seed: Option<u64>,
+        #[command(flatten)]
+        weights: backend::WeightArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -74,9 +73,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Inspect {
             model,
             weights,
-            seed,
             json,
-        } => inspect(&model, weights.as_deref(), seed, json),
+        } => inspect(&model, weights.weights.as_deref(), weights.seed, json),
         Cmd::Graph { model, dot } => graph(&model, dot),
         Cmd::Run(args) => run::run(&args),
         Cmd::Compile(args) => compile::run(&args),

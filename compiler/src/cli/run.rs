@@ -1,14 +1,17 @@
-//! `iresnetc run`: one entry point of a model on a backend.
+//! `iresnetc run`: one mode of a model on a backend. Parsing and files only: the modes live in
+//! the runtime (`iresnetc_runtime::modes`) and the backends behind its `Backend` trait.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 
-use super::{bar, load};
+use super::backend::{self, BackendArg, Source, TilingArg, WeightArgs};
 use iresnetc::npy;
-use iresnetc::reference::{LogDetMethod, Reference};
-use iresnetc::spec::{Estimator, LogDetSpec, ModelKind, ModelSpec};
+use iresnetc_runtime::logdet::{Estimator, LogDetMethod, LogDetSpec};
+use iresnetc_runtime::modes::{self, DEFAULT_CHUNK};
+use iresnetc_runtime::{Backend, Batch, Decoded, ModelInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -20,24 +23,12 @@ pub enum Mode {
     Classify,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    /// A hardware GPU adapter if there is one, else tract on the CPU.
-    Auto,
-    /// wgpu on any adapter (lavapipe when forced or nothing else exists).
-    Wgpu,
-    /// tract running the exported ONNX graphs on the CPU.
-    Tract,
-    /// The f64 reference executor.
-    Cpu,
-}
-
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// A model file (.toml) or a compiled bundle directory.
     pub model: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
-    pub backend: Backend,
+    pub backend: BackendArg,
     #[arg(long, value_enum)]
     pub mode: Mode,
     /// Input array (.npy, f32 or f64): images NCHW, vectors [B, D]; z [B, D] for inverse.
@@ -49,12 +40,11 @@ pub struct RunArgs {
     /// Per-sample log-det (.npy) for forward mode.
     #[arg(long)]
     pub logdet_out: Option<PathBuf>,
-    /// Weights (.safetensors); default: deterministic init from the seed.
+    /// Sample grid (.png) for --mode sample of image models.
     #[arg(long)]
-    pub weights: Option<PathBuf>,
-    /// Seed of the weight initialization (default: the model file's `seed`).
-    #[arg(long)]
-    pub seed: Option<u64>,
+    pub png: Option<PathBuf>,
+    #[command(flatten)]
+    pub weights: WeightArgs,
     /// Seed of probes, roulette draws, dequantization noise and prior samples
     /// (default: the model file's `logdet.seed`).
     #[arg(long)]
@@ -65,6 +55,9 @@ pub struct RunArgs {
     /// Number of samples for --mode sample.
     #[arg(long, default_value_t = 16)]
     pub num: usize,
+    /// wgpu kernel tiling when a model file is compiled for the run (default: from the adapter).
+    #[arg(long, value_enum)]
+    pub tiling: Option<TilingArg>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -74,209 +67,209 @@ pub enum EstimatorArg {
     Roulette,
 }
 
-pub fn run(a: &RunArgs) -> Result<()> {
-    match a.backend {
-        Backend::Cpu => run_reference(a),
-        Backend::Wgpu => super::compile::run_wgpu(a),
-        Backend::Tract => super::export::run_tract(a),
-        Backend::Auto => {
-            if iresnetc_runtime::device::has_hardware_gpu() {
-                super::compile::run_wgpu(a)
-            } else {
-                super::export::run_tract(a)
-            }
+impl From<EstimatorArg> for Estimator {
+    fn from(e: EstimatorArg) -> Estimator {
+        match e {
+            EstimatorArg::Exact => Estimator::Exact,
+            EstimatorArg::Series => Estimator::Series,
+            EstimatorArg::Roulette => Estimator::Roulette,
         }
     }
 }
 
-impl RunArgs {
-    /// The model file's log-det settings with this run's `--estimator` and `--probe-seed`.
-    pub fn logdet_spec(&self, spec: &ModelSpec) -> LogDetSpec {
-        let mut s = spec.logdet.clone();
-        s.seed = self.probe_seed.unwrap_or(spec.logdet.seed);
-        if let Some(e) = self.estimator {
-            s.estimator = match e {
-                EstimatorArg::Exact => Estimator::Exact,
-                EstimatorArg::Series => Estimator::Series,
-                EstimatorArg::Roulette => Estimator::Roulette,
-            };
-        }
-        s
+/// The model's log-det settings with a run's `--estimator` and `--probe-seed`.
+pub fn logdet_spec(
+    model: &LogDetSpec,
+    estimator: Option<EstimatorArg>,
+    probe_seed: Option<u64>,
+) -> LogDetSpec {
+    let mut s = model.clone();
+    s.seed = probe_seed.unwrap_or(model.seed);
+    if let Some(e) = estimator {
+        s.estimator = e.into();
     }
-
-    /// `--input`, read and checked against the per-sample shape.
-    pub fn read_input(&self, per_sample: &[usize], array: &str) -> Result<npy::Batch> {
-        let p = self
-            .input
-            .as_deref()
-            .with_context(|| format!("--mode {:?} needs --input", self.mode).to_lowercase())?;
-        Ok(npy::read_batch(p, array, per_sample)?)
-    }
+    s
 }
 
-/// Model file or bundle directory -> (model file, weights file).
-pub fn model_and_weights(a: &RunArgs) -> Result<(PathBuf, Option<PathBuf>)> {
-    if a.model.is_dir() {
-        let toml = a.model.join("model.toml");
-        if !toml.is_file() {
-            bail!(
-                "{}: not a bundle (no model.toml); compile one with `iresnetc compile`",
-                a.model.display()
-            );
-        }
-        let w = a
-            .weights
-            .clone()
-            .unwrap_or_else(|| a.model.join("weights.safetensors"));
-        return Ok((toml, Some(w)));
+/// Output paths must differ from each other and from the input: writing one over another
+/// would destroy data the command was given.
+fn check_paths(a: &RunArgs) -> Result<()> {
+    let mut outs: Vec<(&str, &Path)> = vec![("--output", &a.output)];
+    if let Some(p) = &a.logdet_out {
+        outs.push(("--logdet-out", p));
     }
-    Ok((a.model.clone(), a.weights.clone()))
-}
-
-/// The f64 reference executor.
-fn run_reference(a: &RunArgs) -> Result<()> {
-    let (model, weights) = model_and_weights(a)?;
-    let m = load(&model, weights.as_deref(), a.seed)?;
-    let g = &m.graph;
-    let r = Reference::new(g);
-    let probe_seed = a.probe_seed.unwrap_or(g.spec.logdet.seed);
-    let ld_spec = a.logdet_spec(&g.spec);
-    let method = LogDetMethod::from_spec(&ld_spec);
-    let need_flow = |what: &str| -> Result<()> {
-        if g.spec.kind != ModelKind::Flow {
-            bail!(
-                "{}: --mode {what} needs a flow (kind = \"flow\")",
-                a.model.display()
-            );
-        }
-        Ok(())
+    if let Some(p) = &a.png {
+        outs.push(("--png", p));
+    }
+    let same = |x: &Path, y: &Path| {
+        x == y || matches!((x.canonicalize(), y.canonicalize()), (Ok(p), Ok(q)) if p == q)
     };
-    let input = |per_sample: &[usize], array: &str| a.read_input(per_sample, array);
-    let in_shape = g.spec.input.clone();
-    let latent = [g.latent_dim()];
-    let chunked = |xs: &[Vec<f64>],
-                   f: &dyn Fn(usize, &[Vec<f64>]) -> iresnetc::Result<Vec<Vec<f64>>>|
-     -> Result<Vec<Vec<f64>>> {
-        // Chunks of a few samples so the progress bar moves on long runs.
-        let pb = bar(xs.len() as u64, "running");
-        let mut out = vec![];
-        for (i, c) in xs.chunks(4).enumerate() {
-            out.extend(f(4 * i, c)?);
-            pb.inc(c.len() as u64);
-        }
-        pb.finish_and_clear();
-        Ok(out)
-    };
-    match a.mode {
-        Mode::Forward => {
-            let x = input(&in_shape, "input")?;
-            let method = if g.spec.kind == ModelKind::Flow && a.logdet_out.is_some() {
-                method
-            } else {
-                LogDetMethod::None
-            };
-            let mut lds = vec![];
-            let outs = chunked(&x.samples, &|first, c| {
-                let f = r.forward_from(c, &method, first)?;
-                Ok(f.outputs
-                    .into_iter()
-                    .zip(f.logdet)
-                    .map(|(o, l)| {
-                        let mut o = o;
-                        o.push(l);
-                        o
-                    })
-                    .collect())
-            })?;
-            let mut z = vec![];
-            for mut o in outs {
-                lds.push(vec![o.pop().unwrap_or(0.0)]);
-                z.push(o);
-            }
-            let out_dim = z.first().map(|v| v.len()).unwrap_or(0);
-            npy::write(&a.output, &z, &[out_dim], false)?;
-            if let Some(p) = &a.logdet_out {
-                npy::write(p, &lds, &[], false)?;
-            }
-            eprintln!(
-                "backend cpu (f64 reference): forward of {} samples -> {}",
-                z.len(),
-                a.output.display()
-            );
-        }
-        Mode::Inverse => {
-            need_flow("inverse")?;
-            let z = input(&latent, "z")?;
-            let (x, stats) = r.inverse(&z.samples)?;
-            npy::write(&a.output, &x, &in_shape, false)?;
-            eprintln!(
-                "backend cpu (f64 reference): inverse, at most {} fixed-point iterations per block, max residual {:.3e}{}",
-                stats.max_iters,
-                stats.max_residual,
-                if stats.converged { "" } else { " (NOT converged: raise inverse.max_iters)" }
-            );
-        }
-        Mode::Logdet => {
-            need_flow("logdet")?;
-            let x = input(&in_shape, "input")?;
-            let out = chunked(&x.samples, &|first, c| {
-                Ok(r.forward_from(c, &method, first)?
-                    .logdet
-                    .into_iter()
-                    .map(|l| vec![l])
-                    .collect())
-            })?;
-            npy::write(&a.output, &out, &[], false)?;
-            eprintln!(
-                "backend cpu (f64 reference): log-det ({:?}) of {} samples",
-                ld_spec.estimator,
-                out.len()
-            );
-        }
-        Mode::Density => {
-            need_flow("density")?;
-            let x = input(&in_shape, "input")?;
-            let out = chunked(&x.samples, &|first, c| {
-                Ok(r.density_from(c, &method, probe_seed, first)?
-                    .into_iter()
-                    .map(|(l, b)| vec![l, b])
-                    .collect())
-            })?;
-            let mean_bpd = out.iter().map(|v| v[1]).sum::<f64>() / out.len() as f64;
-            npy::write(&a.output, &out, &[2], false)?;
-            eprintln!("backend cpu (f64 reference): columns (log p(x) nats, bits/dim); mean bits/dim {mean_bpd:.4}");
-        }
-        Mode::Sample => {
-            need_flow("sample")?;
-            if a.num == 0 {
-                bail!("--num must be >= 1");
-            }
-            let (x, stats) = r.sample(a.num, probe_seed)?;
-            npy::write(&a.output, &x, &in_shape, false)?;
-            eprintln!(
-                "backend cpu (f64 reference): {} samples, at most {} inverse iterations per block",
-                x.len(),
-                stats.max_iters
-            );
-        }
-        Mode::Classify => {
-            if g.spec.kind != ModelKind::Classifier {
+    for (i, (n1, p1)) in outs.iter().enumerate() {
+        if let Some(inp) = &a.input {
+            if same(p1, inp) {
                 bail!(
-                    "{}: --mode classify needs a classifier (kind = \"classifier\")",
-                    a.model.display()
+                    "{n1} {} is the --input file; choose another output path",
+                    p1.display()
                 );
             }
-            let x = input(&in_shape, "input")?;
-            let logits = chunked(&x.samples, &|_, c| {
-                Ok(r.forward(c, &LogDetMethod::None)?.outputs)
-            })?;
-            let classes = logits.first().map(|v| v.len()).unwrap_or(0);
-            npy::write(&a.output, &logits, &[classes], false)?;
-            eprintln!(
-                "backend cpu (f64 reference): logits of {} samples",
-                logits.len()
-            );
+        }
+        for (n2, p2) in &outs[i + 1..] {
+            if same(p1, p2) {
+                bail!("{n1} and {n2} are the same file {}", p1.display());
+            }
         }
     }
+    if a.png.is_some() && a.mode != Mode::Sample {
+        bail!("--png is written by --mode sample only");
+    }
+    if a.logdet_out.is_some() && a.mode != Mode::Forward {
+        bail!("--logdet-out is written by --mode forward only (use --mode logdet for the log-det alone)");
+    }
     Ok(())
+}
+
+fn read_input(a: &RunArgs, per_sample: &[usize], array: &str) -> Result<Batch> {
+    let p = a
+        .input
+        .as_deref()
+        .with_context(|| format!("--mode {:?} needs --input", a.mode).to_lowercase())?;
+    let b = npy::read_batch(p, array, per_sample)?;
+    Ok(Batch::from_rows(&b.samples))
+}
+
+fn write(path: &Path, b: &Batch, per_sample: &[usize]) -> Result<()> {
+    let rows: Vec<Vec<f64>> = b.rows().map(|r| r.to_vec()).collect();
+    Ok(npy::write(path, &rows, per_sample, false)?)
+}
+
+pub fn run(a: &RunArgs) -> Result<()> {
+    check_paths(a)?;
+    if a.mode == Mode::Sample && a.num == 0 {
+        bail!("--num must be at least 1");
+    }
+    let source = Source::open(&a.model, &a.weights)?;
+    let mut be = backend::open(source, a.backend, a.tiling)?;
+    let start = Instant::now();
+    let summary = run_mode(a, be.as_mut())?;
+    eprintln!(
+        "backend {}: {summary} -> {} in {:.3} s",
+        be.info(),
+        a.output.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn inversion_note(d: &Decoded) -> String {
+    if d.blocks.is_empty() {
+        return String::new();
+    }
+    let iters = d.blocks.iter().map(|b| b.iters).max().unwrap_or(0);
+    let res = d.blocks.iter().map(|b| b.residual).fold(0.0, f64::max);
+    format!(
+        "; at most {iters} fixed-point iterations per block, max residual {res:.3e}{}",
+        if d.converged == Some(false) {
+            " (NOT converged: raise inverse.max_iters)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Runs the mode and writes its outputs; returns the status line.
+fn run_mode(a: &RunArgs, be: &mut dyn Backend) -> Result<String> {
+    let info: ModelInfo = be.model().clone();
+    let ld = logdet_spec(&info.logdet, a.estimator, a.probe_seed);
+    let method = ld.method();
+    let seed = ld.seed;
+    let pb = super::bar(0, "running");
+    let mut progress = |n: usize| pb.inc(n as u64);
+    let latent = [info.output_dim];
+    let summary = match a.mode {
+        Mode::Forward => {
+            let x = read_input(a, &info.input_shape, "input")?;
+            pb.set_length(x.batch as u64);
+            if !info.is_flow() {
+                let l = modes::classify(be, &x, DEFAULT_CHUNK, &mut progress)?;
+                write(&a.output, &l, &latent)?;
+                format!("logits of {} samples", x.batch)
+            } else {
+                let m = if a.logdet_out.is_some() {
+                    method.clone()
+                } else {
+                    LogDetMethod::None
+                };
+                let e = modes::encode(be, &x, &m, DEFAULT_CHUNK, &mut progress)?;
+                write(&a.output, &e.z, &latent)?;
+                if let (Some(p), Some(l)) = (&a.logdet_out, &e.logdet) {
+                    write(p, &Batch::new(l.clone(), 1)?, &[])?;
+                }
+                match e.logdet {
+                    Some(_) => format!(
+                        "forward + log-det ({:?}) of {} samples",
+                        ld.estimator, x.batch
+                    ),
+                    None => format!("forward of {} samples", x.batch),
+                }
+            }
+        }
+        Mode::Logdet => {
+            let x = read_input(a, &info.input_shape, "input")?;
+            pb.set_length(x.batch as u64);
+            iresnetc_runtime::engine::require_kind(
+                &info,
+                iresnetc_runtime::ModelKind::Flow,
+                "--mode logdet",
+            )?;
+            let e = modes::encode(be, &x, &method, DEFAULT_CHUNK, &mut progress)?;
+            let l = e.logdet.context("the backend returned no log-det")?;
+            write(&a.output, &Batch::new(l, 1)?, &[])?;
+            format!("log-det ({:?}) of {} samples", ld.estimator, x.batch)
+        }
+        Mode::Density => {
+            let x = read_input(a, &info.input_shape, "input")?;
+            pb.set_length(x.batch as u64);
+            let d = modes::density(be, &x, &method, seed, DEFAULT_CHUNK, &mut progress)?;
+            let rows: Vec<f64> = d.iter().flat_map(|d| [d.logp, d.bits_per_dim]).collect();
+            write(&a.output, &Batch::new(rows, 2)?, &[2])?;
+            let mean = d.iter().map(|d| d.bits_per_dim).sum::<f64>() / d.len().max(1) as f64;
+            format!(
+                "columns (log p(x) nats, bits/dim) of {} samples; mean bits/dim {mean:.4}",
+                d.len()
+            )
+        }
+        Mode::Inverse => {
+            let z = read_input(a, &latent, "z")?;
+            pb.set_length(z.batch as u64);
+            let d = modes::decode(be, &z, DEFAULT_CHUNK, &mut progress)?;
+            write(&a.output, &d.x, &info.input_shape)?;
+            format!("inverse of {} samples{}", z.batch, inversion_note(&d))
+        }
+        Mode::Sample => {
+            pb.set_length(a.num as u64);
+            let d = modes::sample(be, a.num, seed, DEFAULT_CHUNK, &mut progress)?;
+            write(&a.output, &d.x, &info.input_shape)?;
+            if let Some(png) = &a.png {
+                if info.input_shape.len() != 3 {
+                    bail!("--png needs an image model (input [C, H, W])");
+                }
+                iresnetc::image::write_grid(
+                    png,
+                    &d.x.data,
+                    &info.input_shape,
+                    if info.dequantize { 0.5 } else { 0.0 },
+                )?;
+            }
+            format!("{} samples{}", a.num, inversion_note(&d))
+        }
+        Mode::Classify => {
+            let x = read_input(a, &info.input_shape, "input")?;
+            pb.set_length(x.batch as u64);
+            let l = modes::classify(be, &x, DEFAULT_CHUNK, &mut progress)?;
+            write(&a.output, &l, &latent)?;
+            format!("logits of {} samples", x.batch)
+        }
+    };
+    pb.finish_and_clear();
+    Ok(summary)
 }

@@ -41,11 +41,13 @@ impl Tiling {
         workgroup: 64,
     };
 
-    /// The tiling for an adapter of the given type.
-    pub fn for_device_type(t: iresnetc_runtime::wgpu::DeviceType) -> Tiling {
-        match t {
-            iresnetc_runtime::wgpu::DeviceType::Cpu => Tiling::CPU,
-            _ => Tiling::GPU,
+    /// The tiling for an adapter: register blocks for CPU (software) adapters, more and
+    /// smaller workgroups for everything else.
+    pub fn for_adapter(a: &iresnetc_runtime::AdapterSummary) -> Tiling {
+        if a.device_type == "cpu" || a.is_software {
+            Tiling::CPU
+        } else {
+            Tiling::GPU
         }
     }
 }

@@ -40,26 +40,7 @@ pub mod names {
 /// runs `terms + ROULETTE_EXTRA_TERMS` terms; draws beyond that are refused on the CPU).
 pub const ROULETTE_EXTRA_TERMS: usize = 20;
 
-/// Where the log-det inputs of block `b` live, for the CPU side that fills them.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct LogDetLayout {
-    /// Per block: dimension.
-    pub block_dims: Vec<usize>,
-    pub probes: usize,
-    /// Coefficient slots per block (`terms + ROULETTE_EXTRA_TERMS`).
-    pub coef_stride: usize,
-    pub terms: usize,
-}
-
-impl LogDetLayout {
-    pub fn probe_elems(&self) -> usize {
-        self.block_dims.iter().sum::<usize>() * self.probes
-    }
-
-    pub fn coef_elems(&self) -> usize {
-        self.block_dims.len() * self.coef_stride
-    }
-}
+pub use iresnetc_runtime::logdet::LogDetLayout;
 
 pub struct Lowering<'a> {
     g: &'a Graph,

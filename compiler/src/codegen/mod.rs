@@ -10,7 +10,6 @@
 //! - [`inputs`]: the CPU side of the log-det inputs (probes, series / roulette weights).
 
 pub mod builder;
-pub mod inputs;
 pub mod kernels;
 pub mod lower;
 pub mod wgsl;
@@ -31,21 +30,8 @@ use crate::passes::fusion;
 use crate::pipeline::Model;
 use crate::spec::ModelKind;
 
-/// Entry point names of a plan.
-pub mod entries {
-    /// Flows: x, probes, coef -> z, logdet (series terms). Classifiers: see CLASSIFY.
-    pub const FORWARD: &str = "forward";
-    /// Flows: like forward with room for the roulette's extra terms.
-    pub const FORWARD_ROULETTE: &str = "forward_roulette";
-    /// Flows: x -> z without the log-det.
-    pub const ENCODE: &str = "encode";
-    /// Flows: x, probes, coef -> logdet.
-    pub const LOGDET: &str = "logdet";
-    /// Flows: z_in -> x_out.
-    pub const INVERSE: &str = "inverse";
-    /// Classifiers: x -> logits.
-    pub const CLASSIFY: &str = "classify";
-}
+/// Entry point names of a plan (the runtime's, which every backend reads).
+pub use iresnetc_runtime::plan::entries;
 
 #[derive(Clone, Copy, Debug)]
 pub struct CodegenOptions {
@@ -227,8 +213,9 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
         meta: serde_json::json!({
             "fused": opts.fuse,
             "tiling": opts.tiling,
-            "logdet": layout,
         }),
+        logdet: Some(layout),
+        info: Some(model.info()),
     };
     plan.validate()?;
     Ok(Generated {

@@ -15,8 +15,6 @@
 mod build;
 mod proto;
 
-use std::path::Path;
-
 pub use build::ConvStyle;
 pub use proto::{BATCH, IR_VERSION, OPSET};
 
@@ -255,41 +253,48 @@ pub fn manifest(g: &Graph, ld: Option<&LogDetExport>, steps: &[usize]) -> Manife
     }
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::fsutil::write_atomic(path, bytes)
-}
-
-/// Writes `forward.onnx`, for flows `forward_logdet.onnx` (the model's log-det
-/// settings; skipped when they cannot be exported, e.g. roulette) and
-/// `inverse.onnx` (certified step counts), and `onnx.json` into `dir`.
-pub fn write_bundle_graphs(
+/// The graphs a bundle carries for tract, in memory: `forward.onnx`, for flows
+/// `forward_logdet.onnx` (the model's log-det settings; left out when they cannot be exported,
+/// e.g. roulette) and `inverse.onnx` (certified step counts), with their manifest.
+pub fn bundle_graphs(
     model: &crate::pipeline::Model,
-    dir: &std::path::Path,
-) -> crate::Result<()> {
+) -> crate::Result<(Manifest, std::collections::BTreeMap<String, Vec<u8>>)> {
     let g = &model.graph;
     let style = ConvStyle::default();
-    write(&dir.join(FORWARD_FILE), &encode(&forward(g, style)?))?;
+    let mut files = std::collections::BTreeMap::new();
+    files.insert(FORWARD_FILE.to_string(), encode(&forward(g, style)?));
     let mut ld = None;
     let mut steps = vec![];
     if g.spec.kind == ModelKind::Flow {
         // A bundle of a roulette model still gets its forward and inverse graphs.
         if let Ok(l) = LogDetExport::from_spec(g, &g.spec.logdet) {
-            write(
-                &dir.join(FORWARD_LOGDET_FILE),
-                &encode(&forward_logdet(g, &l, style)?),
-            )?;
+            files.insert(
+                FORWARD_LOGDET_FILE.to_string(),
+                encode(&forward_logdet(g, &l, style)?),
+            );
             ld = Some(l);
         }
         steps = certified_steps(model);
-        write(
-            &dir.join(INVERSE_FILE),
-            &encode(&inverse(g, &steps, style)?),
-        )?;
+        files.insert(
+            INVERSE_FILE.to_string(),
+            encode(&inverse(g, &steps, style)?),
+        );
     }
-    let m = manifest(g, ld.as_ref(), &steps);
+    Ok((manifest(g, ld.as_ref(), &steps), files))
+}
+
+/// Writes [`bundle_graphs`] and `onnx.json` into `dir`.
+pub fn write_bundle_graphs(
+    model: &crate::pipeline::Model,
+    dir: &std::path::Path,
+) -> crate::Result<()> {
+    let (m, files) = bundle_graphs(model)?;
+    for (name, bytes) in &files {
+        crate::fsutil::write_atomic(&dir.join(name), bytes)?;
+    }
     let json = serde_json::to_string_pretty(&m).map_err(|e| Error::Unsupported {
         what: MANIFEST_FILE.into(),
         reason: e.to_string(),
     })?;
-    write(&dir.join(MANIFEST_FILE), json.as_bytes())
+    crate::fsutil::write_atomic(&dir.join(MANIFEST_FILE), json.as_bytes())
 }

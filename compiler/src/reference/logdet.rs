@@ -3,96 +3,29 @@
 use nalgebra::DMatrix;
 
 use super::Reference;
-use crate::spec::{Estimator, LogDetSpec, ProbeKind, RouletteDist};
-use iresnetc_runtime::rng::{probe_vector, streams, Rng};
 
-/// How the forward pass computes each block's log-det.
-#[derive(Clone, Debug)]
-pub enum LogDetMethod {
-    /// No log-det (classifiers, or z only).
-    None,
-    /// `ln|det(I + J)|` from the full Jacobian.
-    Exact,
-    /// Truncated series, Hutchinson probes from the seeded generator.
-    Series {
-        terms: usize,
-        probes: usize,
-        kind: ProbeKind,
-        seed: u64,
-    },
-    /// Russian roulette: `terms` exact terms plus a random number more, reweighted.
-    Roulette {
-        terms: usize,
-        probes: usize,
-        kind: ProbeKind,
-        seed: u64,
-        dist: RouletteDist,
-        param: f64,
-    },
+pub use iresnetc_runtime::logdet::{draw, survival, LogDetMethod};
+
+/// The reference's evaluation of a [`LogDetMethod`] on one block.
+pub trait BlockLogDet {
+    /// `ln det(I + J_g)` of block `b` at its input `x`, for the `sample`-th sample of the array.
+    fn block_logdet(&self, r: &Reference<'_>, b: usize, sample: usize, x: &[f64]) -> f64;
 }
 
-impl LogDetMethod {
-    pub fn from_spec(s: &LogDetSpec) -> Self {
-        match s.estimator {
-            Estimator::Exact => Self::Exact,
-            Estimator::Series => Self::Series {
-                terms: s.terms,
-                probes: s.probes,
-                kind: s.probe,
-                seed: s.seed,
-            },
-            Estimator::Roulette => Self::Roulette {
-                terms: s.terms,
-                probes: s.probes,
-                kind: s.probe,
-                seed: s.seed,
-                dist: s.roulette,
-                param: s.roulette_param,
-            },
-        }
-    }
-
-    pub fn block_logdet(&self, r: &Reference<'_>, b: usize, sample: usize, x: &[f64]) -> f64 {
+impl BlockLogDet for LogDetMethod {
+    fn block_logdet(&self, r: &Reference<'_>, b: usize, sample: usize, x: &[f64]) -> f64 {
         match *self {
             Self::None => 0.0,
             Self::Exact => exact_block_logdet(r, b, x),
-            Self::Series {
-                terms,
-                probes,
-                kind,
-                seed,
-            } => {
-                let weights = vec![1.0; terms];
-                hutchinson(r, b, sample, x, &weights, probes, kind, seed)
-            }
-            Self::Roulette {
-                terms,
-                probes,
-                kind,
-                seed,
-                dist,
-                param,
-            } => {
-                let mut rng = Rng::for_stream(seed, &[streams::ROULETTE, b as u64, sample as u64]);
-                let extra = draw(dist, param, &mut rng);
-                // Term k (1-based) beyond the exact ones is divided by P(N >= k - terms).
-                let weights: Vec<f64> = (1..=terms + extra)
-                    .map(|k| {
-                        if k <= terms {
-                            1.0
-                        } else {
-                            1.0 / survival(dist, param, k - terms)
-                        }
-                    })
-                    .collect();
-                hutchinson(r, b, sample, x, &weights, probes, kind, seed)
+            Self::Series { probes, .. } | Self::Roulette { probes, .. } => {
+                let weights = self.term_weights(b, sample);
+                hutchinson(r, b, sample, x, &weights, probes, self)
             }
         }
     }
 }
 
 /// Hutchinson estimate of `sum_k weights[k-1] (-1)^(k+1) tr(J^k) / k`, averaged over probes.
-#[allow(clippy::too_many_arguments)]
 fn hutchinson(
     r: &Reference<'_>,
     b: usize,
@@ -100,13 +33,12 @@ fn hutchinson(
     x: &[f64],
     weights: &[f64],
     probes: usize,
-    kind: ProbeKind,
-    seed: u64,
+    method: &LogDetMethod,
 ) -> f64 {
     let (_, inputs) = r.branch(b, x);
     let mut total = 0.0;
     for p in 0..probes {
-        let v = probe_vector(seed, b, sample, p, x.len(), kind == ProbeKind::Rademacher);
+        let v = method.probe(b, sample, p, x.len());
         let mut w = v.clone();
         for (k0, wt) in weights.iter().enumerate() {
             let k = k0 + 1;
@@ -117,49 +49,6 @@ fn hutchinson(
         }
     }
     total / probes as f64
-}
-
-/// Draws the number of extra terms N (N >= 0).
-pub fn draw(dist: RouletteDist, param: f64, rng: &mut Rng) -> usize {
-    match dist {
-        // P(N = m) = p (1-p)^m.
-        RouletteDist::Geometric => {
-            let mut n = 0;
-            while rng.uniform() >= param && n < 10_000 {
-                n += 1;
-            }
-            n
-        }
-        // Knuth's product of uniforms; fine for the small means used here.
-        RouletteDist::Poisson => {
-            let l = (-param).exp();
-            let (mut k, mut prod) = (0usize, rng.uniform());
-            while prod > l && k < 10_000 {
-                k += 1;
-                prod *= rng.uniform();
-            }
-            k
-        }
-    }
-}
-
-/// `P(N >= m)`.
-pub fn survival(dist: RouletteDist, param: f64, m: usize) -> f64 {
-    match dist {
-        RouletteDist::Geometric => (1.0 - param).powi(m as i32),
-        RouletteDist::Poisson => {
-            // 1 - P(N <= m-1).
-            let mut pmf = (-param).exp();
-            let mut cdf = 0.0;
-            for j in 0..m {
-                if j > 0 {
-                    pmf *= param / j as f64;
-                }
-                cdf += pmf;
-            }
-            (1.0 - cdf).max(f64::MIN_POSITIVE)
-        }
-    }
 }
 
 /// Largest dimension the exact estimator accepts (a d x d Jacobian, d vjps and an LU).

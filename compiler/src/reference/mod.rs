@@ -4,9 +4,14 @@
 //! straightforwardly and in double precision; clarity beats speed here, but
 //! the heavy lifting (convs) goes through the im2col + GEMM kernels.
 
+mod backend;
 mod logdet;
 
-pub use logdet::{draw, exact_block_logdet, series_exact_traces, survival, LogDetMethod};
+pub use backend::ReferenceBackend;
+
+pub use logdet::{
+    draw, exact_block_logdet, series_exact_traces, survival, BlockLogDet, LogDetMethod,
+};
 
 use std::collections::HashMap;
 
@@ -38,6 +43,8 @@ pub struct InverseStats {
     pub converged: bool,
     /// Per block (in model order): the largest iteration count over samples.
     pub block_iters: Vec<usize>,
+    /// Per block: the largest final residual over samples.
+    pub block_residuals: Vec<f64>,
 }
 
 pub struct Reference<'g> {
@@ -266,7 +273,8 @@ impl<'g> Reference<'g> {
         (x, iters, residual, converged)
     }
 
-    fn inverse_one(&self, z: &[f64]) -> Result<(Vec<f64>, Vec<usize>, f64, bool)> {
+    /// One sample's inverse: x, per block the iterations and final residual, all converged.
+    fn inverse_one(&self, z: &[f64]) -> Result<(Vec<f64>, Vec<usize>, Vec<f64>, bool)> {
         let g = self.g;
         if g.spec.kind != ModelKind::Flow {
             return Err(Error::Unsupported {
@@ -284,7 +292,8 @@ impl<'g> Reference<'g> {
         }
         let block_of_residual = g.block_of_residual();
         let mut block_iters = vec![0; g.blocks.len()];
-        let (mut max_res, mut all_conv) = (0.0f64, true);
+        let mut block_res = vec![0.0; g.blocks.len()];
+        let mut all_conv = true;
         let mut order = g.topo_order()?;
         order.reverse();
         for ix in order {
@@ -303,7 +312,7 @@ impl<'g> Reference<'g> {
                     let b = block_of_residual[&ix];
                     let (a, it, res, conv) = self.invert_block(b, &y);
                     block_iters[b] = it;
-                    max_res = max_res.max(res);
+                    block_res[b] = res;
                     all_conv &= conv;
                     vals.insert(ins[0], a);
                 }
@@ -335,7 +344,7 @@ impl<'g> Reference<'g> {
             node: "input".into(),
             reason: "inverse did not reach the input".into(),
         })?;
-        Ok((x, block_iters, max_res, all_conv))
+        Ok((x, block_iters, block_res, all_conv))
     }
 
     /// Inverse over a batch: `x` with `forward(x) = z`.
@@ -345,6 +354,7 @@ impl<'g> Reference<'g> {
         let mut stats = InverseStats {
             converged: true,
             block_iters: vec![0; self.g.blocks.len()],
+            block_residuals: vec![0.0; self.g.blocks.len()],
             ..Default::default()
         };
         let mut xs = vec![];
@@ -353,7 +363,10 @@ impl<'g> Reference<'g> {
             for (s, i) in stats.block_iters.iter_mut().zip(&it) {
                 *s = (*s).max(*i);
             }
-            stats.max_residual = stats.max_residual.max(res);
+            for (s, r) in stats.block_residuals.iter_mut().zip(&res) {
+                *s = s.max(*r);
+                stats.max_residual = stats.max_residual.max(*r);
+            }
             stats.converged &= conv;
             xs.push(x);
         }

@@ -174,6 +174,8 @@ pub fn test_plan() -> Plan {
             },
         ],
         entry_points,
+        logdet: None,
+        info: None,
         meta: serde_json::json!({ "note": "hand-made test bundle" }),
     }
 }

@@ -1,0 +1,246 @@
+//! What users run, written once over [`Backend`]: encode with log-det, density and bits/dim,
+//! sampling from the prior, classification. Every backend gets them by implementing the
+//! trait's three directions; the random streams (dequantization noise, prior draws, probes)
+//! come from [`crate::rng`], so a seed means the same numbers on every backend.
+
+use crate::engine::{require_kind, Backend, Batch, Decoded, Encoded, ModelInfo, Prior};
+use crate::error::{Result, RuntimeError};
+use crate::logdet::LogDetMethod;
+use crate::plan::ModelKind;
+use crate::rng::{streams, Rng};
+
+/// Progress callback: called with the number of samples just finished.
+pub type Progress<'a> = &'a mut dyn FnMut(usize);
+
+/// Samples per call into a backend when a mode runs a long array: small enough that progress
+/// moves and memory stays bounded, large enough to keep a backend's kernels busy.
+pub const DEFAULT_CHUNK: usize = 8;
+
+/// Splits `x` into chunks of at most `chunk` samples (the last may be shorter).
+fn chunks(x: &Batch, chunk: usize) -> impl Iterator<Item = (usize, Batch)> + '_ {
+    let per = x.per_sample().max(1);
+    let chunk = chunk.max(1);
+    x.data.chunks(per * chunk).enumerate().map(move |(i, c)| {
+        (
+            i * chunk,
+            Batch {
+                data: c.to_vec(),
+                batch: c.len() / per,
+            },
+        )
+    })
+}
+
+/// `x -> z` (and the log-det) over a whole array, in chunks.
+pub fn encode(
+    be: &mut dyn Backend,
+    x: &Batch,
+    method: &LogDetMethod,
+    chunk: usize,
+    progress: Progress<'_>,
+) -> Result<Encoded> {
+    let mut z = vec![];
+    let mut ld: Option<Vec<f64>> = None;
+    for (first, c) in chunks(x, chunk) {
+        let out = be.encode(&c, method, first)?;
+        z.extend(out.z.data);
+        if let Some(l) = out.logdet {
+            ld.get_or_insert_with(Vec::new).extend(l);
+        }
+        progress(c.batch);
+    }
+    Ok(Encoded {
+        z: Batch {
+            data: z,
+            batch: x.batch,
+        },
+        logdet: ld,
+    })
+}
+
+/// Logits over a whole array, in chunks.
+pub fn classify(
+    be: &mut dyn Backend,
+    x: &Batch,
+    chunk: usize,
+    progress: Progress<'_>,
+) -> Result<Batch> {
+    require_kind(be.model(), ModelKind::Classifier, "classify")?;
+    let mut out = vec![];
+    for (_, c) in chunks(x, chunk) {
+        out.extend(be.classify(&c)?.data);
+        progress(c.batch);
+    }
+    Ok(Batch {
+        data: out,
+        batch: x.batch,
+    })
+}
+
+/// `z -> x` over a whole array, in chunks; the per-block statistics are the worst over chunks.
+pub fn decode(
+    be: &mut dyn Backend,
+    z: &Batch,
+    chunk: usize,
+    progress: Progress<'_>,
+) -> Result<Decoded> {
+    require_kind(be.model(), ModelKind::Flow, "decode")?;
+    let mut x = vec![];
+    let mut blocks: Vec<crate::engine::BlockInversion> = vec![];
+    let mut converged: Option<bool> = None;
+    for (_, c) in chunks(z, chunk) {
+        let d = be.decode(&c)?;
+        x.extend(d.x.data);
+        if blocks.is_empty() {
+            blocks = d.blocks;
+        } else {
+            for (a, b) in blocks.iter_mut().zip(d.blocks) {
+                a.iters = a.iters.max(b.iters);
+                a.residual = a.residual.max(b.residual);
+            }
+        }
+        converged = match (converged, d.converged) {
+            (Some(a), Some(b)) => Some(a && b),
+            (a, b) => a.or(b),
+        };
+        progress(c.batch);
+    }
+    Ok(Decoded {
+        x: Batch {
+            data: x,
+            batch: z.batch,
+        },
+        blocks,
+        converged,
+    })
+}
+
+/// Dequantization of 8-bit images in [0, 1]: `(255 x + u) / 256 - 0.5`, `u ~ U(0, 1)` from the
+/// sample's own stream (index `first + i` in the whole array).
+pub fn dequantize(x: &Batch, seed: u64, first: usize) -> Batch {
+    let per = x.per_sample().max(1);
+    let mut out = x.clone();
+    for (i, row) in out.data.chunks_mut(per).enumerate() {
+        let mut r = Rng::for_stream(seed, &[streams::DEQUANTIZE, (first + i) as u64]);
+        for v in row {
+            *v = (255.0 * *v + r.uniform()) / 256.0 - 0.5;
+        }
+    }
+    out
+}
+
+/// `log N(z; mean, exp(log_std))`, summed over the dimensions.
+pub fn prior_logp(z: &[f64], prior: &Prior) -> f64 {
+    let c = 0.5 * (2.0 * std::f64::consts::PI).ln();
+    z.iter()
+        .zip(&prior.mean)
+        .zip(&prior.log_std)
+        .map(|((z, m), s)| {
+            let t = (z - m) * (-s).exp();
+            -0.5 * t * t - s - c
+        })
+        .sum()
+}
+
+/// Bits per dimension of a log-density over `dim` dimensions (+8 for dequantized 8-bit data).
+pub fn bits_per_dim(logp: f64, dim: usize, dequantized: bool) -> f64 {
+    -logp / (dim as f64 * std::f64::consts::LN_2) + if dequantized { 8.0 } else { 0.0 }
+}
+
+/// One sample's density.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Density {
+    /// `log p(x)` in nats (of the dequantized input when the model dequantizes).
+    pub logp: f64,
+    pub bits_per_dim: f64,
+}
+
+/// Per-sample `log p(x)` and bits/dim. `seed` drives the dequantization noise (the probes and
+/// roulette draws come from `method`'s own seed).
+pub fn density(
+    be: &mut dyn Backend,
+    x: &Batch,
+    method: &LogDetMethod,
+    seed: u64,
+    chunk: usize,
+    progress: Progress<'_>,
+) -> Result<Vec<Density>> {
+    let model: ModelInfo = be.model().clone();
+    require_kind(&model, ModelKind::Flow, "density")?;
+    if matches!(method, LogDetMethod::None) {
+        return Err(RuntimeError::Unsupported(
+            "density needs a log-det estimator".into(),
+        ));
+    }
+    let prior = be.prior()?;
+    let mut out = Vec::with_capacity(x.batch);
+    for (first, c) in chunks(x, chunk) {
+        let input = if model.dequantize {
+            dequantize(&c, seed, first)
+        } else {
+            c
+        };
+        let enc = be.encode(&input, method, first)?;
+        let lds = enc.logdet.ok_or_else(|| {
+            RuntimeError::Unsupported(format!("backend {} returned no log-det", be.info().name))
+        })?;
+        for (z, ld) in enc.z.rows().zip(lds) {
+            let logp = prior_logp(z, &prior) + ld;
+            out.push(Density {
+                logp,
+                bits_per_dim: bits_per_dim(logp, model.input_dim(), model.dequantize),
+            });
+        }
+        progress(input.batch);
+    }
+    check_finite_densities(&out)?;
+    Ok(out)
+}
+
+/// A NaN or infinite density is never a result: it means the weights or the input left the
+/// range where the model is defined.
+fn check_finite_densities(d: &[Density]) -> Result<()> {
+    match d.iter().position(|d| !d.logp.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(RuntimeError::bad_input(
+            "input",
+            format!(
+                "sample {i}: log p(x) is {} (the input or the weights are outside the model's range)",
+                d[i].logp
+            ),
+        )),
+    }
+}
+
+/// `num` draws `z = mean + exp(log_std) * N(0, 1)`, one stream per draw.
+pub fn prior_draws(prior: &Prior, num: usize, seed: u64) -> Batch {
+    let mut data = Vec::with_capacity(num * prior.mean.len());
+    for i in 0..num {
+        let mut r = Rng::for_stream(seed, &[streams::PRIOR_SAMPLE, i as u64]);
+        data.extend(
+            prior
+                .mean
+                .iter()
+                .zip(&prior.log_std)
+                .map(|(m, s)| m + s.exp() * r.normal()),
+        );
+    }
+    Batch { data, batch: num }
+}
+
+/// `num` samples from the model: prior draws mapped back through the inverse.
+pub fn sample(
+    be: &mut dyn Backend,
+    num: usize,
+    seed: u64,
+    chunk: usize,
+    progress: Progress<'_>,
+) -> Result<Decoded> {
+    require_kind(be.model(), ModelKind::Flow, "sample")?;
+    if num == 0 {
+        return Err(RuntimeError::bad_input("--num", "must be at least 1"));
+    }
+    let prior = be.prior()?;
+    let z = prior_draws(&prior, num, seed);
+    decode(be, &z, chunk, progress)
+}
