@@ -77,7 +77,7 @@ pub fn write_bundle(model: &Model, dir: &Path, opts: &BundleOptions) -> Result<C
             iresnetc_runtime::plan::PLAN_FILE,
             json(&gen.plan)?.as_bytes(),
         )?;
-        // ONNX: the graphs the tract backend runs (forward, forward + log-det, inverse).
+        // ONNX: the whole forward graph, and the per-block segments the tract backend runs.
         crate::onnx::write_bundle_graphs(model, &tmp)?;
         Ok(())
     })();

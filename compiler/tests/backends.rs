@@ -26,6 +26,8 @@ struct Run {
     logdet: Vec<f64>,
     x_back: Vec<f64>,
     logp: Vec<f64>,
+    /// How decoding went per block, as the backend reports it.
+    blocks: Vec<iresnetc_runtime::BlockInversion>,
 }
 
 fn run_all(be: &mut dyn Backend, x: &Batch, z_ref: Option<&Batch>, method: &LogDetMethod) -> Run {
@@ -48,6 +50,7 @@ fn run_all(be: &mut dyn Backend, x: &Batch, z_ref: Option<&Batch>, method: &LogD
         z: e.z.data,
         logdet: e.logdet.expect("a log-det"),
         x_back: d.x.data,
+        blocks: d.blocks,
         logp: dens.iter().map(|d| d.logp).collect(),
     }
 }
@@ -116,10 +119,14 @@ fn check_bundle(model: &str, batch: usize) {
     let bundle = Bundle::load(&dir).expect("bundle loads");
     let mut tract =
         TractBackend::new(&bundle, TractBundle::open(&dir).expect("onnx")).expect("tract");
-    compare(
-        &ref_run,
-        &run_all(&mut tract, &x, Some(&z_ref), &model_method),
-    );
+    let tract_run = run_all(&mut tract, &x, Some(&z_ref), &model_method);
+    compare(&ref_run, &tract_run);
+    // tract iterates each block's step graph: it reports every block, within the certified cap.
+    let info = tract.model().clone();
+    assert_eq!(tract_run.blocks.len(), info.blocks.len());
+    for (b, cap) in tract_run.blocks.iter().zip(&info.inverse_iters) {
+        assert!(b.iters >= 1 && b.iters <= *cap, "{b:?} (cap {cap})");
+    }
 
     let _l = gpu_lock();
     if let Some(dev) = device() {

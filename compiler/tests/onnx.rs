@@ -381,8 +381,7 @@ fn cli_tract_backend_matches_cpu() {
 #[test]
 fn bundle_graphs_run_in_the_runtime() {
     use iresnetc_runtime::tract::TractBundle;
-    // A small model: the bundle's inverse is unrolled with the certified step
-    // counts, and tract's optimizer is quadratic in the node count.
+    use iresnetc_runtime::tract_segments::{ProbeDraw, SegmentRunner};
     let m = common::model_from_toml(common::SMALL_CONV);
     let g = &m.graph;
     let d = tmpdir("bundle");
@@ -392,29 +391,32 @@ fn bundle_graphs_run_in_the_runtime() {
 
     let b = TractBundle::open(&d).unwrap();
     assert_eq!(b.manifest.inverse_steps, onnx::certified_steps(&m));
+    assert_eq!(b.manifest.segments.len(), g.blocks.len());
     let xs = common::inputs(2, g.input_dim(), 9);
     let r = Reference::new(g);
     let (_, method, seed) = series(g);
     let want = r.forward(&xs, &method).unwrap();
-    let layout = b.manifest.probes.clone().unwrap();
-    let probes = layout.matrix(seed, 0, 2);
-    let outs = b
-        .forward_logdet(2)
-        .unwrap()
-        .run(&[&to_f32(&xs), &probes])
-        .unwrap();
-    assert!(rel_err(&want.outputs.concat(), &outs[0].1) < TOL);
-    assert!(rel_err(&want.logdet, &outs[1].1) < TOL);
+    // The whole forward graph, kept for other runtimes.
     let outs = b.forward(2).unwrap().run(&[&to_f32(&xs)]).unwrap();
     assert!(rel_err(&want.outputs.concat(), &outs[0].1) < TOL);
-    let back = b
-        .inverse(2)
-        .unwrap()
-        .run(&[&to_f32(&want.outputs)])
+    // The segments, chained.
+    let mut runner = SegmentRunner::new(b).unwrap();
+    let draw = ProbeDraw {
+        seed,
+        first_sample: 0,
+    };
+    let out = runner.forward(&to_f32(&xs), 2, Some(Some(draw))).unwrap();
+    assert!(rel_err(&want.outputs.concat(), &out.out) < TOL);
+    assert!(rel_err(&want.logdet, &out.logdet.unwrap()) < TOL);
+    let (back, stats) = runner
+        .inverse(&to_f32(&want.outputs), 2, g.spec.inverse.tol)
         .unwrap();
-    let e = rel_err(&xs.concat(), &back[0].1);
-    eprintln!("bundle: inverse round trip rel err {e:.2e}");
+    let e = rel_err(&xs.concat(), &back);
+    eprintln!("bundle: inverse round trip rel err {e:.2e}, fixed points {stats:?}");
     assert!(e < TOL);
+    for (s, cap) in stats.iter().zip(onnx::certified_steps(&m)) {
+        assert!(s.iters >= 1 && s.iters <= cap, "{s:?} (cap {cap})");
+    }
 
     // The CLI on the bundle uses its files and says so.
     let xin = d.join("x.npy");
@@ -449,4 +451,71 @@ fn bundle_graphs_run_in_the_runtime() {
     std::fs::write(d.join("onnx.json"), "{").unwrap();
     let err = TractBundle::open(&d).err().unwrap().to_string();
     assert!(err.contains("onnx.json"), "{err}");
+}
+
+/// The per-block segment graphs a bundle carries, chained by the runtime, compute what the
+/// whole-model graphs compute: forward, forward + log-det with the same probes, and the
+/// inverse with the same number of fixed-point steps. cifar-tiny has every boundary kind:
+/// squeezes, factor-out slices (latent parts leaving mid-model) and the trailing latent.
+#[test]
+fn segments_chain_to_the_whole_graphs() {
+    use iresnetc_runtime::tract::TractBundle;
+    use iresnetc_runtime::tract_segments::{ProbeDraw, SegmentRunner};
+    const CHAIN_TOL: f64 = 1e-5;
+    const STEPS: usize = 3;
+    let m = common::model_file("cifar-tiny.toml");
+    let g = &m.graph;
+    let n = 2;
+    let xs = common::inputs(n, g.input_dim(), 21);
+    let x32 = to_f32(&xs);
+    let (mut manifest, files) = onnx::bundle_graphs(&m).unwrap();
+    assert_eq!(manifest.segments.len(), g.blocks.len());
+    for s in &mut manifest.segments {
+        s.inverse.as_mut().unwrap().steps = STEPS;
+    }
+    let mut runner = SegmentRunner::new(TractBundle::from_memory(manifest, files)).unwrap();
+
+    let style = ConvStyle::default();
+    let whole_z = run(
+        &onnx::encode(&onnx::forward(g, style).unwrap()),
+        &[batched(n, &g.spec.input)],
+        &[&x32],
+    );
+    let seg = runner.forward(&x32, n, None).unwrap();
+    let as64 = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+    let e = rel_err(&as64(&whole_z[0].1), &seg.out);
+    eprintln!("segments vs whole: forward rel err {e:.2e}");
+    assert!(e < CHAIN_TOL, "forward {e}");
+
+    let ld = LogDetExport::from_spec(g, &g.spec.logdet).unwrap();
+    let layout = ld.probe_layout(g);
+    let seed = 17;
+    let whole = run(
+        &onnx::encode(&onnx::forward_logdet(g, &ld, style).unwrap()),
+        &[batched(n, &g.spec.input), vec![n, layout.total]],
+        &[&x32, &layout.matrix(seed, 0, n)],
+    );
+    let draw = ProbeDraw {
+        seed,
+        first_sample: 0,
+    };
+    let seg = runner.forward(&x32, n, Some(Some(draw))).unwrap();
+    let (ez, el) = (
+        rel_err(&as64(&whole[0].1), &seg.out),
+        rel_err(&as64(&whole[1].1), &seg.logdet.unwrap()),
+    );
+    eprintln!("segments vs whole: z rel err {ez:.2e}, logdet rel err {el:.2e}");
+    assert!(ez < CHAIN_TOL && el < CHAIN_TOL, "z {ez}, logdet {el}");
+
+    let whole_x = run(
+        &onnx::encode(&onnx::inverse(g, &vec![STEPS; g.blocks.len()], style).unwrap()),
+        &[vec![n, g.latent_dim()]],
+        &[&whole_z[0].1],
+    );
+    // Tolerance 0: every block runs exactly its (capped) step count.
+    let (x, stats) = runner.inverse(&whole_z[0].1, n, 0.0).unwrap();
+    assert!(stats.iter().all(|s| s.iters == STEPS), "{stats:?}");
+    let e = rel_err(&as64(&whole_x[0].1), &x);
+    eprintln!("segments vs whole: inverse ({STEPS} steps) rel err {e:.2e}");
+    assert!(e < CHAIN_TOL, "inverse {e}");
 }

@@ -13,7 +13,8 @@
 //!   as a single submission (steps recorded into one encoder, `Repeat` unrolled), splitting
 //!   batches that exceed the limits.
 //! - [`error`]: [`RuntimeError`], one-line messages naming the file, limit or input at fault.
-//! - [`tract`]: the bundle's ONNX graphs (`onnx.json`) loaded and run by tract.
+//! - [`tract`]: the bundle's ONNX graphs (`onnx.json`) loaded and run by tract;
+//!   [`tract_segments`]: its per-block segment graphs chained into whole passes.
 //! - [`engine`]: the execution API, [`Backend`], that every backend implements; [`modes`]:
 //!   density, sampling and classification written once over it; [`logdet`]: the estimator
 //!   and the layout of its inputs, typed once; [`backends`]: the wgpu and tract backends.
@@ -32,6 +33,7 @@ pub mod modes;
 pub mod plan;
 pub mod rng;
 pub mod tract;
+pub mod tract_segments;
 
 pub use buffers::{buffer_bytes, check_limits, max_batch_for_limits};
 pub use bundle::{Bundle, WeightTensor};

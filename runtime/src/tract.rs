@@ -24,12 +24,14 @@ use crate::rng::probe_vector;
 
 /// Name of the manifest next to the bundle's ONNX files.
 pub const MANIFEST_FILE: &str = "onnx.json";
-/// Format tag and version of [`Manifest`].
+/// Format tag and version of [`Manifest`]. Version 2: graphs list typed ports, bundles carry
+/// the model cut into per-block [`Segment`]s instead of whole log-det and inverse graphs.
 pub const MANIFEST_FORMAT: &str = "iresnetc-onnx";
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// `onnx.json`: what each exported graph takes and returns.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub format: String,
     pub version: u32,
@@ -40,27 +42,127 @@ pub struct Manifest {
     pub input_shape: Vec<usize>,
     /// Per-sample output length (latent dimension, or number of classes).
     pub output_dim: usize,
-    /// `input [batch, ...] -> z [batch, D]` (flows) or `logits [batch, classes]`.
+    /// The whole model in one graph: `input [batch, ...] -> z [batch, D]` (flows) or
+    /// `logits [batch, classes]`. Bundles keep it for runtimes other than iresnetc's.
     pub forward: GraphEntry,
-    /// Flows: `input, probes -> z, logdet [batch]`.
+    /// The whole model with its log-det: `input, probes -> z, logdet [batch]`
+    /// (`export-onnx --with-logdet`; bundles carry per-segment graphs instead).
     pub forward_logdet: Option<GraphEntry>,
-    /// Flows: `z -> x`, the fixed point unrolled `inverse_steps[b]` times for block b.
+    /// The whole inverse `z -> x`, block b's fixed point unrolled `inverse_steps[b]` times
+    /// (`export-onnx --inverse-steps`; bundles carry per-segment step graphs instead).
     pub inverse: Option<GraphEntry>,
     pub inverse_steps: Vec<usize>,
-    /// How the `probes` input of `forward_logdet` is laid out (None: no probe input).
+    /// How a whole-model `probes` input is laid out (None: no probe input); a segment's
+    /// `probes` input is its block's columns of this layout.
     pub probes: Option<ProbeLayout>,
-    /// `series` (Hutchinson, truncated) or `exact2d` (closed form for 2-D blocks).
+    /// `series` (Hutchinson, truncated), `exact2d` (closed form for 2-D blocks) or `none`.
     pub logdet_estimator: String,
     pub logdet_terms: usize,
     /// The model file's default probe seed.
     pub default_probe_seed: u64,
+    /// Flows: z's parts in concatenation order.
+    pub latents: Vec<LatentPart>,
+    /// The model cut at block boundaries, in forward order (bundles; empty in the file
+    /// `export-onnx` writes). tract's optimizer is superlinear in a graph's node count,
+    /// so many small graphs load far faster than one big one.
+    pub segments: Vec<Segment>,
 }
 
+/// One ONNX file and its graph's inputs and outputs, in graph order.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct GraphEntry {
     pub file: String,
-    pub inputs: Vec<String>,
-    pub outputs: Vec<String>,
+    pub inputs: Vec<Port>,
+    pub outputs: Vec<Port>,
+}
+
+/// A graph input or output: its tensor name, what it holds, its per-sample shape
+/// (the tensor is `[batch, shape...]`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    pub name: String,
+    pub value: Value,
+    pub shape: Vec<usize>,
+}
+
+/// What a [`Port`] carries.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Value {
+    /// The model input x.
+    Input,
+    /// z, every latent part concatenated.
+    Z,
+    Logits,
+    /// Per-sample log-det (`[batch]`): the whole model's, or a segment's share.
+    Logdet,
+    /// Log-det probes: the whole [`ProbeLayout`], or one block's columns of it.
+    Probes,
+    /// The tensor between two segments: the model input for the first segment, then the
+    /// output of the previous segment's block.
+    Carry,
+    /// Latent part `index` of [`Manifest::latents`].
+    Latent {
+        index: usize,
+    },
+    /// A block's output `y = a + g(a)`: the right-hand side of its fixed point.
+    BlockOutput,
+    /// A block's input `a`: the fixed point's unknown, `a = y - g(a)`.
+    BlockInput,
+}
+
+/// Where latent part `i` sits in z.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LatentPart {
+    pub name: String,
+    pub offset: usize,
+    pub shape: Vec<usize>,
+}
+
+/// One residual block and the layout ops before it (squeeze, channel padding, factor-out
+/// slices, ActNorm); the last segment also holds the ops after the last block.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    /// Index of the block (in [`Manifest::probes`] and the plan's block list); None only
+    /// for a model without blocks, which is one segment.
+    pub block: Option<usize>,
+    /// `Carry -> [Carry], Latent..., [Logits]`.
+    pub forward: GraphEntry,
+    /// Flows with an exportable estimator: `Carry, [Probes] -> [Carry], Latent..., Logdet`.
+    pub forward_logdet: Option<GraphEntry>,
+    /// Flows: how to run the segment backwards.
+    pub inverse: Option<SegmentInverse>,
+}
+
+/// A segment backwards: find y, iterate `x <- y - g(x)` from `x = y` (at most `steps`
+/// times, the certified count), then undo the layout ops.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentInverse {
+    pub steps: usize,
+    /// Where y comes from.
+    pub block_output: BlockOutputSource,
+    /// One fixed-point step: `BlockOutput, BlockInput -> BlockInput`.
+    pub step: GraphEntry,
+    /// `BlockInput, Latent... -> Carry`: the inverse of the ops before the block.
+    pub layout: GraphEntry,
+}
+
+/// How the inverse of a segment obtains its block's output y.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum BlockOutputSource {
+    /// y is the segment's forward output (the next segment's input).
+    Carry,
+    /// y is latent part `index`.
+    Latent { index: usize },
+    /// y is this graph's `BlockOutput`, from the segment's forward outputs (the inverse
+    /// of the ops after the block).
+    Graph(GraphEntry),
 }
 
 /// `probes` is `[batch, total]`; block b's probe p of sample i occupies
@@ -83,6 +185,22 @@ pub struct ProbeBlock {
 }
 
 impl ProbeLayout {
+    /// Block `b`'s `[batch, count * dim]` columns of [`Self::matrix`].
+    pub fn block_matrix(&self, b: usize, seed: u64, first_sample: usize, batch: usize) -> Vec<f32> {
+        let Some(blk) = self.blocks.get(b) else {
+            return vec![];
+        };
+        let width = blk.count * blk.dim;
+        let mut m = Vec::with_capacity(batch * width);
+        for i in 0..batch {
+            for p in 0..blk.count {
+                let v = probe_vector(seed, b, first_sample + i, p, blk.dim, self.rademacher);
+                m.extend(v.into_iter().map(|x| x as f32));
+            }
+        }
+        m
+    }
+
     /// The `[batch, total]` probe matrix (row-major, f32) for samples
     /// `first_sample .. first_sample + batch`.
     pub fn matrix(&self, seed: u64, first_sample: usize, batch: usize) -> Vec<f32> {
@@ -275,54 +393,23 @@ impl TractBundle {
         }
     }
 
-    fn entry(&self, which: &str) -> Result<&GraphEntry> {
-        let m = &self.manifest;
-        let e = match which {
-            "forward" => Some(&m.forward),
-            "forward_logdet" => m.forward_logdet.as_ref(),
-            "inverse" => m.inverse.as_ref(),
-            _ => None,
-        };
-        e.ok_or_else(|| RuntimeError::UnknownEntryPoint {
-            name: which.into(),
-            available: ["forward", "forward_logdet", "inverse"]
-                .iter()
-                .filter(|w| match **w {
-                    "forward_logdet" => m.forward_logdet.is_some(),
-                    "inverse" => m.inverse.is_some(),
-                    _ => true,
-                })
-                .map(|s| s.to_string())
-                .collect(),
-        })
-    }
-
-    fn batched(batch: usize, per_sample: &[usize]) -> Vec<usize> {
-        std::iter::once(batch)
-            .chain(per_sample.iter().copied())
-            .collect()
-    }
-
-    /// The forward graph for `batch` samples.
-    pub fn forward(&self, batch: usize) -> Result<TractGraph> {
-        let e = self.entry("forward")?;
-        self.load(&e.file, &[Self::batched(batch, &self.manifest.input_shape)])
-    }
-
-    /// The forward + log-det graph for `batch` samples.
-    pub fn forward_logdet(&self, batch: usize) -> Result<TractGraph> {
-        let e = self.entry("forward_logdet")?;
-        let mut shapes = vec![Self::batched(batch, &self.manifest.input_shape)];
-        if let Some(p) = &self.manifest.probes {
-            shapes.push(vec![batch, p.total]);
-        }
+    /// Graph `e` for `batch` samples (its inputs' shapes from the manifest).
+    pub fn load_entry(&self, e: &GraphEntry, batch: usize) -> Result<TractGraph> {
+        let shapes: Vec<Vec<usize>> = e
+            .inputs
+            .iter()
+            .map(|p| {
+                std::iter::once(batch)
+                    .chain(p.shape.iter().copied())
+                    .collect()
+            })
+            .collect();
         self.load(&e.file, &shapes)
     }
 
-    /// The unrolled inverse graph for `batch` samples.
-    pub fn inverse(&self, batch: usize) -> Result<TractGraph> {
-        let e = self.entry("inverse")?;
-        self.load(&e.file, &[vec![batch, self.manifest.output_dim]])
+    /// The whole-model forward graph for `batch` samples.
+    pub fn forward(&self, batch: usize) -> Result<TractGraph> {
+        self.load_entry(&self.manifest.forward, batch)
     }
 }
 

@@ -50,6 +50,17 @@ struct ConvSpec {
     w: usize,
 }
 
+/// Pieces of a node's output recovered from its channel slices: (start, len, tensor).
+pub(crate) type Pieces = HashMap<NodeIndex, Vec<(usize, usize, String)>>;
+
+/// The log-det terms a forward walk emitted: one `[B]` tensor per block, and the
+/// ActNorm constant `H*W*sum(log_scale)` summed over the walked ActNorms.
+#[derive(Default)]
+pub(crate) struct WalkLogdet {
+    pub blocks: Vec<String>,
+    pub actnorm: f64,
+}
+
 pub(crate) struct Emitter<'g> {
     pub g: &'g Graph,
     pub og: OnnxGraph,
@@ -544,14 +555,17 @@ impl<'g> Emitter<'g> {
     }
 
     /// Per-sample `[B]` log-det of block `b`'s branch; `inputs` are the branch's
-    /// node inputs from [`Self::branch`] (the first is the block input).
+    /// node inputs from [`Self::branch`] (the first is the block input). `probes`
+    /// holds the probe layout's columns from `probes.1` on (0 for the whole layout,
+    /// the block's offset for a segment graph that takes only its own block's probes).
     fn block_logdet(
         &mut self,
         b: usize,
         inputs: &[String],
         ld: &LogDetExport,
-        probes: &str,
+        probes: (&str, usize),
     ) -> Result<String> {
+        let (probes, base) = probes;
         let g = self.g;
         let block = &g.blocks[b];
         let name = block.name.clone();
@@ -565,7 +579,15 @@ impl<'g> Emitter<'g> {
                 ..
             } => {
                 let layout = ld.probe_layout(g);
-                let offset = layout.blocks[b].offset;
+                let offset =
+                    layout.blocks[b]
+                        .offset
+                        .checked_sub(base)
+                        .ok_or_else(|| Error::Graph {
+                            node: name.clone(),
+                            reason: "probe input starts after the block's probes (ONNX export)"
+                                .into(),
+                        })?;
                 let mut total: Option<String> = None;
                 for p in 0..*count {
                     let off = offset + p * dim;
@@ -696,41 +718,8 @@ impl<'g> Emitter<'g> {
         let g = self.g;
         let mut vals: HashMap<NodeIndex, String> = HashMap::new();
         vals.insert(g.input, x.to_string());
-        let block_of_residual = g.block_of_residual();
-        let mut block_lds: Vec<String> = vec![];
-        let mut actnorm_ld = 0.0;
-        for ix in g.topo_order()? {
-            let n = g.node(ix);
-            if n.op == Op::Input || n.block.is_some() {
-                continue;
-            }
-            let residual_of = block_of_residual.get(&ix).copied();
-            // A residual add reads [a, g(a)]; g(a) is emitted here from a.
-            let ins: Vec<String> = g
-                .inputs(ix)
-                .iter()
-                .take(if residual_of.is_some() { 1 } else { usize::MAX })
-                .map(|i| {
-                    vals.get(i).cloned().ok_or_else(|| Error::Graph {
-                        node: n.name.clone(),
-                        reason: "ONNX export reached a node before its input".into(),
-                    })
-                })
-                .collect::<Result<_>>()?;
-            let out = if let Some(b) = residual_of {
-                let (gx, inputs) = self.branch(b, &ins[0], &|s| s.to_string())?;
-                if let Some((ld, probes)) = ld {
-                    block_lds.push(self.block_logdet(b, &inputs, ld, probes)?);
-                }
-                self.op(ix, &[ins[0].clone(), gx], &n.name)?
-            } else {
-                if n.op == Op::ActNorm {
-                    actnorm_ld += actnorm::logdet(&n.name, &g.params, &g.input_shape(ix));
-                }
-                self.op(ix, &ins, &n.name)?
-            };
-            vals.insert(ix, out);
-        }
+        let order = g.topo_order()?;
+        let walk = self.forward_walk(&order, &mut vals, ld.map(|(l, p)| (l, p, 0)))?;
         let out = match g.spec.kind {
             ModelKind::Flow => {
                 let mut parts = vec![];
@@ -769,30 +758,80 @@ impl<'g> Emitter<'g> {
         };
         let ld_out = match ld {
             None => None,
-            Some(_) => {
-                let mut total: Option<String> = None;
-                for (i, l) in block_lds.into_iter().enumerate() {
-                    total = Some(match total {
-                        None => l,
-                        Some(t) => {
-                            self.og
-                                .node("Add", &format!("logdet.sum{i}"), &[&t, &l], vec![])
-                        }
-                    });
-                }
-                let c = self.og.init_f32("actnorm.logdet", &[1], [actnorm_ld]);
-                Some(match total {
-                    Some(t) => self.og.node("Add", "logdet.total", &[&t, &c], vec![]),
-                    None => {
-                        return Err(Error::Unsupported {
-                            what: format!("ONNX log-det export of model `{}`", g.spec.name),
-                            reason: "the model has no residual blocks".into(),
-                        })
-                    }
-                })
-            }
+            Some(_) => Some(self.logdet_total(walk)?),
         };
         Ok((out, ld_out))
+    }
+
+    /// Emits the forward ops of `nodes` (a topologically ordered range of the
+    /// graph; inputs and branch nodes are skipped, a residual add emits its whole
+    /// block) from the boundary values already in `vals`, recording each node's
+    /// tensor there. With `ld` = (estimator, probe tensor, its first column in the
+    /// probe layout) each block's log-det is emitted too.
+    pub fn forward_walk(
+        &mut self,
+        nodes: &[NodeIndex],
+        vals: &mut HashMap<NodeIndex, String>,
+        ld: Option<(&LogDetExport, &str, usize)>,
+    ) -> Result<WalkLogdet> {
+        let g = self.g;
+        let block_of_residual = g.block_of_residual();
+        let mut walk = WalkLogdet::default();
+        for &ix in nodes {
+            let n = g.node(ix);
+            if n.op == Op::Input || n.block.is_some() {
+                continue;
+            }
+            let residual_of = block_of_residual.get(&ix).copied();
+            // A residual add reads [a, g(a)]; g(a) is emitted here from a.
+            let ins: Vec<String> = g
+                .inputs(ix)
+                .iter()
+                .take(if residual_of.is_some() { 1 } else { usize::MAX })
+                .map(|i| {
+                    vals.get(i).cloned().ok_or_else(|| Error::Graph {
+                        node: n.name.clone(),
+                        reason: "ONNX export reached a node before its input".into(),
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let out = if let Some(b) = residual_of {
+                let (gx, inputs) = self.branch(b, &ins[0], &|s| s.to_string())?;
+                if let Some((ld, probes, base)) = ld {
+                    walk.blocks
+                        .push(self.block_logdet(b, &inputs, ld, (probes, base))?);
+                }
+                self.op(ix, &[ins[0].clone(), gx], &n.name)?
+            } else {
+                if n.op == Op::ActNorm {
+                    walk.actnorm += actnorm::logdet(&n.name, &g.params, &g.input_shape(ix));
+                }
+                self.op(ix, &ins, &n.name)?
+            };
+            vals.insert(ix, out);
+        }
+        Ok(walk)
+    }
+
+    /// The `[B]` log-det of a walk: its blocks' estimates plus ActNorm's constant.
+    pub fn logdet_total(&mut self, walk: WalkLogdet) -> Result<String> {
+        let mut total: Option<String> = None;
+        for (i, l) in walk.blocks.into_iter().enumerate() {
+            total = Some(match total {
+                None => l,
+                Some(t) => self
+                    .og
+                    .node("Add", &format!("logdet.sum{i}"), &[&t, &l], vec![]),
+            });
+        }
+        let c = self.og.init_f32("actnorm.logdet", &[1], [walk.actnorm]);
+        match total {
+            Some(t) => Ok(self.og.node("Add", "logdet.total", &[&t, &c], vec![])),
+            None => Err(Error::Unsupported {
+                what: format!("ONNX log-det export of model `{}`", self.g.spec.name),
+                reason: "the model has no residual blocks".into(),
+            }),
+        }
     }
 
     /// The inverse from `z` `[B, D]`, each block's fixed point unrolled
@@ -806,8 +845,7 @@ impl<'g> Emitter<'g> {
             });
         }
         let mut vals: HashMap<NodeIndex, String> = HashMap::new();
-        // Pieces of a node's output recovered from its channel slices: (start, len, tensor).
-        let mut pieces: HashMap<NodeIndex, Vec<(usize, usize, String)>> = HashMap::new();
+        let mut pieces = Pieces::new();
         let mut off = 0;
         for &l in &g.latents {
             let n = g.node(l);
@@ -819,21 +857,35 @@ impl<'g> Emitter<'g> {
             vals.insert(l, v);
             off += d;
         }
-        let block_of_residual = g.block_of_residual();
         let mut order = g.topo_order()?;
         order.reverse();
-        for ix in order {
+        self.inverse_walk(&order, &mut vals, &mut pieces, steps)?;
+        self.resolve(g.input, &mut vals, &mut pieces)
+    }
+
+    /// Emits the inverse of `nodes` (a range of the graph in reverse topological
+    /// order; inputs and branch nodes are skipped) from the values in `vals`,
+    /// recording the recovered input of each node there, or, for channel slices,
+    /// in `pieces` until [`Self::resolve`] joins them. A residual add unrolls its
+    /// block's fixed point `steps[b]` times from `x_0 = y`.
+    pub fn inverse_walk(
+        &mut self,
+        nodes: &[NodeIndex],
+        vals: &mut HashMap<NodeIndex, String>,
+        pieces: &mut Pieces,
+        steps: &[usize],
+    ) -> Result<()> {
+        let g = self.g;
+        let block_of_residual = g.block_of_residual();
+        for &ix in nodes {
             let n = g.node(ix);
-            if n.block.is_some() {
+            if n.block.is_some() || n.op == Op::Input {
                 continue;
             }
             let y = match vals.get(&ix) {
                 Some(v) => v.clone(),
                 None => self.assemble(ix, pieces.remove(&ix))?,
             };
-            if n.op == Op::Input {
-                return Ok(y);
-            }
             let ins = g.inputs(ix);
             let in_shape = g.input_shape(ix);
             let rec = format!("{}.inv", n.name);
@@ -908,10 +960,25 @@ impl<'g> Emitter<'g> {
             };
             vals.insert(ins[0], x);
         }
-        Err(Error::Graph {
-            node: "input".into(),
-            reason: "ONNX inverse export did not reach the input".into(),
-        })
+        Ok(())
+    }
+
+    /// The tensor of node `ix` after an inverse walk: recovered whole, or joined
+    /// from the channel slices its consumers recovered.
+    pub fn resolve(
+        &mut self,
+        ix: NodeIndex,
+        vals: &mut HashMap<NodeIndex, String>,
+        pieces: &mut Pieces,
+    ) -> Result<String> {
+        match vals.get(&ix) {
+            Some(v) => Ok(v.clone()),
+            None => {
+                let v = self.assemble(ix, pieces.remove(&ix))?;
+                vals.insert(ix, v.clone());
+                Ok(v)
+            }
+        }
     }
 
     /// A node's output from the channel slices its consumers recovered.

@@ -11,9 +11,13 @@
 //!   the probe layout is [`iresnetc_runtime::tract::ProbeLayout`];
 //! - inverse (flows): `z -> x`, each block's fixed point `x <- y - g(x)` from
 //!   `x = y` unrolled a fixed number of times (ONNX `Loop` is not run by tract).
+//!
+//! A bundle carries the whole forward graph (for other runtimes) and the model cut into
+//! per-block segments ([`segment`]), which tract loads in time linear in the model's size.
 
 mod build;
 mod proto;
+pub mod segment;
 
 pub use build::ConvStyle;
 pub use proto::{BATCH, IR_VERSION, OPSET};
@@ -27,7 +31,8 @@ use crate::pipeline::Model;
 use crate::spec::{Estimator, LogDetSpec, ModelKind, ProbeKind};
 use build::Emitter;
 use iresnetc_runtime::tract::{
-    GraphEntry, Manifest, ProbeBlock, ProbeLayout, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
+    GraphEntry, LatentPart, Manifest, Port, ProbeBlock, ProbeLayout, Value, MANIFEST_FILE,
+    MANIFEST_FORMAT, MANIFEST_VERSION,
 };
 use proto::{batched, Dim};
 
@@ -217,15 +222,56 @@ pub const FORWARD_FILE: &str = "forward.onnx";
 pub const FORWARD_LOGDET_FILE: &str = "forward_logdet.onnx";
 pub const INVERSE_FILE: &str = "inverse.onnx";
 
-/// The manifest of the graphs [`write_bundle_graphs`] writes.
+/// z's parts in concatenation order.
+fn latent_parts(g: &Graph) -> Vec<LatentPart> {
+    let mut offset = 0;
+    g.latents
+        .iter()
+        .map(|&l| {
+            let n = g.node(l);
+            let part = LatentPart {
+                name: n.name.clone(),
+                offset,
+                shape: n.shape.clone(),
+            };
+            offset += n.shape.iter().product::<usize>();
+            part
+        })
+        .collect()
+}
+
+/// The manifest of the whole-model graphs: `forward.onnx`, and `forward_logdet.onnx` with
+/// `ld`, `inverse.onnx` with non-empty `steps` (flows); no segments.
 pub fn manifest(g: &Graph, ld: Option<&LogDetExport>, steps: &[usize]) -> Manifest {
     let flow = g.spec.kind == ModelKind::Flow;
     let probes = ld.map(|l| l.probe_layout(g)).filter(|p| p.total > 0);
-    let entry = |file: &str, inputs: &[&str], outputs: &[&str]| GraphEntry {
-        file: file.into(),
-        inputs: inputs.iter().map(|s| s.to_string()).collect(),
-        outputs: outputs.iter().map(|s| s.to_string()).collect(),
+    let port = |name: &str, value: Value, shape: &[usize]| Port {
+        name: name.into(),
+        value,
+        shape: shape.to_vec(),
     };
+    let input = port("input", Value::Input, &g.spec.input);
+    let out = if flow {
+        port("z", Value::Z, &[output_dim(g)])
+    } else {
+        port("logits", Value::Logits, &[output_dim(g)])
+    };
+    let entry = |file: &str, inputs: Vec<Port>, outputs: Vec<Port>| GraphEntry {
+        file: file.into(),
+        inputs,
+        outputs,
+    };
+    let forward_logdet = ld.filter(|_| flow).map(|_| {
+        let mut inputs = vec![input.clone()];
+        if let Some(p) = &probes {
+            inputs.push(port("probes", Value::Probes, &[p.total]));
+        }
+        entry(
+            FORWARD_LOGDET_FILE,
+            inputs,
+            vec![out.clone(), port("logdet", Value::Logdet, &[])],
+        )
+    });
     Manifest {
         format: MANIFEST_FORMAT.into(),
         version: MANIFEST_VERSION,
@@ -233,15 +279,15 @@ pub fn manifest(g: &Graph, ld: Option<&LogDetExport>, steps: &[usize]) -> Manife
         kind: if flow { "flow" } else { "classifier" }.into(),
         input_shape: g.spec.input.clone(),
         output_dim: output_dim(g),
-        forward: entry(FORWARD_FILE, &["input"], &[output_name(g)]),
-        forward_logdet: ld.map(|_| {
-            if probes.is_some() {
-                entry(FORWARD_LOGDET_FILE, &["input", "probes"], &["z", "logdet"])
-            } else {
-                entry(FORWARD_LOGDET_FILE, &["input"], &["z", "logdet"])
-            }
+        forward: entry(FORWARD_FILE, vec![input.clone()], vec![out.clone()]),
+        forward_logdet,
+        inverse: (flow && !steps.is_empty()).then(|| {
+            entry(
+                INVERSE_FILE,
+                vec![out.clone()],
+                vec![port("x", Value::Input, &g.spec.input)],
+            )
         }),
-        inverse: flow.then(|| entry(INVERSE_FILE, &["z"], &["x"])),
         inverse_steps: if flow { steps.to_vec() } else { vec![] },
         probes,
         logdet_estimator: ld.map(|l| l.name()).unwrap_or("none").into(),
@@ -250,12 +296,15 @@ pub fn manifest(g: &Graph, ld: Option<&LogDetExport>, steps: &[usize]) -> Manife
             _ => 0,
         },
         default_probe_seed: g.spec.logdet.seed,
+        latents: if flow { latent_parts(g) } else { vec![] },
+        segments: vec![],
     }
 }
 
-/// The graphs a bundle carries for tract, in memory: `forward.onnx`, for flows
-/// `forward_logdet.onnx` (the model's log-det settings; left out when they cannot be exported,
-/// e.g. roulette) and `inverse.onnx` (certified step counts), with their manifest.
+/// The graphs a bundle carries for tract, in memory: the whole `forward.onnx` (for other
+/// runtimes), and the model cut into per-block segments under `segments/` (forward; for
+/// flows forward + log-det with the model's estimator, left out when it cannot be exported,
+/// e.g. roulette; and the inverse with the certified step counts), with their manifest.
 pub fn bundle_graphs(
     model: &crate::pipeline::Model,
 ) -> crate::Result<(Manifest, std::collections::BTreeMap<String, Vec<u8>>)> {
@@ -263,24 +312,23 @@ pub fn bundle_graphs(
     let style = ConvStyle::default();
     let mut files = std::collections::BTreeMap::new();
     files.insert(FORWARD_FILE.to_string(), encode(&forward(g, style)?));
-    let mut ld = None;
-    let mut steps = vec![];
-    if g.spec.kind == ModelKind::Flow {
-        // A bundle of a roulette model still gets its forward and inverse graphs.
-        if let Ok(l) = LogDetExport::from_spec(g, &g.spec.logdet) {
-            files.insert(
-                FORWARD_LOGDET_FILE.to_string(),
-                encode(&forward_logdet(g, &l, style)?),
-            );
-            ld = Some(l);
-        }
-        steps = certified_steps(model);
-        files.insert(
-            INVERSE_FILE.to_string(),
-            encode(&inverse(g, &steps, style)?),
-        );
+    let flow = g.spec.kind == ModelKind::Flow;
+    // A bundle of a roulette model still gets its forward and inverse graphs.
+    let ld = if flow {
+        LogDetExport::from_spec(g, &g.spec.logdet).ok()
+    } else {
+        None
+    };
+    let steps = if flow { certified_steps(model) } else { vec![] };
+    let (segments, models) = segment::bundle_segments(g, ld.as_ref(), &steps, style)?;
+    for (name, m) in models {
+        files.insert(name, encode(&m));
     }
-    Ok((manifest(g, ld.as_ref(), &steps), files))
+    let mut m = manifest(g, ld.as_ref(), &[]);
+    m.forward_logdet = None;
+    m.inverse_steps = steps;
+    m.segments = segments;
+    Ok((m, files))
 }
 
 /// Writes [`bundle_graphs`] and `onnx.json` into `dir`.
@@ -289,6 +337,11 @@ pub fn write_bundle_graphs(
     dir: &std::path::Path,
 ) -> crate::Result<()> {
     let (m, files) = bundle_graphs(model)?;
+    let seg_dir = dir.join(segment::SEGMENT_DIR);
+    std::fs::create_dir_all(&seg_dir).map_err(|e| Error::Io {
+        path: seg_dir.clone(),
+        source: e,
+    })?;
     for (name, bytes) in &files {
         crate::fsutil::write_atomic(&dir.join(name), bytes)?;
     }

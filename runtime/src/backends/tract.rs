@@ -1,30 +1,24 @@
-//! The tract backend: a bundle's ONNX graphs on the CPU (f32). Each graph is optimized by
-//! tract once per batch size and kept. The log-det graph was exported for one estimator (the
-//! model file's); another estimator is refused with the way to get it.
-
-use std::collections::HashMap;
+//! The tract backend: a bundle's per-block segment graphs on the CPU (f32), chained by
+//! [`SegmentRunner`]; each graph is optimized by tract once per batch size and kept. The
+//! log-det graphs were exported for one estimator (the model file's); another estimator is
+//! refused with the way to get it. Decoding iterates each block's one-step graph until the
+//! model's `inverse.tol` holds, at most the certified count, and reports the iterations.
 
 use crate::bundle::Bundle;
 use crate::engine::{
-    require_kind, Backend, BackendInfo, Batch, Decoded, Encoded, ModelInfo, Precision, Prior,
+    require_kind, Backend, BackendInfo, Batch, BlockInversion, Decoded, Encoded, ModelInfo,
+    Precision, Prior,
 };
 use crate::error::{Result, RuntimeError};
 use crate::logdet::{LogDetMethod, ProbeKind};
 use crate::plan::ModelKind;
-use crate::tract::{TractBundle, TractGraph};
-
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-enum Which {
-    Forward,
-    ForwardLogdet,
-    Inverse,
-}
+use crate::tract::TractBundle;
+use crate::tract_segments::{ProbeDraw, SegmentRunner};
 
 pub struct TractBackend {
-    graphs: TractBundle,
+    runner: SegmentRunner,
     info: ModelInfo,
     prior: Option<Prior>,
-    loaded: HashMap<(Which, usize), TractGraph>,
 }
 
 impl TractBackend {
@@ -45,36 +39,32 @@ impl TractBackend {
                 ),
             ));
         }
+        let blocks = graphs
+            .manifest
+            .segments
+            .iter()
+            .filter(|s| s.inverse.is_some())
+            .count();
+        if info.is_flow() && blocks != info.blocks.len() {
+            return Err(RuntimeError::corrupt(
+                crate::tract::MANIFEST_FILE,
+                format!(
+                    "{blocks} invertible segments, plan.json lists {} blocks",
+                    info.blocks.len()
+                ),
+            ));
+        }
         Ok(TractBackend {
-            graphs,
+            runner: SegmentRunner::new(graphs)?,
             info,
             prior,
-            loaded: HashMap::new(),
         })
     }
 
-    fn graph(&mut self, which: Which, batch: usize) -> Result<&TractGraph> {
-        if !self.loaded.contains_key(&(which, batch)) {
-            let g = match which {
-                Which::Forward => self.graphs.forward(batch)?,
-                Which::ForwardLogdet => self.graphs.forward_logdet(batch)?,
-                Which::Inverse => self.graphs.inverse(batch)?,
-            };
-            self.loaded.insert((which, batch), g);
-        }
-        self.loaded
-            .get(&(which, batch))
-            .ok_or_else(|| RuntimeError::Unsupported("tract graph cache".into()))
-    }
-
-    /// The probe matrix for `method` if the exported log-det graph computes that estimator.
-    fn check_estimator(
-        &self,
-        method: &LogDetMethod,
-        first: usize,
-        batch: usize,
-    ) -> Result<Vec<f32>> {
-        let m = &self.graphs.manifest;
+    /// The probes for `method` if the exported log-det graphs compute that estimator
+    /// (None: the estimator takes no probes).
+    fn check_estimator(&self, method: &LogDetMethod, first: usize) -> Result<Option<ProbeDraw>> {
+        let m = self.runner.manifest();
         let refuse = |what: String| {
             Err(RuntimeError::Unsupported(format!(
                 "the bundle's ONNX log-det graph computes {} ({} terms, {} probes); {what}: set it in the model file's [logdet] and recompile, or use --backend cpu or reference",
@@ -84,7 +74,7 @@ impl TractBackend {
             )))
         };
         match (method, m.logdet_estimator.as_str(), &m.probes) {
-            (LogDetMethod::Exact, "exact2d", _) => Ok(vec![]),
+            (LogDetMethod::Exact, "exact2d", _) => Ok(None),
             (
                 LogDetMethod::Series {
                     terms,
@@ -98,7 +88,10 @@ impl TractBackend {
                 && layout.blocks.iter().all(|b| b.count == *probes)
                 && layout.rademacher == (*kind == ProbeKind::Rademacher) =>
             {
-                Ok(layout.matrix(*seed, first, batch))
+                Ok(Some(ProbeDraw {
+                    seed: *seed,
+                    first_sample: first,
+                }))
             }
             (LogDetMethod::Roulette { .. }, _, _) => refuse(
                 "the roulette estimator has a random term count and cannot be exported".into(),
@@ -107,15 +100,18 @@ impl TractBackend {
         }
     }
 
-    fn single_output(&mut self, which: Which, x: &Batch, name: &str) -> Result<Batch> {
-        let xs = x.to_f32(name)?;
-        let b = x.batch;
-        let outs = self.graph(which, b)?.run(&[&xs])?;
-        let (_, data) = outs
-            .into_iter()
-            .next()
-            .ok_or_else(|| RuntimeError::Unsupported("a tract graph with no output".into()))?;
-        Ok(Batch::from_f32(&data, b))
+    fn forward(
+        &mut self,
+        x: &Batch,
+        logdet: Option<Option<ProbeDraw>>,
+    ) -> Result<(Batch, Option<Vec<f64>>)> {
+        let xs = x.to_f32("input")?;
+        let out = self.runner.forward(&xs, x.batch, logdet)?;
+        Ok((
+            Batch::from_f32(&out.out, x.batch),
+            out.logdet
+                .map(|l| l.iter().map(|&v| f64::from(v)).collect()),
+        ))
     }
 }
 
@@ -140,45 +136,37 @@ impl Backend for TractBackend {
 
     fn encode(&mut self, x: &Batch, logdet: &LogDetMethod, first_sample: usize) -> Result<Encoded> {
         require_kind(&self.info, ModelKind::Flow, "encode")?;
-        if matches!(logdet, LogDetMethod::None) {
-            return Ok(Encoded {
-                z: self.single_output(Which::Forward, x, "input")?,
-                logdet: None,
-            });
-        }
-        let probes = self.check_estimator(logdet, first_sample, x.batch)?;
-        let xs = x.to_f32("input")?;
-        let b = x.batch;
-        let g = self.graph(Which::ForwardLogdet, b)?;
-        let outs = if probes.is_empty() {
-            g.run(&[&xs])?
-        } else {
-            g.run(&[&xs, &probes])?
+        let draw = match logdet {
+            LogDetMethod::None => None,
+            m => Some(self.check_estimator(m, first_sample)?),
         };
-        let mut it = outs.into_iter();
-        let (Some((_, z)), Some((_, ld))) = (it.next(), it.next()) else {
-            return Err(RuntimeError::corrupt(
-                crate::tract::MANIFEST_FILE,
-                "the log-det graph must return z and logdet",
-            ));
-        };
-        Ok(Encoded {
-            z: Batch::from_f32(&z, b),
-            logdet: Some(ld.iter().map(|&v| f64::from(v)).collect()),
-        })
+        let (z, logdet) = self.forward(x, draw)?;
+        Ok(Encoded { z, logdet })
     }
 
     fn decode(&mut self, z: &Batch) -> Result<Decoded> {
         require_kind(&self.info, ModelKind::Flow, "decode")?;
+        let zs = z.to_f32("z")?;
+        let (x, stats) = self.runner.inverse(&zs, z.batch, self.info.inverse_tol)?;
         Ok(Decoded {
-            x: self.single_output(Which::Inverse, z, "z")?,
-            blocks: vec![],
-            converged: None,
+            x: Batch::from_f32(&x, z.batch),
+            converged: Some(stats.iter().all(|s| s.converged)),
+            blocks: self
+                .info
+                .blocks
+                .iter()
+                .zip(&stats)
+                .map(|(name, s)| BlockInversion {
+                    block: name.clone(),
+                    iters: s.iters,
+                    residual: s.change,
+                })
+                .collect(),
         })
     }
 
     fn classify(&mut self, x: &Batch) -> Result<Batch> {
         require_kind(&self.info, ModelKind::Classifier, "classify")?;
-        self.single_output(Which::Forward, x, "input")
+        Ok(self.forward(x, None)?.0)
     }
 }
