@@ -449,6 +449,17 @@ fn bundle_graphs_run_in_the_runtime() {
     std::fs::write(d.join("onnx.json"), "{").unwrap();
     let err = TractBundle::open(&d).err().unwrap().to_string();
     assert!(err.contains("onnx.json"), "{err}");
+    // So is a manifest of another version, which is told to recompile.
+    std::fs::write(
+        d.join("onnx.json"),
+        r#"{"format": "iresnetc-onnx", "version": 1, "forward": {}}"#,
+    )
+    .unwrap();
+    let err = TractBundle::open(&d).err().unwrap().to_string();
+    assert!(
+        err.contains("onnx.json") && err.contains("version") && err.contains("recompile"),
+        "{err}"
+    );
 }
 
 /// The per-block segment graphs a bundle carries, chained by the runtime, compute what the

@@ -231,17 +231,27 @@ impl Manifest {
                 source: e,
             },
         })?;
-        let m: Manifest =
+        // The format and version first, so that an older bundle is told to recompile
+        // rather than shown the first field its manifest lacks.
+        #[derive(Deserialize)]
+        struct Head {
+            format: Option<String>,
+            version: Option<u32>,
+        }
+        let head: Head =
             serde_json::from_str(&text).map_err(|e| RuntimeError::corrupt(&path, e.to_string()))?;
-        if m.format != MANIFEST_FORMAT || m.version != MANIFEST_VERSION {
+        if head.format.as_deref() != Some(MANIFEST_FORMAT) || head.version != Some(MANIFEST_VERSION)
+        {
             return Err(RuntimeError::corrupt(
                 &path,
                 format!(
-                    "format {:?} version {}, expected {MANIFEST_FORMAT:?} version {MANIFEST_VERSION}",
-                    m.format, m.version
+                    "format {:?} version {:?}, expected {MANIFEST_FORMAT:?} version {MANIFEST_VERSION}: recompile the bundle with `iresnetc compile`",
+                    head.format, head.version
                 ),
             ));
         }
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| RuntimeError::corrupt(&path, e.to_string()))?;
         Ok(m)
     }
 }
