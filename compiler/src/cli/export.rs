@@ -713,7 +713,10 @@ fn inverse_stepwise(
                 .iter()
                 .map(|v| actnorm::inverse(&node.name, &g.params, v, &in_shape))
                 .collect(),
-            Op::Squeeze => y.iter().map(|v| layout::unsqueeze(v, &in_shape)).collect(),
+            Op::Squeeze { order } => y
+                .iter()
+                .map(|v| layout::unsqueeze(v, &in_shape, *order))
+                .collect(),
             Op::PadChannels { .. } => {
                 let len: usize = in_shape.iter().product();
                 y.iter().map(|v| v[..len.min(v.len())].to_vec()).collect()
