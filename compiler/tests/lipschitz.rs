@@ -29,7 +29,7 @@ fn certified_bounds_and_estimates_against_svd() {
             assert!(layer.certified_bound >= exact, "{}: bound {} < exact {exact}", layer.name, layer.certified_bound);
             let est = layer.sigma_estimate / layer.scale;
             assert!((est - exact).abs() <= 1e-6 * exact, "{}: estimate {est} vs exact {exact}", layer.name);
-            assert!(exact <= m.graph.spec.lipschitz.coeff * (1.0 + 1e-6));
+            assert!(exact <= m.graph.spec.lipschitz.coeff * (1.0 + 1e-7));
             checked += 1;
         }
         assert!(checked >= 3);
@@ -51,4 +51,44 @@ fn non_contractive_block_is_refused() {
         matches!(err, iresnetc::Error::SpecInvalid { ref field, .. } if field == "lipschitz.coeff"),
         "{err}"
     );
+}
+
+/// The CIFAR layer whose nearly degenerate top pair (sigma_1 = 13.107149,
+/// sigma_2 = 13.106790) stopped the old rule at 13.106797, flagged converged:
+/// with the Ritz-residual rule the pass's own estimate (same seed, tolerance and
+/// iteration cap as `models/cifar.toml`) reaches sigma_1, against Lanczos run to
+/// the end of its precision, and the normalized layer ends at sigma <= c (1 + 1e-7).
+/// Ignored (about a minute): `cargo test --release -p iresnetc --test lipschitz -- --ignored`.
+#[test]
+#[ignore]
+fn cifar_stage0_block6_conv0_reaches_sigma_1() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cifar.toml");
+    let spec = iresnetc::spec::ModelSpec::from_file(&path).unwrap();
+    let g = iresnetc::ir::build(&spec).unwrap();
+    let params = iresnetc::weights::init(&g, spec.seed);
+    let name = "stage0.block6.conv0";
+    let ix = g
+        .dag
+        .node_indices()
+        .find(|&i| g.node(i).name == name)
+        .unwrap();
+    let Op::Conv2d { geom } = g.node(ix).op else {
+        panic!("not a conv")
+    };
+    let w = &params[&format!("{name}.weight")].data;
+    let seed = iresnetc_runtime::rng::Rng::for_name(spec.seed, name).next_u64();
+    let lip = &spec.lipschitz;
+    let t = std::time::Instant::now();
+    let est =
+        iresnetc::spectral::conv_sigma_lanczos(&geom, w, lip.power_tol, lip.power_max_iters, seed);
+    let t_est = t.elapsed().as_secs_f64();
+    let reference = iresnetc::spectral::conv_sigma_lanczos(&geom, w, 1e-15, 3072, 99);
+    eprintln!(
+        "{name}: estimate {:.9} ({} iterations, converged {}, {t_est:.1} s), reference {:.9} ({} iterations)",
+        est.sigma, est.iterations, est.converged, reference.sigma, reference.iterations
+    );
+    assert!(est.converged);
+    assert!((reference.sigma - est.sigma).abs() <= 1e-9 * reference.sigma);
+    let c = lip.coeff;
+    assert!(reference.sigma / (est.sigma / c) <= c * (1.0 + 1e-7));
 }
