@@ -20,8 +20,10 @@ squeeze and injective padding) is inferred from the shapes, using the stored
 power-iteration vector of each 3x3 conv (its length is the conv's input size).
 Not in the state dict, hence flags: the input shape, the Lipschitz coefficient
 `coeff` the model was built with (0.9 by default, as the official CIFAR runs),
-and the nonlinearity (elu or relu; softplus and sorting have no iresnetc
-equivalent).
+and the nonlinearity (elu or relu, elu by default as in CIFAR_main.py; softplus
+and sorting have no iresnetc equivalent). The model file turns on `[data]
+dequantize` (the official density runs' input chain, `(255 x + U(0,1))/256 - 0.5`)
+unless `--no-dequantize`.
 
 The weights written are the ones the official code convolves with in eval mode
 (`model.eval()`: no power iteration, sigma from the stored u and v):
@@ -185,7 +187,7 @@ def want_shape(key, arr, shape):
         raise ConvertError(f"key `{key}`: shape {tuple(arr.shape)}, expected {tuple(shape)}")
 
 
-def convert(sd: dict, input_shape, coeff: float, nonlin: str):
+def convert(sd: dict, input_shape, coeff: float, nonlin: str, dequantize: bool = True):
     sd = strip_prefix(sd)
     blocks, prior = parse(sd)
     stages, init_squeeze, pad = infer(blocks, input_shape)
@@ -249,11 +251,11 @@ def convert(sd: dict, input_shape, coeff: float, nonlin: str):
     for k, v in out.items():
         if not np.all(np.isfinite(v)):
             raise ConvertError(f"tensor `{k}` has non-finite values")
-    toml = model_toml(stages, input_shape, init_squeeze, pad, coeff, nonlin)
+    toml = model_toml(stages, input_shape, init_squeeze, pad, coeff, nonlin, dequantize=dequantize)
     return out, toml, report
 
 
-def model_toml(stages, input_shape, init_squeeze, pad, coeff, nonlin, name="official-iresnet"):
+def model_toml(stages, input_shape, init_squeeze, pad, coeff, nonlin, name="official-iresnet", dequantize=True):
     lines = [
         "# Converted from an official i-ResNet checkpoint by examples/pytorch/convert_official.py.",
         f'name = "{name}"',
@@ -286,6 +288,13 @@ def model_toml(stages, input_shape, init_squeeze, pad, coeff, nonlin, name="offi
             lines.append("squeeze = true")
         if s + 1 < len(stages):
             lines.append("factor_out = true")
+    if dequantize:
+        lines += [
+            "",
+            "[data]",
+            "# The official density runs (CIFAR_main.py) feed (255 x + U(0, 1)) / 256 - 0.5.",
+            "dequantize = true",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -328,6 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nonlin", default="elu", help="elu or relu (default elu)")
     ap.add_argument("--dtype", default="f64", choices=["f64", "f32"], help="safetensors dtype (default f64)")
     ap.add_argument("--name", default="official-iresnet", help="model name in the model file")
+    ap.add_argument("--no-dequantize", action="store_true",
+                    help="leave [data] dequantize off (on by default: the official density runs dequantize)")
     ap.add_argument("--out-weights", type=Path, required=True)
     ap.add_argument("--out-model", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -346,7 +357,7 @@ def main(argv=None) -> int:
         if not args.checkpoint.is_file():
             raise ConvertError(f"{args.checkpoint}: no such file")
         sd = load_state_dict(args.checkpoint)
-        tensors, toml, report = convert(sd, shape, args.coeff, args.nonlin)
+        tensors, toml, report = convert(sd, shape, args.coeff, args.nonlin, dequantize=not args.no_dequantize)
         toml = toml.replace('name = "official-iresnet"', f"name = {json.dumps(args.name)}")
         weights = safetensors_bytes(tensors, args.dtype)
     except ConvertError as e:
