@@ -30,6 +30,33 @@ pub enum Activation {
     LipSwish,
 }
 
+/// Where a 2x2 squeeze puts input channel `c` at pixel offset `(dy, dx)`, for
+/// `C` input channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SqueezeOrder {
+    /// Output channel `(2*dy + dx)*C + c`: the official i-ResNet code (the i-RevNet
+    /// "psi" module), ONNX `SpaceToDepth`, TensorFlow `space_to_depth`.
+    #[default]
+    SpaceToDepth,
+    /// Output channel `4*c + 2*dy + dx`: PyTorch `pixel_unshuffle`, used by
+    /// Residual Flows.
+    PixelUnshuffle,
+}
+
+/// Which half of the channels a factor-out sends to the latent z (the other
+/// half continues through the next stage). With an odd count the first half
+/// has `C/2` channels (rounded down).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FactorOutHalf {
+    /// Channels `0..C/2` go to z: the official i-ResNet multiscale model.
+    #[default]
+    First,
+    /// Channels `C/2..C` go to z, the first half continues.
+    Second,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
@@ -40,6 +67,12 @@ pub struct ModelSpec {
     /// Space-to-depth 2x2 on the input, before anything else.
     #[serde(default)]
     pub squeeze: bool,
+    /// Channel order of every squeeze in the model (see [`SqueezeOrder`]).
+    #[serde(default)]
+    pub squeeze_order: SqueezeOrder,
+    /// Which half of the channels a factor-out sends to z (see [`FactorOutHalf`]).
+    #[serde(default)]
+    pub factor_out_half: FactorOutHalf,
     /// Injective zero-padding of the channels up to this count (after the initial squeeze).
     #[serde(default)]
     pub pad_channels: Option<usize>,
@@ -91,6 +124,26 @@ pub struct LipschitzSpec {
     pub power_tol: f64,
     /// ... or after this many iterations.
     pub power_max_iters: usize,
+    /// When the pass rescales the given weights (see [`Normalize`]).
+    pub normalize: Normalize,
+}
+
+/// What the Lipschitz pass does with the weights it is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    /// Every linear layer whose estimated sigma exceeds `coeff` is scaled down to
+    /// it, `W <- W / max(1, sigma / coeff)` (weights at or below `coeff` stay).
+    #[default]
+    Always,
+    /// A block whose layers, as given, already have a certified Lipschitz bound
+    /// below 1 keeps its weights bit for bit (imported weights, e.g. from the
+    /// official code, whose own normalization may leave a layer a hair above
+    /// `coeff`); other blocks are normalized as with `always`.
+    IfNeeded,
+    /// Weights are never changed; a block whose certified bound is not below 1 is
+    /// an error.
+    Never,
 }
 
 impl Default for LipschitzSpec {
@@ -99,6 +152,7 @@ impl Default for LipschitzSpec {
             coeff: 0.9,
             power_tol: 1e-8,
             power_max_iters: 200,
+            normalize: Normalize::Always,
         }
     }
 }

@@ -29,7 +29,7 @@ fn certified_bounds_and_estimates_against_svd() {
             assert!(layer.certified_bound >= exact, "{}: bound {} < exact {exact}", layer.name, layer.certified_bound);
             let est = layer.sigma_estimate / layer.scale;
             assert!((est - exact).abs() <= 1e-6 * exact, "{}: estimate {est} vs exact {exact}", layer.name);
-            assert!(exact <= m.graph.spec.lipschitz.coeff * (1.0 + 1e-6));
+            assert!(exact <= m.graph.spec.lipschitz.coeff * (1.0 + 1e-7));
             checked += 1;
         }
         assert!(checked >= 3);
@@ -51,4 +51,58 @@ fn non_contractive_block_is_refused() {
         matches!(err, iresnetc::Error::SpecInvalid { ref field, .. } if field == "lipschitz.coeff"),
         "{err}"
     );
+}
+
+/// Every 3x3 conv of `models/cifar.toml` (seed 0): the pass's own estimate (same
+/// seed, tolerance and iteration cap) agrees within 1e-9 with Lanczos run to the
+/// end of its precision, so the normalized layer ends at sigma <= c (1 + 1e-7).
+/// (The issue that introduced the Ritz-residual rule saw the old rule stop at
+/// sigma_2 on `stage0.block6.conv0` of other weights, sigma_1 = 13.107149 and
+/// sigma_2 = 13.106790; `lanczos_resolves_nearly_degenerate_top_pair` in
+/// `spectral.rs` reproduces that gap on a constructed operator.)
+/// Ignored (minutes): `cargo test --release -p iresnetc --test lipschitz -- --ignored`.
+#[test]
+#[ignore]
+fn cifar_3x3_estimates_reach_sigma_1() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cifar.toml");
+    let spec = iresnetc::spec::ModelSpec::from_file(&path).unwrap();
+    let g = iresnetc::ir::build(&spec).unwrap();
+    let params = iresnetc::weights::init(&g, spec.seed);
+    let lip = &spec.lipschitz;
+    let (mut worst, mut checked, mut max_iters) = (0.0f64, 0, 0);
+    for ix in g.dag.node_indices() {
+        let node = g.node(ix);
+        let Op::Conv2d { geom } = node.op else {
+            continue;
+        };
+        if geom.k != 3 {
+            continue;
+        }
+        let w = &params[&format!("{}.weight", node.name)].data;
+        let seed = iresnetc_runtime::rng::Rng::for_name(spec.seed, &node.name).next_u64();
+        let est = iresnetc::spectral::conv_sigma_lanczos(
+            &geom,
+            w,
+            lip.power_tol,
+            lip.power_max_iters,
+            seed,
+        );
+        let side = geom.in_len().min(geom.out_len());
+        let reference = iresnetc::spectral::conv_sigma_lanczos(&geom, w, 1e-15, side, 99);
+        assert!(est.converged, "{}: not converged", node.name);
+        let rel = (reference.sigma - est.sigma) / reference.sigma;
+        assert!(
+            rel.abs() <= 1e-9,
+            "{}: estimate {} vs {}",
+            node.name,
+            est.sigma,
+            reference.sigma
+        );
+        assert!(reference.sigma / (est.sigma / lip.coeff) <= lip.coeff * (1.0 + 1e-7));
+        worst = worst.max(rel.abs());
+        max_iters = max_iters.max(est.iterations);
+        checked += 1;
+    }
+    eprintln!("{checked} 3x3 convs: worst relative gap to sigma_1 {worst:.1e}, at most {max_iters} iterations");
+    assert_eq!(checked, 96);
 }

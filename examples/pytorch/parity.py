@@ -23,12 +23,15 @@ normalized network (for a bundle's already normalized weights all factors are 1)
 With --check-sigma it also estimates each layer's sigma independently in PyTorch
 (power iteration on the operator at its input shape) and compares.
 
-Architecture (the README's): optional squeeze (pixel_unshuffle(2)) and channel
+Architecture (the README's): optional squeeze (2x2 space-to-depth in the model's
+`squeeze_order`: "space_to_depth", channel (2*dy + dx)*C + c, the default and the
+official i-ResNet order, or "pixel_unshuffle", F.pixel_unshuffle(2)) and channel
 zero-padding; stages of blocks y = a + g(a), a = ActNorm(x) = x*exp(log_scale)+bias
 per channel; g = [act] conv_k0 -> act -> conv_k1 -> act -> conv_k2 ('same' padding,
 with bias; widths: hidden = stage width, last = input channels) or the MLP
 equivalent with dense layers; no input activation in the model's very first
-block; factor-out keeps the first half of the channels, the second half goes to
+block; factor-out sends the half named by `factor_out_half` ("first", the
+default, or "second") to z and keeps the other; the rest goes to
 z; z = concat(flattened factored-out parts in order, final part). LipSwish is
 x*sigmoid(softplus(beta)*x)/1.1. Classifier head: eval batch norm -> ReLU ->
 global average pool -> linear.
@@ -68,10 +71,24 @@ LIPSWISH_DIV = 1.1
 # --------------------------------------------------------------------------- spec
 
 
+def squeeze2x2(x: torch.Tensor, order: str) -> torch.Tensor:
+    """2x2 space-to-depth. pixel_unshuffle puts (c, dy, dx) at channel 4c + 2dy + dx;
+    space_to_depth (ONNX SpaceToDepth, the official i-ResNet squeeze) at (2dy + dx)C + c."""
+    if order == "pixel_unshuffle":
+        return F.pixel_unshuffle(x, 2)
+    if order != "space_to_depth":
+        raise ValueError(f"squeeze_order {order!r}")
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4)
+    return x.reshape(b, 4 * c, h // 2, w // 2)
+
+
 def load_spec(path: Path) -> dict:
     with open(path, "rb") as f:
         s = tomllib.load(f)
     s.setdefault("squeeze", False)
+    s.setdefault("squeeze_order", "space_to_depth")
+    s.setdefault("factor_out_half", "first")
     s.setdefault("pad_channels", None)
     s.setdefault("seed", 0)
     lip = s.setdefault("lipschitz", {})
@@ -235,8 +252,9 @@ class IResNet(nn.Module):
             self.stage_names.append(f"stage{s}")
             if st["factor_out"]:
                 c = shape[0]
-                latent_dim += (c - c // 2) * math.prod(shape[1:])
-                shape = [c // 2] + shape[1:]
+                out = c // 2 if spec["factor_out_half"] == "first" else c - c // 2
+                latent_dim += out * math.prod(shape[1:])
+                shape = [c - out] + shape[1:]
         if self.kind == "flow":
             latent_dim += math.prod(shape)
             self.prior = Prior(latent_dim)
@@ -254,14 +272,14 @@ class IResNet(nn.Module):
         each block's branch input, for the exact log-det)."""
         spec = self.spec
         if spec["squeeze"]:
-            x = F.pixel_unshuffle(x, 2)
+            x = squeeze2x2(x, spec["squeeze_order"])
         if spec["pad_channels"]:
             x = F.pad(x, (0, 0, 0, 0, 0, spec["pad_channels"] - x.shape[1]))
         ld = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         latents, inputs = [], []
         for s, st in enumerate(spec["stages"]):
             if st["squeeze"]:
-                x = F.pixel_unshuffle(x, 2)
+                x = squeeze2x2(x, spec["squeeze_order"])
             stage = getattr(self, f"stage{s}")
             for b in range(st["blocks"]):
                 blk = getattr(stage, f"block{b}")
@@ -271,8 +289,9 @@ class IResNet(nn.Module):
                     inputs.append((blk, a.detach()))
             if st["factor_out"]:
                 c = x.shape[1]
-                latents.append(x[:, c // 2 :].flatten(1))
-                x = x[:, : c // 2]
+                first, second = x[:, : c // 2], x[:, c // 2 :]
+                out, x = (first, second) if spec["factor_out_half"] == "first" else (second, first)
+                latents.append(out.flatten(1))
         if self.kind == "flow":
             latents.append(x.flatten(1))
             return torch.cat(latents, 1), ld, inputs
@@ -656,7 +675,8 @@ def spec_shape_of(model: IResNet, spec: dict, block_name: str) -> list[int]:
             if f"stage{s}.block{b}" == block_name:
                 return shape
         if st["factor_out"]:
-            shape = [shape[0] // 2] + shape[1:]
+            keep = shape[0] - shape[0] // 2 if spec["factor_out_half"] == "first" else shape[0] // 2
+            shape = [keep] + shape[1:]
     raise KeyError(block_name)
 
 

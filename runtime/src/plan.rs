@@ -14,8 +14,11 @@ use crate::error::{Result, RuntimeError};
 
 /// Value of `Plan::format`; anything else is not an iresnetc bundle.
 pub const BUNDLE_FORMAT: &str = "iresnetc-bundle";
-/// The one plan version this runtime reads.
-pub const BUNDLE_VERSION: u32 = 1;
+/// The one plan version this runtime reads. 2: the bundle's `model.toml` defaults
+/// changed meaning (squeeze order and factor-out half follow the official i-ResNet
+/// code); a version-1 bundle's kernels were generated for the old conventions, and
+/// reading its spec with the new defaults would silently disagree with them.
+pub const BUNDLE_VERSION: u32 = 2;
 
 /// File name of the plan inside a bundle directory.
 pub const PLAN_FILE: &str = "plan.json";

@@ -22,6 +22,7 @@ use crate::ir::Graph;
 use crate::ops::{actnorm::spatial, param_name, Op};
 use crate::passes::fusion::{ActRef, FusedBlock, Fusion};
 use crate::passes::LipschitzReport;
+use crate::spec::SqueezeOrder;
 
 /// Names of the plan's fixed buffers (the I/O contract with the callers).
 pub mod names {
@@ -217,12 +218,25 @@ impl<'a> Lowering<'a> {
     }
 
     /// Squeeze index prelude for an unsqueezed shape `s` and squeezed index `i`: defines `u`,
-    /// the matching unsqueezed index (PyTorch pixel_unshuffle(2) convention).
-    fn squeeze_prelude(s: &[usize]) -> String {
-        let (h, w) = (s[1], s[2]);
+    /// the matching unsqueezed index, for the model's channel `order` (see `ops::layout`).
+    fn squeeze_prelude(s: &[usize], order: SqueezeOrder) -> String {
+        let (c, h, w) = (s[0], s[1], s[2]);
         let (ho, wo) = (h / 2, w / 2);
+        // Input channel `c`, row offset `dy` and column offset `dx` of squeezed channel `co`.
+        let (ci, dy, dx) = match order {
+            SqueezeOrder::SpaceToDepth => (
+                format!("co % {c}u"),
+                format!("co / {}u", 2 * c),
+                format!("(co / {c}u) % 2u"),
+            ),
+            SqueezeOrder::PixelUnshuffle => (
+                "co / 4u".to_string(),
+                "(co % 4u) / 2u".to_string(),
+                "co % 2u".to_string(),
+            ),
+        };
         format!(
-            "    let co = i / {hw}u;\n    let r = i % {hw}u;\n    let u = ((co / 4u) * {h}u + 2u * (r / {wo}u) + (co % 4u) / 2u) * {w}u + 2u * (r % {wo}u) + co % 2u;\n",
+            "    let co = i / {hw}u;\n    let r = i % {hw}u;\n    let u = (({ci}) * {h}u + 2u * (r / {wo}u) + {dy}) * {w}u + 2u * (r % {wo}u) + {dx};\n",
             hw = ho * wo
         )
     }
@@ -282,9 +296,9 @@ impl<'a> Lowering<'a> {
                 Op::Input => {
                     self.val(ix)?;
                 }
-                Op::Squeeze => {
+                Op::Squeeze { order } => {
                     let (src, dst) = (self.loc(ins[0])?, self.loc(ix)?);
-                    let prelude = Self::squeeze_prelude(&in_shape);
+                    let prelude = Self::squeeze_prelude(&in_shape, *order);
                     steps.push(self.gather(&name, dst.stride, &src, "u", &dst, "i", &prelude)?);
                 }
                 Op::PadChannels { .. } => {
@@ -947,9 +961,9 @@ impl<'a> Lowering<'a> {
                         &body,
                     )?);
                 }
-                Op::Squeeze => {
+                Op::Squeeze { order } => {
                     let dst = inv_val(self, ins[0])?;
-                    let prelude = Self::squeeze_prelude(&in_shape);
+                    let prelude = Self::squeeze_prelude(&in_shape, *order);
                     steps.push(self.gather(&name, y.stride, &y, "i", &dst, "u", &prelude)?);
                 }
                 Op::PadChannels { .. } => {

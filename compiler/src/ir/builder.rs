@@ -8,7 +8,7 @@ use super::{Block, Graph, Node};
 use crate::error::{Error, Result};
 use crate::kernels::ConvGeom;
 use crate::ops::Op;
-use crate::spec::{Activation, ModelKind, ModelSpec};
+use crate::spec::{Activation, FactorOutHalf, ModelKind, ModelSpec};
 use crate::tensor::Params;
 
 struct Builder {
@@ -60,8 +60,11 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
         block: None,
     });
     let mut cur = input;
+    let squeeze = Op::Squeeze {
+        order: spec.squeeze_order,
+    };
     if spec.squeeze {
-        cur = b.add("pre.squeeze".into(), Op::Squeeze, &[cur], None)?;
+        cur = b.add("pre.squeeze".into(), squeeze.clone(), &[cur], None)?;
     }
     if let Some(channels) = spec.pad_channels {
         cur = b.add("pre.pad".into(), Op::PadChannels { channels }, &[cur], None)?;
@@ -70,7 +73,7 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
     let mut latents = Vec::new();
     for (s, st) in spec.stages.iter().enumerate() {
         if st.squeeze {
-            cur = b.add(format!("stage{s}.squeeze"), Op::Squeeze, &[cur], None)?;
+            cur = b.add(format!("stage{s}.squeeze"), squeeze.clone(), &[cur], None)?;
         }
         for bi in 0..st.blocks {
             let name = format!("stage{s}.block{bi}");
@@ -160,11 +163,16 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
         }
         if st.factor_out {
             let c = b.shape(cur)[0];
+            // The half sent to z and the half that continues (channel ranges).
+            let (out_range, keep_range) = match spec.factor_out_half {
+                FactorOutHalf::First => ((0, c / 2), (c / 2, c - c / 2)),
+                FactorOutHalf::Second => ((c / 2, c - c / 2), (0, c / 2)),
+            };
             let keep = b.add(
                 format!("stage{s}.factor_out.keep"),
                 Op::SliceChannels {
-                    start: 0,
-                    len: c / 2,
+                    start: keep_range.0,
+                    len: keep_range.1,
                 },
                 &[cur],
                 None,
@@ -172,8 +180,8 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
             let out = b.add(
                 format!("stage{s}.factor_out.out"),
                 Op::SliceChannels {
-                    start: c / 2,
-                    len: c - c / 2,
+                    start: out_range.0,
+                    len: out_range.1,
                 },
                 &[cur],
                 None,

@@ -15,14 +15,14 @@ use std::collections::HashMap;
 
 use petgraph::stable_graph::NodeIndex;
 
-use super::proto::{attr_int, attr_ints, OnnxGraph};
+use super::proto::{attr_int, attr_ints, attr_str, OnnxGraph};
 use super::LogDetExport;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::ops::activation::{lipswish_beta, LIPSWISH_DIV};
 use crate::ops::head::batchnorm_affine;
 use crate::ops::{actnorm, param_name, Op};
-use crate::spec::{Activation, ModelKind};
+use crate::spec::{Activation, ModelKind, SqueezeOrder};
 use crate::tensor::Tensor;
 
 /// How convolutions are written (the formulation changes tract's speed, not
@@ -119,22 +119,40 @@ impl<'g> Emitter<'g> {
         let x = inputs.first().map(String::as_str).unwrap_or_default();
         let out = match &n.op {
             Op::Input => x.to_string(),
-            Op::Squeeze => {
+            Op::Squeeze { order } => {
                 let (c, h, w) = image(&n.name, &in_shape)?;
-                let split = self
-                    .og
-                    .shape_const(&[-1, c as i64, h as i64 / 2, 2, w as i64 / 2, 2]);
-                let a = self
-                    .og
-                    .node("Reshape", &format!("{name}.split"), &[x, &split], vec![]);
-                // [B, C, H/2, dy, W/2, dx] -> [B, C, dy, dx, H/2, W/2]: channel c*4 + dy*2 + dx.
-                let t = self.og.node(
-                    "Transpose",
-                    &format!("{name}.transpose"),
-                    &[&a],
-                    vec![attr_ints("perm", &[0, 1, 3, 5, 2, 4])],
-                );
-                self.og.reshape_batched(name, &t, &n.shape)
+                match order {
+                    // The standard op: output channel (2*dy + dx)*C + c.
+                    SqueezeOrder::SpaceToDepth => {
+                        let x4 = self
+                            .og
+                            .reshape_batched(&format!("{name}.nchw"), x, &in_shape);
+                        let y = self.og.node(
+                            "SpaceToDepth",
+                            &format!("{name}.s2d"),
+                            &[&x4],
+                            vec![attr_int("blocksize", 2)],
+                        );
+                        self.og.reshape_batched(name, &y, &n.shape)
+                    }
+                    // ONNX has no op for this order (SpaceToDepth has no mode attribute):
+                    // [B, C, H/2, dy, W/2, dx] -> [B, C, dy, dx, H/2, W/2], channel c*4 + dy*2 + dx.
+                    SqueezeOrder::PixelUnshuffle => {
+                        let split =
+                            self.og
+                                .shape_const(&[-1, c as i64, h as i64 / 2, 2, w as i64 / 2, 2]);
+                        let a =
+                            self.og
+                                .node("Reshape", &format!("{name}.split"), &[x, &split], vec![]);
+                        let t = self.og.node(
+                            "Transpose",
+                            &format!("{name}.transpose"),
+                            &[&a],
+                            vec![attr_ints("perm", &[0, 1, 3, 5, 2, 4])],
+                        );
+                        self.og.reshape_batched(name, &t, &n.shape)
+                    }
+                }
             }
             Op::PadChannels { channels } => {
                 let extra = (*channels - in_shape[0]) as i64;
@@ -930,21 +948,24 @@ impl<'g> Emitter<'g> {
                         .node("Sub", &format!("{rec}.center"), &[&y, &bias], vec![]);
                     self.og.node("Mul", &rec, &[&c, &s], vec![])
                 }
-                Op::Squeeze => {
-                    let (c, h, w) = image(&n.name, &in_shape)?;
-                    let split =
-                        self.og
-                            .shape_const(&[-1, c as i64, 2, 2, h as i64 / 2, w as i64 / 2]);
-                    let a = self
+                Op::Squeeze { order } => {
+                    image(&n.name, &in_shape)?;
+                    // DepthToSpace undoes either order: mode DCR reads the squeezed channel as
+                    // (dy, dx, c), the SpaceToDepth order; CRD as (c, dy, dx), pixel_unshuffle's.
+                    let mode = match order {
+                        SqueezeOrder::SpaceToDepth => "DCR",
+                        SqueezeOrder::PixelUnshuffle => "CRD",
+                    };
+                    let y4 = self
                         .og
-                        .node("Reshape", &format!("{rec}.split"), &[&y, &split], vec![]);
-                    let t = self.og.node(
-                        "Transpose",
-                        &format!("{rec}.transpose"),
-                        &[&a],
-                        vec![attr_ints("perm", &[0, 1, 4, 2, 5, 3])],
+                        .reshape_batched(&format!("{rec}.nchw"), &y, &n.shape);
+                    let x = self.og.node(
+                        "DepthToSpace",
+                        &format!("{rec}.d2s"),
+                        &[&y4],
+                        vec![attr_int("blocksize", 2), attr_str("mode", mode)],
                     );
-                    self.og.reshape_batched(&rec, &t, &in_shape)
+                    self.og.reshape_batched(&rec, &x, &in_shape)
                 }
                 Op::PadChannels { .. } => self.slice_axis1(&rec, &y, 0, in_shape[0]),
                 Op::SliceChannels { start, len } => {

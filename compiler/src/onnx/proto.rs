@@ -52,6 +52,15 @@ pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
     }
 }
 
+pub fn attr_str(name: &str, value: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: value.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
 fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
     let dim = dims
         .iter()

@@ -12,7 +12,7 @@ pub mod linear;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::ConvGeom;
-use crate::spec::Activation;
+use crate::spec::{Activation, SqueezeOrder};
 use crate::tensor::Params;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -20,8 +20,13 @@ use crate::tensor::Params;
 pub enum Op {
     /// The model input (per-sample shape on the node).
     Input,
-    /// Space-to-depth 2x2: `[C, H, W] -> [4C, H/2, W/2]`.
-    Squeeze,
+    /// Space-to-depth 2x2: `[C, H, W] -> [4C, H/2, W/2]`, channels in `order`.
+    Squeeze {
+        /// Default for graphs serialized without it (bundles written before the
+        /// option, which used `pixel_unshuffle`, are refused by the bundle version).
+        #[serde(default)]
+        order: SqueezeOrder,
+    },
     /// Injective zero-padding of the channel axis up to `channels`.
     PadChannels { channels: usize },
     /// Per-channel affine `y = x * exp(log_scale) + bias`.
@@ -34,8 +39,8 @@ pub enum Op {
     Act { act: Activation },
     /// `y = x + g(x)`: inputs are `[x, g(x)]`.
     Residual,
-    /// Channels `start..start+len` (factor-out keeps the first half and
-    /// sends the second half to the prior).
+    /// Channels `start..start+len` (a factor-out is two of them: the half sent
+    /// to z and the half that continues, per the model's `factor_out_half`).
     SliceChannels { start: usize, len: usize },
     /// Eval-form batch norm (running statistics), an affine map per channel.
     BatchNorm { eps: f64 },
@@ -48,7 +53,7 @@ impl Op {
     pub fn kind(&self) -> &'static str {
         match self {
             Op::Input => "input",
-            Op::Squeeze => "squeeze",
+            Op::Squeeze { .. } => "squeeze",
             Op::PadChannels { .. } => "pad_channels",
             Op::ActNorm => "actnorm",
             Op::Conv2d { .. } => "conv2d",
@@ -86,7 +91,7 @@ impl Op {
                 one(1)?;
                 let s = inputs[0];
                 match self {
-                    Op::Squeeze => layout::squeeze_shape(s),
+                    Op::Squeeze { .. } => layout::squeeze_shape(s),
                     Op::PadChannels { channels } => layout::pad_shape(s, *channels),
                     Op::SliceChannels { start, len } => layout::slice_shape(s, *start, *len),
                     Op::ActNorm | Op::Act { .. } | Op::BatchNorm { .. } => Ok(s.to_vec()),
@@ -148,7 +153,7 @@ impl Op {
                 .zip(inputs[1])
                 .map(|(a, b)| a + b)
                 .collect(),
-            Op::Squeeze => layout::squeeze(inputs[0], in_shape),
+            Op::Squeeze { order } => layout::squeeze(inputs[0], in_shape, *order),
             Op::PadChannels { channels } => layout::pad_channels(inputs[0], in_shape, *channels),
             Op::SliceChannels { start, len } => {
                 layout::slice_channels(inputs[0], in_shape, *start, *len)

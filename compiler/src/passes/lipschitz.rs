@@ -4,7 +4,9 @@
 //! 1. Power iteration on the layer as an operator at its real input shape
 //!    (convs with their padding and stride; Lanczos-accelerated for kxk convs)
 //!    estimates sigma from below, to `power_tol` relative change or `power_max_iters`.
-//! 2. Soft scaling `W <- W / max(1, sigma / c)`.
+//! 2. Soft scaling `W <- W / max(1, sigma / c)`, per `lipschitz.normalize`:
+//!    `always` (every layer), `if_needed` (a block whose weights *as given*
+//!    already certify a bound below 1 keeps them bit for bit), `never`.
 //! 3. A certified upper bound of the scaled layer: exact SVD for dense and
 //!    1x1 layers and for small kxk operators, the circular-embedding (FFT of
 //!    the kernel) bound for larger kxk ones.
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::ops::{param_name, Op};
+use crate::spec::Normalize;
 use crate::spectral;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -46,11 +49,18 @@ pub struct BlockReport {
     /// Bound on |truncated series - log-det| for `logdet.terms` terms.
     pub logdet_truncation_bound: f64,
     pub macs: u64,
+    /// The block's weights were left exactly as given (`lipschitz.normalize` =
+    /// `if_needed` with a certified bound below 1 as given, or `never`).
+    #[serde(default)]
+    pub kept_as_given: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LipschitzReport {
     pub coeff: f64,
+    /// The `lipschitz.normalize` mode the weights went through.
+    #[serde(default)]
+    pub normalize: Normalize,
     pub layers: Vec<LayerReport>,
     pub blocks: Vec<BlockReport>,
     pub max_block_bound: f64,
@@ -104,9 +114,9 @@ pub fn certify_with_progress(
         .unwrap_or(1)
         .min(8);
     let params = &g.params;
-    let mut results: Vec<Option<LayerReport>> = vec![None; total];
+    let mut results: Vec<Option<Candidate>> = vec![None; total];
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let chunks: Vec<Vec<(usize, LayerReport)>> = std::thread::scope(|s| {
+    let chunks: Vec<Vec<(usize, Candidate)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -131,6 +141,7 @@ pub fn certify_with_progress(
                                 lip.power_tol,
                                 lip.power_max_iters,
                                 seed,
+                                lip.normalize,
                             ),
                         ));
                         let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -148,15 +159,51 @@ pub fn certify_with_progress(
     for (i, r) in chunks.into_iter().flatten() {
         results[i] = Some(r);
     }
-    let mut layers = Vec::with_capacity(total);
+    let mut candidates = Vec::with_capacity(total);
     for (i, r) in results.into_iter().enumerate() {
-        let r = r.ok_or_else(|| Error::Graph {
+        candidates.push(r.ok_or_else(|| Error::Graph {
             node: work[i].0.clone(),
             reason: "spectral estimate failed".into(),
-        })?;
+        })?);
+    }
+    let index: std::collections::HashMap<String, usize> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.report.name.clone(), i))
+        .collect();
+    // Per block: keep the weights as given, or take each layer's normalized version.
+    let mut kept = vec![false; g.blocks.len()];
+    for (bi, b) in g.blocks.iter().enumerate() {
+        let members: Vec<usize> = b
+            .body
+            .iter()
+            .filter_map(|&ix| index.get(&g.dag[ix].name).copied())
+            .collect();
+        let raw: f64 = members
+            .iter()
+            .map(|&i| candidates[i].raw_bound.unwrap_or(f64::INFINITY))
+            .product();
+        kept[bi] = match lip.normalize {
+            Normalize::Always => false,
+            Normalize::IfNeeded => raw < 1.0,
+            Normalize::Never => true,
+        };
+        if kept[bi] {
+            for &i in &members {
+                let c = &mut candidates[i];
+                c.report.scale = 1.0;
+                c.report.certified_bound = c.raw_bound.unwrap_or(f64::INFINITY);
+            }
+        }
+    }
+    let mut layers = Vec::with_capacity(total);
+    for c in candidates {
+        let r = c.report;
         // Only the weight is scaled: the bias does not change the Lipschitz constant.
-        if let Some(t) = g.params.get_mut(&param_name(&r.name, "weight")) {
-            t.data.iter_mut().for_each(|v| *v /= r.scale);
+        if r.scale != 1.0 {
+            if let Some(t) = g.params.get_mut(&param_name(&r.name, "weight")) {
+                t.data.iter_mut().for_each(|v| *v /= r.scale);
+            }
         }
         layers.push(r);
     }
@@ -187,11 +234,13 @@ pub fn certify_with_progress(
             inverse_iters: banach_iters(bound, g.spec.inverse.tol, 1.0),
             logdet_truncation_bound: truncation_bound(bound, g.spec.logdet.terms, dim),
             macs: g.block_macs(bi),
+            kept_as_given: kept[bi],
         });
     }
     let max_block_bound = blocks.iter().map(|b| b.lipschitz_bound).fold(0.0, f64::max);
     Ok(LipschitzReport {
         coeff: lip.coeff,
+        normalize: lip.normalize,
         layers,
         blocks,
         max_block_bound,
@@ -203,6 +252,15 @@ pub fn certify(g: &mut Graph) -> Result<LipschitzReport> {
     certify_with_progress(g, &|_, _| {})
 }
 
+/// One layer's normalized version, and (unless `normalize = always`) the
+/// certified bound of its weights as given, for the per-block decision.
+#[derive(Clone, Debug)]
+struct Candidate {
+    report: LayerReport,
+    raw_bound: Option<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn layer(
     name: &str,
     op: &Op,
@@ -211,7 +269,8 @@ fn layer(
     tol: f64,
     max_iters: usize,
     seed: u64,
-) -> LayerReport {
+    mode: Normalize,
+) -> Candidate {
     let layer_seed = iresnetc_runtime::rng::Rng::for_name(seed, name).next_u64();
     let (est, bound_of): (spectral::PowerIteration, Box<dyn Fn(&[f64]) -> f64>) = match op {
         Op::Conv2d { geom } if geom.k == 1 && geom.stride == 1 => {
@@ -258,15 +317,26 @@ fn layer(
     } else {
         1.0
     };
-    let scaled: Vec<f64> = w.iter().map(|v| v / scale).collect();
-    LayerReport {
-        name: name.to_string(),
-        kind: op.kind().to_string(),
-        sigma_estimate: est.sigma,
-        power_iterations: est.iterations,
-        converged: est.converged,
-        scale,
-        certified_bound: bound_of(&scaled),
+    let raw_bound = (mode != Normalize::Always).then(|| bound_of(w));
+    let certified_bound = match raw_bound {
+        // `never` keeps every block as given: the scaled bound would be unused.
+        Some(b) if scale == 1.0 || mode == Normalize::Never => b,
+        _ => {
+            let scaled: Vec<f64> = w.iter().map(|v| v / scale).collect();
+            bound_of(&scaled)
+        }
+    };
+    Candidate {
+        report: LayerReport {
+            name: name.to_string(),
+            kind: op.kind().to_string(),
+            sigma_estimate: est.sigma,
+            power_iterations: est.iterations,
+            converged: est.converged,
+            scale,
+            certified_bound,
+        },
+        raw_bound,
     }
 }
 

@@ -319,8 +319,8 @@ impl<'g> Reference<'g> {
                 Op::ActNorm => {
                     vals.insert(ins[0], actnorm::inverse(&n.name, &g.params, &y, &in_shape));
                 }
-                Op::Squeeze => {
-                    vals.insert(ins[0], layout::unsqueeze(&y, &in_shape));
+                Op::Squeeze { order } => {
+                    vals.insert(ins[0], layout::unsqueeze(&y, &in_shape, *order));
                 }
                 Op::PadChannels { .. } => {
                     let len: usize = in_shape.iter().product();
