@@ -386,9 +386,8 @@ fn bundle_graphs_run_in_the_runtime() {
     let m = common::model_from_toml(common::SMALL_CONV);
     let g = &m.graph;
     let d = tmpdir("bundle");
-    std::fs::write(d.join("model.toml"), common::SMALL_CONV).unwrap();
-    iresnetc::weights::save(&g.params, &d.join("weights.safetensors")).unwrap();
-    onnx::write_bundle_graphs(&m, &d).unwrap();
+    // A whole bundle: the tract backend checks plan.json (format, version, file hashes).
+    iresnetc::bundle::write_bundle(&m, &d, &Default::default()).unwrap();
 
     let b = TractBundle::open(&d).unwrap();
     assert_eq!(b.manifest.inverse_steps, onnx::certified_steps(&m));

@@ -12,6 +12,7 @@
 //! - [`executor`]: [`GpuExecutor`], which builds every pipeline once and runs an entry point
 //!   as a single submission (steps recorded into one encoder, `Repeat` unrolled), splitting
 //!   batches that exceed the limits.
+//! - [`fsread`]: bounded file reads, the memory budget, SHA-256 of bundle files.
 //! - [`error`]: [`RuntimeError`], one-line messages naming the file, limit or input at fault.
 //! - [`tract`]: the CPU backend, the bundle's ONNX graphs (`onnx.json`) run by tract.
 //! - [`rng`]: the seeded generator shared with the compiler (probes, sampling noise), so
@@ -22,6 +23,7 @@ pub mod bundle;
 pub mod device;
 pub mod error;
 pub mod executor;
+pub mod fsread;
 pub mod plan;
 pub mod rng;
 pub mod tract;

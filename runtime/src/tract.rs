@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
+use crate::bundle::{check_relative, load_plan, read_verified};
 use crate::error::{Result, RuntimeError};
+use crate::fsread::{clip, read_bounded, read_text_bounded, MAX_JSON_FILE};
 use crate::rng::probe_vector;
 
 /// Name of the manifest next to the bundle's ONNX files.
@@ -104,29 +106,86 @@ impl ProbeLayout {
 }
 
 impl Manifest {
+    /// Reads `dir/onnx.json` without a plan to check it against (the export-onnx layout).
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => RuntimeError::MissingFile(path.clone()),
-            _ => RuntimeError::Io {
-                path: path.clone(),
-                source: e,
-            },
-        })?;
-        let m: Manifest =
-            serde_json::from_str(&text).map_err(|e| RuntimeError::corrupt(&path, e.to_string()))?;
+        if !path.exists() {
+            return Err(RuntimeError::MissingFile(path));
+        }
+        let text = read_text_bounded(&path, MAX_JSON_FILE, "ONNX manifest")?;
+        Manifest::parse(&text).map_err(|reason| RuntimeError::corrupt(&path, reason))
+    }
+
+    /// Parses and checks a manifest: format and version, file names inside the directory,
+    /// probe offsets inside the probe matrix (checked arithmetic: a tampered offset must be
+    /// an error, not a slice out of range), and at least one inverse step per block.
+    pub fn parse(text: &str) -> std::result::Result<Manifest, String> {
+        let m: Manifest = serde_json::from_str(text).map_err(|e| clip(&e.to_string(), 200))?;
         if m.format != MANIFEST_FORMAT || m.version != MANIFEST_VERSION {
-            return Err(RuntimeError::corrupt(
-                &path,
-                format!(
-                    "format {:?} version {}, expected {MANIFEST_FORMAT:?} version {MANIFEST_VERSION}",
-                    m.format, m.version
-                ),
+            return Err(format!(
+                "format {:?} version {}, expected {MANIFEST_FORMAT:?} version {MANIFEST_VERSION}",
+                clip(&m.format, 40),
+                m.version
             ));
+        }
+        for e in [
+            Some(&m.forward),
+            m.forward_logdet.as_ref(),
+            m.inverse.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            check_relative(&e.file)
+                .map_err(|r| format!("graph file {:?}: {r}", clip(&e.file, 60)))?;
+        }
+        if m.input_shape.is_empty() || m.input_shape.contains(&0) || m.output_dim == 0 {
+            return Err(format!(
+                "input_shape {:?} / output_dim {}: sizes must be positive",
+                m.input_shape, m.output_dim
+            ));
+        }
+        m.input_shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= MAX_SAMPLE_ELEMS)
+            .ok_or_else(|| format!("input_shape {:?} is too large", m.input_shape))?;
+        if m.output_dim > MAX_SAMPLE_ELEMS {
+            return Err(format!("output_dim {} is too large", m.output_dim));
+        }
+        if m.inverse.is_some() {
+            if m.inverse_steps.is_empty() {
+                return Err("an inverse graph with no inverse_steps".into());
+            }
+            if let Some(b) = m.inverse_steps.iter().position(|&k| k == 0) {
+                return Err(format!(
+                    "inverse_steps[{b}] is 0: a block inverted with no fixed-point step is not certified"
+                ));
+            }
+        }
+        if let Some(p) = &m.probes {
+            if p.total > MAX_SAMPLE_ELEMS {
+                return Err(format!("probes.total {} is too large", p.total));
+            }
+            for (b, blk) in p.blocks.iter().enumerate() {
+                let end = blk
+                    .count
+                    .checked_mul(blk.dim)
+                    .and_then(|n| n.checked_add(blk.offset));
+                if end.is_none_or(|e| e > p.total) {
+                    return Err(format!(
+                        "probes.blocks[{b}] (offset {}, {} probes of {}) does not fit in probes.total {}",
+                        blk.offset, blk.count, blk.dim, p.total
+                    ));
+                }
+            }
         }
         Ok(m)
     }
 }
+
+/// Most elements of one sample (input, output or probe row) a manifest may declare.
+const MAX_SAMPLE_ELEMS: usize = 1 << 28;
 
 fn tract_err(context: impl Into<String>, e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Tract {
@@ -176,13 +235,10 @@ impl TractGraph {
     }
 
     pub fn load_file(path: &Path, input_shapes: &[Vec<usize>]) -> Result<TractGraph> {
-        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => RuntimeError::MissingFile(path.to_path_buf()),
-            _ => RuntimeError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            },
-        })?;
+        if !path.exists() {
+            return Err(RuntimeError::MissingFile(path.to_path_buf()));
+        }
+        let bytes = read_bounded(path, crate::fsread::memory_budget()?, "ONNX graph")?;
         TractGraph::load(&bytes, input_shapes, &path.display().to_string())
     }
 
@@ -235,14 +291,42 @@ impl TractGraph {
 pub struct TractBundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// The bundle's plan: its format, version and file hashes.
+    pub plan: crate::plan::Plan,
 }
 
 impl TractBundle {
+    /// Opens a bundle's ONNX graphs: `plan.json` is read first (format, version and the file
+    /// hashes, as every backend does), then `onnx.json`, checked against its hash.
     pub fn open(dir: &Path) -> Result<TractBundle> {
+        let plan = load_plan(dir)?;
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = read_verified(dir, &plan, MANIFEST_FILE, MAX_JSON_FILE, "ONNX manifest")?;
+        let text =
+            String::from_utf8(bytes).map_err(|_| RuntimeError::corrupt(&path, "not UTF-8 text"))?;
+        let manifest =
+            Manifest::parse(&text).map_err(|reason| RuntimeError::corrupt(&path, reason))?;
+        if manifest.input_shape != plan.input_shape {
+            return Err(RuntimeError::corrupt(
+                &path,
+                format!(
+                    "input_shape {:?} differs from plan.json's {:?}",
+                    manifest.input_shape, plan.input_shape
+                ),
+            ));
+        }
         Ok(TractBundle {
             dir: dir.to_path_buf(),
-            manifest: Manifest::load(dir)?,
+            manifest,
+            plan,
         })
+    }
+
+    /// Loads one of the bundle's graph files (hash-checked, bounded) for these input shapes.
+    fn load_graph(&self, file: &str, shapes: &[Vec<usize>]) -> Result<TractGraph> {
+        let max = crate::fsread::memory_budget()?;
+        let bytes = read_verified(&self.dir, &self.plan, file, max, "ONNX graph")?;
+        TractGraph::load(&bytes, shapes, &self.dir.join(file).display().to_string())
     }
 
     fn entry(&self, which: &str) -> Result<&GraphEntry> {
@@ -276,10 +360,7 @@ impl TractBundle {
     /// The forward graph for `batch` samples.
     pub fn forward(&self, batch: usize) -> Result<TractGraph> {
         let e = self.entry("forward")?;
-        TractGraph::load_file(
-            &self.dir.join(&e.file),
-            &[Self::batched(batch, &self.manifest.input_shape)],
-        )
+        self.load_graph(&e.file, &[Self::batched(batch, &self.manifest.input_shape)])
     }
 
     /// The forward + log-det graph for `batch` samples.
@@ -289,16 +370,13 @@ impl TractBundle {
         if let Some(p) = &self.manifest.probes {
             shapes.push(vec![batch, p.total]);
         }
-        TractGraph::load_file(&self.dir.join(&e.file), &shapes)
+        self.load_graph(&e.file, &shapes)
     }
 
     /// The unrolled inverse graph for `batch` samples.
     pub fn inverse(&self, batch: usize) -> Result<TractGraph> {
         let e = self.entry("inverse")?;
-        TractGraph::load_file(
-            &self.dir.join(&e.file),
-            &[vec![batch, self.manifest.output_dim]],
-        )
+        self.load_graph(&e.file, &[vec![batch, self.manifest.output_dim]])
     }
 }
 
@@ -312,7 +390,7 @@ static THREADS: AtomicUsize = AtomicUsize::new(0);
 /// own single-threaded default). tract 0.23 parallelizes only inside matrix
 /// products, which is where an i-ResNet spends nearly all its time.
 pub fn set_threads(n: usize) {
-    let n = n.max(1);
+    let n = n.clamp(1, MAX_THREADS);
     let exec = if n == 1 {
         Executor::SingleThread
     } else {
@@ -322,21 +400,36 @@ pub fn set_threads(n: usize) {
     THREADS.store(n, Ordering::SeqCst);
 }
 
-/// Threads tract uses: set explicitly, else `IRESNETC_THREADS`, else every core.
+/// Most threads `IRESNETC_THREADS` may ask for: more only costs memory (a stack each).
+pub const MAX_THREADS: usize = 1024;
+
+/// `IRESNETC_THREADS`, parsed and bounded: None when unset, an error naming the variable
+/// when it is not a whole number in `1..=MAX_THREADS`. The CLI checks it before any work.
+pub fn threads_from_env() -> Result<Option<usize>> {
+    let Ok(v) = std::env::var(THREADS_ENV) else {
+        return Ok(None);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(Some(n)),
+        _ => Err(RuntimeError::BadEnv {
+            var: THREADS_ENV.into(),
+            value: clip(&v, 40),
+            reason: format!("expected a whole number of threads from 1 to {MAX_THREADS}"),
+        }),
+    }
+}
+
+/// Threads tract uses: set explicitly, else `IRESNETC_THREADS` (when valid), else every core.
 pub fn threads() -> usize {
     let n = THREADS.load(Ordering::SeqCst);
     if n > 0 {
         return n;
     }
-    let n = std::env::var(THREADS_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
+    let n = threads_from_env().ok().flatten().unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     set_threads(n);
     n
 }

@@ -90,7 +90,8 @@ fn open(a: &RunArgs) -> Result<(Bundle, ModelSpec)> {
             bail!("--weights cannot replace a compiled bundle's weights; recompile with `iresnetc compile --weights`");
         }
         let bundle = Bundle::load(&a.model)?;
-        let spec = ModelSpec::from_file(&a.model.join("model.toml"))?;
+        iresnetc_runtime::bundle::require_integrity(&a.model, &bundle.plan)?;
+        let spec = iresnetc::bundle::read_spec(&a.model, &bundle.plan)?;
         return Ok((bundle, spec));
     }
     let (model, weights) = model_and_weights(a)?;
@@ -289,16 +290,6 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
             let out = ex.run(entries::INVERSE, batch, &[("z", &z)])?;
             let x = &out["x"];
             npy::write(&a.output, &rows(x, in_dim), &spec.input, false)?;
-            if a.mode == Mode::Sample && spec.input.len() == 3 {
-                let png = a.output.with_extension("png");
-                image::write_grid(
-                    &png,
-                    x,
-                    &spec.input,
-                    if spec.data.dequantize { 0.5 } else { 0.0 },
-                )?;
-                eprintln!("sample grid -> {}", png.display());
-            }
             summary = format!("inverse of {batch} samples");
         }
         Mode::Classify => {
@@ -325,7 +316,9 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The PNG grid of `iresnetc run --mode sample` for image models.
+pub(crate) use image::write_grid;
+
+/// The PNG grid of `iresnetc run --mode sample --png PATH` for image models.
 mod image {
     use std::path::Path;
 
@@ -340,6 +333,13 @@ mod image {
         let cols = (n as f64).sqrt().ceil().max(1.0) as usize;
         let rows = n.div_ceil(cols).max(1);
         let (gw, gh) = (cols * (w + 1) + 1, rows * (h + 1) + 1);
+        // A grid of many large samples can exceed what a PNG (u32 sides) or memory holds.
+        let bytes =
+            iresnetc_runtime::fsread::checked_bytes("--png grid", &[gw as u64, gh as u64, 3])?;
+        if gw > u32::MAX as usize / 2 || gh > u32::MAX as usize / 2 {
+            anyhow::bail!("--png: a {gw} x {gh} grid is too large for a PNG; sample fewer");
+        }
+        iresnetc_runtime::fsread::check_budget("--png grid", bytes.saturating_mul(2))?;
         let mut rgb = vec![0u8; gw * gh * 3];
         for (i, s) in x.chunks(per).enumerate() {
             let (ox, oy) = (1 + (i % cols) * (w + 1), 1 + (i / cols) * (h + 1));

@@ -65,6 +65,9 @@ pub struct RunArgs {
     /// Number of samples for --mode sample.
     #[arg(long, default_value_t = 16)]
     pub num: usize,
+    /// --mode sample of an image model: also write the samples as a PNG grid to this file.
+    #[arg(long, value_name = "PATH")]
+    pub png: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -75,6 +78,21 @@ pub enum EstimatorArg {
 }
 
 pub fn run(a: &RunArgs) -> Result<()> {
+    run_backend(a)?;
+    if let Some(png) = &a.png {
+        // Backend-independent: the grid is drawn from the samples just staged at --output.
+        let spec = super::spec_of(&a.model)?;
+        let staged = iresnetc::output::current_path(&a.output);
+        let x = npy::read_batch(&staged, "samples", &spec.input)?;
+        let flat: Vec<f32> = x.samples.iter().flatten().map(|&v| v as f32).collect();
+        let offset = if spec.data.dequantize { 0.5 } else { 0.0 };
+        super::compile::write_grid(png, &flat, &spec.input, offset)?;
+        eprintln!("sample grid -> {}", png.display());
+    }
+    Ok(())
+}
+
+fn run_backend(a: &RunArgs) -> Result<()> {
     match a.backend {
         Backend::Cpu => run_reference(a),
         Backend::Wgpu => super::compile::run_wgpu(a),

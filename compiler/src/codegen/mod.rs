@@ -229,6 +229,8 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
             "tiling": opts.tiling,
             "logdet": layout,
         }),
+        // Filled in by `bundle::write_bundle` once the files' bytes exist.
+        integrity: Default::default(),
     };
     plan.validate()?;
     Ok(Generated {

@@ -175,6 +175,7 @@ pub fn test_plan() -> Plan {
         ],
         entry_points,
         meta: serde_json::json!({ "note": "hand-made test bundle" }),
+        integrity: Default::default(),
     }
 }
 
