@@ -172,13 +172,15 @@ pub fn check_target(o: &Output) -> Result<PathBuf> {
                 format!("{}: is a directory, expected a file name", o.option),
             ))
         }
-        (OutputKind::File, Ok(m)) if !m.is_file() => return Err(bad(
-            p,
-            format!(
+        (OutputKind::File, Ok(m)) if !m.is_file() => {
+            return Err(bad(
+                p,
+                format!(
                 "{}: exists and is not a regular file (a device or FIFO); refusing to replace it",
                 o.option
             ),
-        )),
+            ))
+        }
         (OutputKind::File, Ok(_)) => {}
         (OutputKind::BundleDir, Ok(m)) if !m.is_dir() => {
             return Err(bad(
