@@ -100,7 +100,27 @@ fn message(e: &anyhow::Error) -> String {
         }
         msg.push_str(&text);
     }
-    iresnetc_runtime::fsread::clip(&msg, MAX_MESSAGE)
+    iresnetc_runtime::fsread::clip(&cut_long_words(&msg), MAX_MESSAGE)
+}
+
+/// Quoted user data (a TOML value, a JSON string, a tensor name) can be any length: every
+/// run of more than 200 non-blank characters is cut to its first 80. Paths stay whole.
+fn cut_long_words(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len().min(4 * MAX_MESSAGE));
+    for (i, word) in msg.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        if word.chars().count() > 200 {
+            out.push_str(&iresnetc_runtime::fsread::clip(word, 80));
+        } else {
+            out.push_str(word);
+        }
+        if out.len() > 4 * MAX_MESSAGE {
+            break;
+        }
+    }
+    out
 }
 
 fn one_line(s: &str) -> String {

@@ -69,6 +69,8 @@ struct Entry {
     decl: Output,
     target: PathBuf,
     tmp: Option<PathBuf>,
+    /// A parent directory this command created (removed again on rollback when empty).
+    created: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -243,6 +245,7 @@ pub fn begin(outputs: Vec<Output>, inputs: &[PathBuf]) -> Result<()> {
             decl: o,
             target,
             tmp: None,
+            created: None,
         });
     }
     *lock() = Some(Transaction { entries });
@@ -337,10 +340,13 @@ pub fn stage_dir(dir: &Path) -> Result<Option<PathBuf>> {
     }
     if let Some(parent) = tmp.parent().filter(|p| !p.exists()) {
         // Only the default `build/` of compile gets here (checked in `begin`).
-        std::fs::create_dir_all(parent).map_err(|e| Error::Io {
+        std::fs::create_dir(parent).map_err(|e| Error::Io {
             path: parent.to_path_buf(),
             source: e,
         })?;
+        if let Some(e) = t.entries.iter_mut().find(|e| e.tmp.as_ref() == Some(&tmp)) {
+            e.created = Some(parent.to_path_buf());
+        }
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::Io {
         path: tmp.clone(),
@@ -427,6 +433,10 @@ fn remove_temporaries(t: &Transaction) {
                 OutputKind::File => std::fs::remove_file(tmp),
                 OutputKind::BundleDir => std::fs::remove_dir_all(tmp),
             };
+        }
+        if let Some(dir) = &e.created {
+            // Fails (and keeps it) if anything else appeared there meanwhile.
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }

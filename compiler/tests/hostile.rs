@@ -623,6 +623,50 @@ fn family4_budget_not_abort_or_hang() {
         &["/dev/zero"],
     );
     fails(&d, &["inspect", "."], &[], &["directory"]);
+    // A FIFO would block the open until a writer appears: refused from its metadata.
+    assert!(Command::new("mkfifo")
+        .arg(d.join("pipe.npy"))
+        .status()
+        .unwrap()
+        .success());
+    fails(
+        &d,
+        &[
+            "run",
+            "flow.toml",
+            "--backend",
+            "cpu",
+            "--mode",
+            "forward",
+            "--input",
+            "pipe.npy",
+            "--output",
+            "z.npy",
+        ],
+        &[],
+        &["pipe.npy", "not a regular file"],
+    );
+    fails(
+        &d,
+        &["inspect", "pipe.npy"],
+        &[],
+        &["pipe.npy", "not a regular file"],
+    );
+    // An exported inverse unrolled far beyond what tract can load.
+    write(&d, "many.toml", &FLOW.replace("blocks = 2", "blocks = 50"));
+    fails(
+        &d,
+        &[
+            "export-onnx",
+            "many.toml",
+            "-o",
+            "m.onnx",
+            "--inverse-steps",
+            "9999",
+        ],
+        &[],
+        &["--inverse-steps", "unrolled"],
+    );
 }
 
 /// Rewrites the bundle's weights with `f` applied to every value (keeping the F32 layout).
@@ -757,6 +801,18 @@ fn family5_bundles_are_verified() {
         serde_json::json!([{"repeat": {"times": 4000000000u64, "steps": first["steps"].clone()}}]);
     std::fs::write(d.join("bundle/plan.json"), v.to_string()).unwrap();
     all(&["plan.json"]);
+    let mut v: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    let eps = v["entry_points"].as_object_mut().unwrap();
+    let steps = eps.values_mut().next().unwrap()["steps"]
+        .as_array_mut()
+        .unwrap();
+    let dispatch = steps
+        .iter_mut()
+        .find(|s| s.get("dispatch").is_some())
+        .unwrap();
+    dispatch["dispatch"]["workgroups"] = serde_json::json!([65535, 65535, 1]);
+    std::fs::write(d.join("bundle/plan.json"), v.to_string()).unwrap();
+    all(&["plan.json", "workgroups"]);
     restore();
     // The pristine bundle still runs.
     ok(

@@ -88,6 +88,11 @@ impl Bundle {
         weights: BTreeMap<String, WeightTensor>,
     ) -> Result<Bundle> {
         plan.validate()?;
+        // What the plan's buffers take for one sample, before any is allocated.
+        let bytes = plan.buffers.iter().fold(0u64, |acc, b| {
+            acc.saturating_add(crate::buffers::buffer_bytes(b, 1))
+        });
+        crate::fsread::check_budget("the plan's buffers (plan.json) at batch 1", bytes)?;
         for kernel in &plan.kernels {
             if !shaders.contains_key(&kernel.file) {
                 return Err(RuntimeError::MissingFile(PathBuf::from(&kernel.file)));

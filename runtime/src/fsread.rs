@@ -122,8 +122,8 @@ pub fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
             file_err(io_reason(&e))
         }
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
+    // stat before open: opening a FIFO would block until a writer appears.
+    let meta = std::fs::metadata(path).map_err(io)?;
     if meta.is_dir() {
         return Err(file_err(format!("is a directory, expected a {what}")));
     }
@@ -138,6 +138,10 @@ pub fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
             "{} bytes is more than a {what} can be here ({max} bytes)",
             meta.len()
         )));
+    }
+    let file = std::fs::File::open(path).map_err(io)?;
+    if !file.metadata().map_err(io)?.is_file() {
+        return Err(file_err(format!("not a regular file, expected a {what}")));
     }
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     file.take(max.saturating_add(1))

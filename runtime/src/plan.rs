@@ -130,7 +130,10 @@ pub struct IoDecl {
 impl IoDecl {
     /// Elements of one sample.
     pub fn elems(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
+        // Saturating: a tampered shape must fail validation, not wrap to a small count.
+        self.shape
+            .iter()
+            .fold(1u64, |a, &d| a.saturating_mul(d as u64))
     }
 }
 

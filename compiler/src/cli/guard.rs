@@ -13,6 +13,9 @@ use iresnetc::limits;
 use iresnetc::output::{self, Output};
 use iresnetc::spec::{ModelKind, ModelSpec};
 
+/// Most block evaluations an exported inverse graph may unroll (`--inverse-steps` x blocks).
+const MAX_UNROLLED_BLOCK_STEPS: usize = 100_000;
+
 /// The bundle directory `path` refers to, if any: the directory itself, or the directory of
 /// a `model.toml` inside one.
 fn bundle_of(path: &Path) -> Option<PathBuf> {
@@ -86,7 +89,7 @@ pub(super) fn begin(cmd: &Cmd) -> Result<()> {
             if let Some(k) = a.inverse_steps {
                 if !flow {
                     bail!(
-                        "{}: --inverse-steps needs a flow (kind = \"flow\")",
+                        "{}: --inverse-steps needs a flow (kind = \"flow\"): a classifier is not invertible end to end",
                         a.model.display()
                     );
                 }
@@ -94,6 +97,14 @@ pub(super) fn begin(cmd: &Cmd) -> Result<()> {
                     bail!(
                         "--inverse-steps {k} is outside 1..={} (0 steps would not invert anything)",
                         limits::MAX_INVERSE_ITERS
+                    );
+                }
+                // The graph unrolls K steps of every block: bound the node count it makes.
+                let blocks = spec.footprint().map_or(1, |f| f.block_dims.len().max(1));
+                if k.saturating_mul(blocks) > MAX_UNROLLED_BLOCK_STEPS {
+                    bail!(
+                        "--inverse-steps {k} x {blocks} blocks = {} unrolled block evaluations, more than {MAX_UNROLLED_BLOCK_STEPS} (the ONNX graph would be too large to load)",
+                        k.saturating_mul(blocks)
                     );
                 }
             }
