@@ -228,8 +228,13 @@ pub fn begin(outputs: Vec<Output>, inputs: &[PathBuf]) -> Result<()> {
         }
         for (given, resolved, iid) in &input_ids {
             let same = resolved.as_ref() == Some(&target) || (id.is_some() && id == *iid);
-            let inside = o.kind == OutputKind::BundleDir
-                && resolved.as_ref().is_some_and(|r| r.starts_with(&target));
+            // A bundle directory output holding an input, or an output replacing a file of
+            // an input directory (a bundle's weights or plan): either destroys an input.
+            let inside = (o.kind == OutputKind::BundleDir
+                && resolved.as_ref().is_some_and(|r| r.starts_with(&target)))
+                || resolved
+                    .as_ref()
+                    .is_some_and(|r| r.is_dir() && target.starts_with(r) && target.exists());
             if same || inside {
                 return Err(bad(
                     &o.path,

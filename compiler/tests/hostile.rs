@@ -241,6 +241,31 @@ fn family1_never_overwrites_what_was_not_asked() {
     fails(&d, &with(&["--output", "link.npy"]), &[], &["link.npy"]);
     std::fs::hard_link(d.join("x.npy"), d.join("hard.npy")).unwrap();
     fails(&d, &with(&["--output", "hard.npy"]), &[], &["hard.npy"]);
+    // A file of an input bundle is not an output.
+    ok(&d, &["compile", "flow.toml", "-o", "b0"]);
+    fails(
+        &d,
+        &["export-onnx", "b0", "-o", "b0/forward.onnx"],
+        &[],
+        &["b0"],
+    );
+    fails(
+        &d,
+        &[
+            "run",
+            "b0",
+            "--backend",
+            "cpu",
+            "--mode",
+            "forward",
+            "--input",
+            "x.npy",
+            "--output",
+            "b0/weights.safetensors",
+        ],
+        &[],
+        &["would overwrite"],
+    );
     // export-onnx: the manifest sibling of `x.json` is `x.json` itself.
     fails(
         &d,
