@@ -26,10 +26,15 @@ fn main() -> ExitCode {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!(
-            "error: internal error ({}{at}); please report it",
-            one_line(&what)
-        );
+        if what.contains("failed printing to stdout") {
+            // The reader of a pipe went away (`iresnetc ... | head`): not a bug.
+            eprintln!("error: standard output was closed before the command finished; nothing was written");
+        } else {
+            eprintln!(
+                "error: internal error ({}{at}); please report it",
+                one_line(&what)
+            );
+        }
         std::process::exit(2);
     }));
     let args = match cli::Cli::try_parse() {

@@ -133,6 +133,17 @@ pub fn is_bundle_dir(dir: &Path) -> bool {
 /// Checks one output target without touching anything; returns its resolved path.
 pub fn check_target(o: &Output) -> Result<PathBuf> {
     let p = &o.path;
+    // Renaming onto a symlink's target would replace whatever file it points to, anywhere
+    // on the machine: an output is never written through a link.
+    if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(bad(
+            p,
+            format!(
+                "{}: is a symbolic link; refusing to write through it (give the real path)",
+                o.option
+            ),
+        ));
+    }
     let Some(target) = resolve(p).or_else(|| {
         // The default bundle directory may create its (single) missing parent.
         o.create_parent

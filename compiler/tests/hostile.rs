@@ -239,6 +239,25 @@ fn family1_never_overwrites_what_was_not_asked() {
     fails(&d, &with(&["--output", "flow.toml"]), &[], &["flow.toml"]);
     std::os::unix::fs::symlink("x.npy", d.join("link.npy")).unwrap();
     fails(&d, &with(&["--output", "link.npy"]), &[], &["link.npy"]);
+    // A symlink to a file elsewhere is not written through (the victim keeps its bytes).
+    let victim_dir = tmpdir("victim");
+    let victim = write(&victim_dir, "victim.txt", "precious");
+    std::os::unix::fs::symlink(&victim, d.join("out-link.npy")).unwrap();
+    fails(
+        &d,
+        &with(&["--output", "out-link.npy"]),
+        &[],
+        &["symbolic link"],
+    );
+    std::os::unix::fs::symlink(&victim_dir, d.join("dir-link")).unwrap();
+    fails(
+        &d,
+        &["compile", "flow.toml", "-o", "dir-link"],
+        &[],
+        &["symbolic link"],
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert_eq!(std::fs::read_dir(&victim_dir).unwrap().count(), 1);
     std::fs::hard_link(d.join("x.npy"), d.join("hard.npy")).unwrap();
     fails(&d, &with(&["--output", "hard.npy"]), &[], &["hard.npy"]);
     // A file of an input bundle is not an output.
