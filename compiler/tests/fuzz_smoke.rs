@@ -4,6 +4,7 @@
 //! README set `IRESNETC_FUZZ_ITERS`:
 //!
 //! `IRESNETC_FUZZ_ITERS=1000000 cargo test --release -p iresnetc --test fuzz_smoke -- --nocapture`
+//! (`IRESNETC_FUZZ_TARGETS=manifest` runs only the targets named)
 //!
 //! A panic is caught, the offending input written to `target/fuzz-crash-<target>-<n>.bin`,
 //! and the test fails naming it.
@@ -132,7 +133,15 @@ fn every_target_survives_mutations_of_its_corpus() {
     std::env::set_var("IRESNETC_MEMORY_LIMIT", "256M");
     std::panic::set_hook(Box::new(|_| {}));
     let mut failures = vec![];
+    // `IRESNETC_FUZZ_TARGETS=plan,npy` runs only those.
+    let only = std::env::var("IRESNETC_FUZZ_TARGETS").ok();
     for (name, f) in iresnetc::fuzzing::TARGETS {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|t| t == *name))
+        {
+            continue;
+        }
         let seeds = corpus(name);
         assert!(!seeds.is_empty(), "no seeds for {name}");
         let mut r = Rng(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);
