@@ -35,17 +35,29 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Generates and writes the bundle of `model` to `dir` (replacing an existing bundle there).
+/// Generates and writes the bundle of `model` to `dir` (replacing an existing bundle there;
+/// any other existing directory is refused, see [`crate::output`]). `plan.json` records the
+/// SHA-256 of every other file, so a loader can tell a bundle changed after compiling.
 pub fn write_bundle(model: &Model, dir: &Path, opts: &BundleOptions) -> Result<CodegenReport> {
-    let gen = codegen::generate(model, &opts.codegen)?;
-    let tmp = tmp_dir(dir);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    if let Some(parent) = tmp.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-    }
-    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let mut gen = codegen::generate(model, &opts.codegen)?;
+    // Inside a command's output transaction the directory is staged there and renamed at
+    // commit; otherwise (library use) here, with the same checks.
+    let staged = crate::output::stage_dir(dir)?;
+    let tmp = match &staged {
+        Some(t) => t.clone(),
+        None => {
+            crate::output::check_target(&crate::output::Output::bundle(dir, "bundle", true))?;
+            let tmp = tmp_dir(dir);
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+            }
+            if let Some(parent) = tmp.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+            tmp
+        }
+    };
     let result = (|| -> Result<()> {
         let write = |name: &str, bytes: &[u8]| -> Result<()> {
             let p = tmp.join(name);
@@ -72,27 +84,98 @@ pub fn write_bundle(model: &Model, dir: &Path, opts: &BundleOptions) -> Result<C
             })?
             .as_bytes(),
         )?;
-        // Last of the GPU files: a directory with a plan.json is a bundle to the runtime.
+        // ONNX: the whole forward graph, and the per-block segments the tract backend runs.
+        crate::onnx::write_bundle_graphs(model, &tmp)?;
+        gen.plan.integrity = hash_files(&tmp)?;
+        // Last: a directory with a plan.json is a bundle to the runtime.
         write(
             iresnetc_runtime::plan::PLAN_FILE,
             json(&gen.plan)?.as_bytes(),
         )?;
-        // ONNX: the whole forward graph, and the per-block segments the tract backend runs.
-        crate::onnx::write_bundle_graphs(model, &tmp)?;
         Ok(())
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(io(dir))?;
+    if staged.is_none() {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io(dir))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            io(dir)(e)
+        })?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&tmp);
-        io(dir)(e)
-    })?;
     Ok(gen.report)
+}
+
+/// SHA-256 of every file in `dir` (the bundle being written, before its plan.json).
+fn hash_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let path = entry.path();
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        out.insert(
+            entry.file_name().to_string_lossy().into_owned(),
+            iresnetc_runtime::fsread::sha256_hex(&bytes),
+        );
+    }
+    Ok(out)
+}
+
+/// Checks a bundle directory before anything relies on it: `plan.json` (format, version,
+/// consistency), file hashes present and matching for every file the plan lists, and
+/// `model.toml` agreeing with the plan (name, kind, input shape). Every command that takes a
+/// bundle goes through this, whatever the backend.
+pub fn verify_bundle(dir: &Path) -> Result<iresnetc_runtime::Plan> {
+    use iresnetc_runtime::bundle::{load_plan, read_verified, require_integrity};
+    let plan = load_plan(dir)?;
+    require_integrity(dir, &plan)?;
+    let budget = iresnetc_runtime::fsread::memory_budget()?;
+    for file in plan.integrity.keys() {
+        read_verified(dir, &plan, file, budget, "bundle file")?;
+    }
+    let spec = read_spec(dir, &plan)?;
+    let toml = dir.join("model.toml");
+    let kind = match spec.kind {
+        crate::spec::ModelKind::Flow => iresnetc_runtime::ModelKind::Flow,
+        crate::spec::ModelKind::Classifier => iresnetc_runtime::ModelKind::Classifier,
+    };
+    if spec.name != plan.model || kind != plan.kind || spec.input != plan.input_shape {
+        return Err(Error::SpecInvalid {
+            file: toml,
+            field: "name / kind / input".into(),
+            reason: format!(
+                "model.toml says {:?} ({:?}, input {:?}) but plan.json says {:?} ({:?}, input {:?})",
+                iresnetc_runtime::fsread::clip(&spec.name, 40),
+                spec.kind,
+                spec.input,
+                iresnetc_runtime::fsread::clip(&plan.model, 40),
+                plan.kind,
+                plan.input_shape
+            ),
+        });
+    }
+    Ok(plan)
+}
+
+/// A bundle's `model.toml`, read through the plan's hash check.
+pub fn read_spec(dir: &Path, plan: &iresnetc_runtime::Plan) -> Result<crate::spec::ModelSpec> {
+    let bytes = iresnetc_runtime::bundle::read_verified(
+        dir,
+        plan,
+        "model.toml",
+        iresnetc_runtime::fsread::MAX_MODEL_FILE,
+        "model file",
+    )?;
+    let path = dir.join("model.toml");
+    let text = String::from_utf8(bytes).map_err(|_| Error::SpecParse {
+        file: path.clone(),
+        message: "not UTF-8 text".into(),
+    })?;
+    crate::spec::ModelSpec::from_toml(&text, &path)
 }
 
 /// `DIR.tmp-<pid>` next to `DIR`.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{}: {}", path.display(), iresnetc_runtime::fsread::io_reason(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -42,6 +42,8 @@ pub enum Error {
     },
     #[error("{what}: {reason}")]
     Unsupported { what: String, reason: String },
+    #[error("{}: {reason}", path.display())]
+    Output { path: PathBuf, reason: String },
     #[error("{0}")]
     Runtime(#[from] iresnetc_runtime::RuntimeError),
     #[error("{context}: {message}")]

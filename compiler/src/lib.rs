@@ -8,12 +8,16 @@ pub mod bundle;
 pub mod codegen;
 pub mod error;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod ir;
 pub mod kernels;
+pub mod limits;
 pub mod npy;
 pub mod onnx;
 pub mod ops;
+pub mod output;
 pub mod passes;
 pub mod pipeline;
 pub mod reference;

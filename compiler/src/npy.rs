@@ -19,18 +19,50 @@ pub struct Batch {
 
 /// Reads `path` and checks that each sample has `per_sample` shape.
 pub fn read_batch(path: &Path, array: &str, per_sample: &[usize]) -> Result<Batch> {
+    // Bounded by the memory budget: the array is held as f64 rows besides the file bytes.
+    let budget = iresnetc_runtime::fsread::memory_budget()?;
+    let bytes = iresnetc_runtime::fsread::read_bounded(path, budget / 4, ".npy array")?;
+    parse_batch(&bytes, path, array, per_sample)
+}
+
+/// [`read_batch`] on bytes already in memory; `path` is only used in messages.
+pub fn parse_batch(bytes: &[u8], path: &Path, array: &str, per_sample: &[usize]) -> Result<Batch> {
     let bad = |reason: String| Error::Array {
         file: path.to_path_buf(),
         array: array.to_string(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
+    let npy = NpyFile::new(Cursor::new(bytes)).map_err(|e| {
+        bad(format!(
+            "not a valid .npy file ({})",
+            iresnetc_runtime::fsread::clip(&e.to_string(), 120)
+        ))
     })?;
-    let npy = NpyFile::new(Cursor::new(&bytes))
-        .map_err(|e| bad(format!("not a valid .npy file ({e})")))?;
-    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let shape: Vec<usize> = npy
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d).unwrap_or(usize::MAX))
+        .collect();
+    // The header's shape must describe exactly the data that follows: checked before npyz
+    // allocates for it, so a header claiming 2^60 elements is an error, not an abort.
+    let count = shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+        .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+    let width = match npy.dtype() {
+        DType::Plain(t) => t.num_bytes().unwrap_or(0) as u64,
+        _ => 0,
+    };
+    if width > 0
+        && count
+            .checked_mul(width)
+            .is_none_or(|n| n > bytes.len() as u64)
+    {
+        return Err(bad(format!(
+            "header says shape {shape:?} but the file holds only {} bytes",
+            bytes.len()
+        )));
+    }
     if npy.order() != Order::C && shape.len() > 1 {
         return Err(bad(
             "Fortran-ordered arrays are not supported; save with C order".into(),
@@ -47,7 +79,12 @@ pub fn read_batch(path: &Path, array: &str, per_sample: &[usize]) -> Result<Batc
             .map(|v| v.into_iter().map(f64::from).collect()),
         other => return Err(bad(format!("dtype {other}, expected float32 or float64"))),
     }
-    .map_err(|e| bad(format!("cannot read data ({e})")))?;
+    .map_err(|e| {
+        bad(format!(
+            "cannot read data ({})",
+            iresnetc_runtime::fsread::clip(&e.to_string(), 120)
+        ))
+    })?;
     let expected = std::iter::once("B".to_string())
         .chain(per_sample.iter().map(|d| d.to_string()))
         .collect::<Vec<_>>()
@@ -58,10 +95,13 @@ pub fn read_batch(path: &Path, array: &str, per_sample: &[usize]) -> Result<Batc
     if shape[0] == 0 {
         return Err(bad("the batch is empty".into()));
     }
-    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+    // Finite, and finite in f32 too: every backend but the reference computes in f32, where
+    // 1e300 is inf; refusing it here keeps the backends' answers comparable.
+    let limit = f64::from(f32::MAX);
+    if let Some(i) = data.iter().position(|v| !v.is_finite() || v.abs() > limit) {
         let per: usize = per_sample.iter().product::<usize>().max(1);
         return Err(bad(format!(
-            "sample {} element {} is {} (inputs must be finite)",
+            "sample {} element {} is {:e} (inputs must be finite and within f32 range, |x| <= {limit:e})",
             i / per,
             i % per,
             data[i]
@@ -108,7 +148,28 @@ pub fn to_bytes(rows: &[Vec<f64>], per_sample: &[usize], f32_out: bool) -> Resul
 }
 
 /// Writes an array atomically (nothing half-written on failure).
+///
+/// Every result of every backend goes through here: inside a command (an open output
+/// transaction, see [`crate::output`]) a NaN or infinite value is refused (the command fails,
+/// nothing is written) rather than saved as if it were a result. Library callers may write
+/// any values (tests write NaN arrays on purpose).
 pub fn write(path: &Path, rows: &[Vec<f64>], per_sample: &[usize], f32_out: bool) -> Result<()> {
+    let results = crate::output::active();
+    for (i, r) in rows.iter().enumerate().filter(|_| results) {
+        if let Some(j) = r
+            .iter()
+            .position(|v| !v.is_finite() || (f32_out && v.abs() > f64::from(f32::MAX)))
+        {
+            return Err(Error::Array {
+                file: path.to_path_buf(),
+                array: "output".into(),
+                reason: format!(
+                    "sample {i} element {j} is {}: the computation overflowed or is undefined for this input (nothing written)",
+                    r[j]
+                ),
+            });
+        }
+    }
     let bytes = to_bytes(rows, per_sample, f32_out)?;
     crate::fsutil::write_atomic(path, &bytes)
 }

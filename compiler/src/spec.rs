@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::limits;
 
 /// Flow (density model, z + log-det) or classifier (logits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,10 +215,11 @@ impl Default for DataSpec {
 impl ModelSpec {
     /// Parse and validate a model file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        let text = iresnetc_runtime::fsread::read_text_bounded(
+            path,
+            iresnetc_runtime::fsread::MAX_MODEL_FILE,
+            "model file",
+        )?;
         Self::from_toml(&text, path)
     }
 
@@ -225,7 +227,7 @@ impl ModelSpec {
     pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
         let spec: ModelSpec = toml::from_str(text).map_err(|e| Error::SpecParse {
             file: path.to_path_buf(),
-            message: one_line(&e.to_string()),
+            message: toml_message(&e, text),
         })?;
         spec.validate(path)?;
         Ok(spec)
@@ -242,9 +244,7 @@ impl ModelSpec {
             field: field.to_string(),
             reason,
         };
-        if self.name.trim().is_empty() {
-            return Err(bad("name", "must not be empty".into()));
-        }
+        check_name(&self.name).map_err(|r| bad("name", r))?;
         if !matches!(self.input.len(), 1 | 3) || self.input.contains(&0) {
             return Err(bad(
                 "input",
@@ -264,41 +264,78 @@ impl ModelSpec {
                 ),
             ));
         }
-        if !(lip.power_tol > 0.0 && lip.power_tol < 1.0) {
-            return Err(bad("lipschitz.power_tol", "must be in (0, 1)".into()));
+        if !(lip.power_tol >= limits::MIN_TOL && lip.power_tol < 1.0) {
+            return Err(bad(
+                "lipschitz.power_tol",
+                format!("must be in [{:e}, 1)", limits::MIN_TOL),
+            ));
         }
-        if lip.power_max_iters == 0 {
-            return Err(bad("lipschitz.power_max_iters", "must be >= 1".into()));
+        in_range(
+            "lipschitz.power_max_iters",
+            lip.power_max_iters,
+            limits::MAX_POWER_ITERS,
+        )
+        .map_err(|(f, r)| bad(&f, r))?;
+        if !(self.inverse.tol >= limits::MIN_TOL && self.inverse.tol.is_finite()) {
+            return Err(bad(
+                "inverse.tol",
+                format!(
+                    "must be a number >= {:e} (smaller is below f64 resolution)",
+                    limits::MIN_TOL
+                ),
+            ));
         }
-        if !(self.inverse.tol > 0.0 && self.inverse.tol.is_finite()) {
-            return Err(bad("inverse.tol", "must be a positive number".into()));
-        }
-        if self.inverse.max_iters == 0 {
-            return Err(bad("inverse.max_iters", "must be >= 1".into()));
-        }
+        in_range(
+            "inverse.max_iters",
+            self.inverse.max_iters,
+            limits::MAX_INVERSE_ITERS,
+        )
+        .map_err(|(f, r)| bad(&f, r))?;
         let ld = &self.logdet;
-        if ld.terms == 0 {
-            return Err(bad("logdet.terms", "must be >= 1".into()));
-        }
-        if ld.probes == 0 {
-            return Err(bad("logdet.probes", "must be >= 1".into()));
+        in_range("logdet.terms", ld.terms, limits::MAX_TERMS).map_err(|(f, r)| bad(&f, r))?;
+        in_range("logdet.probes", ld.probes, limits::MAX_PROBES).map_err(|(f, r)| bad(&f, r))?;
+        if ld.terms * ld.probes > limits::MAX_TERMS_X_PROBES {
+            return Err(bad(
+                "logdet.probes",
+                format!(
+                    "terms x probes = {} vector-Jacobian products per block and sample, more than {}",
+                    ld.terms * ld.probes,
+                    limits::MAX_TERMS_X_PROBES
+                ),
+            ));
         }
         match ld.roulette {
-            RouletteDist::Geometric if !(ld.roulette_param > 0.0 && ld.roulette_param < 1.0) => {
-                return Err(bad(
-                    "logdet.roulette_param",
-                    "geometric success probability must be in (0, 1)".into(),
-                ))
-            }
-            RouletteDist::Poisson
-                if !(ld.roulette_param > 0.0 && ld.roulette_param.is_finite()) =>
+            RouletteDist::Geometric
+                if !(ld.roulette_param >= limits::MIN_GEOMETRIC_P && ld.roulette_param < 1.0) =>
             {
                 return Err(bad(
                     "logdet.roulette_param",
-                    "Poisson mean must be positive".into(),
+                    format!(
+                        "geometric success probability must be in [{}, 1) (the expected number of extra terms is 1/p)",
+                        limits::MIN_GEOMETRIC_P
+                    ),
+                ))
+            }
+            RouletteDist::Poisson
+                if !(ld.roulette_param > 0.0
+                    && ld.roulette_param <= limits::MAX_POISSON_MEAN) =>
+            {
+                return Err(bad(
+                    "logdet.roulette_param",
+                    format!("Poisson mean must be in (0, {}]", limits::MAX_POISSON_MEAN),
                 ))
             }
             _ => {}
+        }
+        if self.stages.len() > limits::MAX_STAGES {
+            return Err(bad(
+                "stages",
+                format!(
+                    "{} stages, at most {}",
+                    self.stages.len(),
+                    limits::MAX_STAGES
+                ),
+            ));
         }
         if self.stages.is_empty() {
             return Err(bad(
@@ -316,8 +353,14 @@ impl ModelSpec {
             (_, Some(h)) if h.classes == 0 => {
                 return Err(bad("head.classes", "must be >= 1".into()))
             }
-            (_, Some(h)) if !(h.bn_eps > 0.0) => {
-                return Err(bad("head.bn_eps", "must be positive".into()))
+            (_, Some(h)) if !(h.bn_eps > 0.0 && h.bn_eps.is_finite()) => {
+                return Err(bad("head.bn_eps", "must be a positive number".into()))
+            }
+            (_, Some(h)) if h.classes > limits::MAX_WIDTH => {
+                return Err(bad(
+                    "head.classes",
+                    format!("{} classes, at most {}", h.classes, limits::MAX_WIDTH),
+                ))
             }
             _ => {}
         }
@@ -330,6 +373,8 @@ impl ModelSpec {
 
         // Walk the shapes the way the graph builder will, so impossible
         // configurations are reported against the field that causes them.
+        limits::elems("input", &self.input).map_err(|(f, r)| bad(&f, r))?;
+        let mut stage_shapes = vec![];
         let mut shape = self.input.clone();
         if self.squeeze {
             shape = squeezed(&shape).map_err(|r| bad("squeeze", r))?;
@@ -337,6 +382,12 @@ impl ModelSpec {
         if let Some(c) = self.pad_channels {
             if !self.is_image() {
                 return Err(bad("pad_channels", "only for image models".into()));
+            }
+            if c > limits::MAX_WIDTH {
+                return Err(bad(
+                    "pad_channels",
+                    format!("{c} channels, at most {}", limits::MAX_WIDTH),
+                ));
             }
             if c < shape[0] {
                 return Err(bad(
@@ -352,11 +403,39 @@ impl ModelSpec {
         let last = self.stages.len() - 1;
         for (i, st) in self.stages.iter().enumerate() {
             let f = |name: &str| format!("stages[{i}].{name}");
-            if st.blocks == 0 {
-                return Err(bad(&f("blocks"), "must be >= 1".into()));
-            }
+            in_range(&f("blocks"), st.blocks, limits::MAX_BLOCKS).map_err(|(f, r)| bad(&f, r))?;
             if st.squeeze {
                 shape = squeezed(&shape).map_err(|r| bad(&f("squeeze"), r))?;
+            }
+            limits::elems(&f("squeeze"), &shape).map_err(|(f, r)| bad(&f, r))?;
+            stage_shapes.push(shape.clone());
+            for (w, name) in [
+                (st.width, "width"),
+                (
+                    st.hidden.as_ref().and_then(|h| h.iter().max().copied()),
+                    "hidden",
+                ),
+            ] {
+                if let Some(w) = w.filter(|&w| w > limits::MAX_WIDTH) {
+                    return Err(bad(
+                        &f(name),
+                        format!("width {w}, at most {}", limits::MAX_WIDTH),
+                    ));
+                }
+            }
+            for (list, name) in [(&st.kernels, "kernels"), (&st.hidden, "hidden")] {
+                if list
+                    .as_ref()
+                    .is_some_and(|l| l.len() > limits::MAX_LAYERS_PER_BRANCH)
+                {
+                    return Err(bad(
+                        &f(name),
+                        format!(
+                            "more than {} layers per branch",
+                            limits::MAX_LAYERS_PER_BRANCH
+                        ),
+                    ));
+                }
             }
             if self.is_image() {
                 if st.hidden.is_some() {
@@ -375,6 +454,12 @@ impl ModelSpec {
                 let ks = st.kernels.clone().unwrap_or_else(|| vec![3, 1, 3]);
                 if ks.is_empty() {
                     return Err(bad(&f("kernels"), "needs at least one kernel size".into()));
+                }
+                if let Some(k) = ks.iter().find(|&&k| k > limits::MAX_KERNEL) {
+                    return Err(bad(
+                        &f("kernels"),
+                        format!("kernel size {k}, at most {}", limits::MAX_KERNEL),
+                    ));
                 }
                 if let Some(k) = ks.iter().find(|&&k| k % 2 == 0 || k == 0) {
                     return Err(bad(
@@ -424,7 +509,94 @@ impl ModelSpec {
                 shape[0] /= 2;
             }
         }
+        // What the model needs, checked before anything is allocated.
+        let fp = limits::footprint(self, &stage_shapes).map_err(|(f, r)| bad(&f, r))?;
+        let need = fp.bytes(4).unwrap_or(u64::MAX);
+        let budget = iresnetc_runtime::fsread::memory_budget()?;
+        if need > budget {
+            return Err(bad(
+                &fp.heaviest,
+                format!(
+                    "the model needs about {need} bytes of memory ({} parameters, {} activations per sample), more than the {budget} available (IRESNETC_MEMORY_LIMIT sets the budget)",
+                    fp.params, fp.max_activation
+                ),
+            ));
+        }
+        if self.logdet.estimator == Estimator::Exact {
+            limits::check_exact(self).map_err(|r| bad("logdet.estimator", r))?;
+        }
         Ok(())
+    }
+
+    /// Sizes derived from the spec (parameters, activations, block dimensions); None for a
+    /// spec that does not validate.
+    pub fn footprint(&self) -> Option<limits::Footprint> {
+        let mut shape = self.input.clone();
+        if self.squeeze {
+            shape = squeezed(&shape).ok()?;
+        }
+        if let Some(c) = self.pad_channels {
+            *shape.first_mut()? = c;
+        }
+        let mut stage_shapes = vec![];
+        for st in &self.stages {
+            if st.squeeze {
+                shape = squeezed(&shape).ok()?;
+            }
+            stage_shapes.push(shape.clone());
+            if st.factor_out {
+                shape[0] /= 2;
+            }
+        }
+        limits::footprint(self, &stage_shapes).ok()
+    }
+}
+
+/// `1 <= value <= max` for a count field.
+fn in_range(field: &str, value: usize, max: usize) -> std::result::Result<(), (String, String)> {
+    if value == 0 || value > max {
+        return Err((field.to_string(), format!("{value} is outside 1..={max}")));
+    }
+    Ok(())
+}
+
+/// A model name becomes a directory name (`build/<name>`): letters, digits, `-`, `_`, `.`,
+/// not `.` or `..`, at most [`limits::MAX_NAME_LEN`] characters.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.chars().count() > limits::MAX_NAME_LEN {
+        return Err(format!("longer than {} characters", limits::MAX_NAME_LEN));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "{:?} contains {c:?}: a name may hold only letters, digits, '-', '_' and '.' (it is used as a directory name)",
+            iresnetc_runtime::fsread::clip(name, 40)
+        ));
+    }
+    Ok(())
+}
+
+/// One line from a TOML error: position and message, never the source line itself, with
+/// quoted input cut short (a 10 MB line must not become a 10 MB message).
+fn toml_message(e: &toml::de::Error, text: &str) -> String {
+    let msg = one_line(e.message());
+    let msg = iresnetc_runtime::fsread::clip(&msg, 160);
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or("");
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {col}: {msg}")
+        }
+        None => msg,
     }
 }
 

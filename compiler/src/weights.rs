@@ -64,11 +64,24 @@ pub fn init(graph: &Graph, seed: u64) -> Params {
 /// Reads a safetensors file and checks it against the graph's expectations:
 /// missing, extra, mis-shaped or wrongly typed tensors are errors naming the tensor.
 pub fn load(graph: &Graph, path: &Path) -> Result<Params> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::WeightsFile {
+    // The largest file the model can need: 8 bytes (F64) per parameter plus the JSON header.
+    let max = graph
+        .expected_params()
+        .iter()
+        .try_fold(16u64 << 20, |acc, (_, shape)| {
+            let n = shape
+                .iter()
+                .try_fold(8u64, |a, &d| a.checked_mul(d as u64))?;
+            acc.checked_add(n)
+        })
+        .unwrap_or(u64::MAX);
+    let bytes = iresnetc_runtime::fsread::read_bounded(path, max, "weights file")?;
+    load_bytes(graph, &bytes, path)
+}
+
+/// [`load`] on bytes already read; `path` is only used in messages.
+pub fn load_bytes(graph: &Graph, bytes: &[u8], path: &Path) -> Result<Params> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::WeightsFile {
         file: path.to_path_buf(),
         reason: format!("not a valid safetensors file ({e})"),
     })?;
@@ -105,10 +118,23 @@ pub fn load(graph: &Graph, path: &Path) -> Result<Params> {
                 data[i]
             )));
         }
+        // Log-scales are exponentiated in f32 by every backend: beyond +-80 the scale (or its
+        // inverse) overflows and the density is inf or NaN. Refuse here, naming the tensor.
+        if name.ends_with("log_std") || name.ends_with("log_scale") {
+            if let Some(i) = data.iter().position(|v| v.abs() > MAX_LOG_SCALE) {
+                return Err(bad(format!(
+                    "element {i} is {:e}: a log-scale must lie in [-{MAX_LOG_SCALE}, {MAX_LOG_SCALE}] (exp overflows f32 beyond)",
+                    data[i]
+                )));
+            }
+        }
         params.insert(name, Tensor::new(shape, data));
     }
     Ok(params)
 }
+
+/// Largest |log-scale| accepted in a weights file (e^80 ~ 5.5e34 < f32::MAX ~ 3.4e38).
+pub const MAX_LOG_SCALE: f64 = 80.0;
 
 fn to_f64(view: &TensorView<'_>) -> std::result::Result<Vec<f64>, String> {
     let b = view.data();

@@ -385,6 +385,7 @@ fn bundle_graphs_run_in_the_runtime() {
     let m = common::model_from_toml(common::SMALL_CONV);
     let g = &m.graph;
     let d = tmpdir("bundle");
+    // A whole bundle: the tract backend checks plan.json (format, version, file hashes).
     iresnetc::bundle::write_bundle(&m, &d, &Default::default()).unwrap();
 
     let b = TractBundle::open(&d).unwrap();

@@ -5,12 +5,12 @@
 //! halfway through a run. Loading never panics on bad data.
 
 use std::collections::BTreeMap;
-use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Result, RuntimeError};
+use crate::fsread::{read_bounded, read_text_bounded, sha256_hex, MAX_JSON_FILE};
 use crate::plan::{BufferInit, Plan, BUNDLE_FORMAT, BUNDLE_VERSION, PLAN_FILE, WEIGHTS_FILE};
 
 /// One f32 tensor from `weights.safetensors`.
@@ -35,12 +35,8 @@ impl Bundle {
     /// Reads and checks `dir/plan.json`, the WGSL files it names and `dir/weights.safetensors`.
     pub fn load(dir: impl AsRef<Path>) -> Result<Bundle> {
         let dir = dir.as_ref();
-        if !dir.is_dir() {
-            return Err(RuntimeError::MissingFile(dir.to_path_buf()));
-        }
+        let plan = load_plan(dir)?;
         let plan_path = dir.join(PLAN_FILE);
-        let plan_text = read_to_string(&plan_path)?;
-        let plan = parse_plan(&plan_text).map_err(|e| with_file(e, &plan_path))?;
 
         let mut shaders = BTreeMap::new();
         for kernel in &plan.kernels {
@@ -53,7 +49,13 @@ impl Bundle {
                     format!("kernel {:?} file {:?}: {reason}", kernel.name, kernel.file),
                 )
             })?;
-            let source = read_to_string(&dir.join(&kernel.file))?;
+            let bytes = read_verified(dir, &plan, &kernel.file, MAX_JSON_FILE, "WGSL file")?;
+            let source = String::from_utf8(bytes).map_err(|e| {
+                RuntimeError::corrupt(
+                    dir.join(&kernel.file),
+                    format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+                )
+            })?;
             shaders.insert(kernel.file.clone(), source);
         }
 
@@ -62,7 +64,13 @@ impl Bundle {
             // A plan without weights (a test kernel, an identity model) needs no weight file.
             BTreeMap::new()
         } else {
-            let bytes = std::fs::read(&weights_path).map_err(|e| io_error(e, &weights_path))?;
+            let bytes = read_verified(
+                dir,
+                &plan,
+                WEIGHTS_FILE,
+                max_weights_bytes(&plan),
+                "weights file",
+            )?;
             parse_weights(&bytes).map_err(|reason| RuntimeError::corrupt(&weights_path, reason))?
         };
 
@@ -80,6 +88,11 @@ impl Bundle {
         weights: BTreeMap<String, WeightTensor>,
     ) -> Result<Bundle> {
         plan.validate()?;
+        // What the plan's buffers take for one sample, before any is allocated.
+        let bytes = plan.buffers.iter().fold(0u64, |acc, b| {
+            acc.saturating_add(crate::buffers::buffer_bytes(b, 1))
+        });
+        crate::fsread::check_budget("the plan's buffers (plan.json) at batch 1", bytes)?;
         for kernel in &plan.kernels {
             if !shaders.contains_key(&kernel.file) {
                 return Err(RuntimeError::MissingFile(PathBuf::from(&kernel.file)));
@@ -99,6 +112,71 @@ impl Bundle {
         let decl = self.plan.kernel(kernel)?;
         self.shaders.get(&decl.file).map(String::as_str)
     }
+}
+
+/// Reads and checks `dir/plan.json` (format, version, internal consistency), bounded in size.
+/// Every loader of a bundle (wgpu, tract, the compiler's reference path) starts here.
+pub fn load_plan(dir: &Path) -> Result<Plan> {
+    if !dir.is_dir() {
+        return Err(RuntimeError::MissingFile(dir.to_path_buf()));
+    }
+    let plan_path = dir.join(PLAN_FILE);
+    if !plan_path.exists() {
+        return Err(RuntimeError::MissingFile(plan_path));
+    }
+    let plan_text = read_text_bounded(&plan_path, MAX_JSON_FILE, "plan.json")?;
+    parse_plan(&plan_text).map_err(|e| with_file(e, &plan_path))
+}
+
+/// Reads `dir/file` (bounded by `max`) and, when the plan records file hashes, checks the
+/// bytes against `plan.integrity[file]`: a file edited after compiling, or one the plan does
+/// not vouch for, is refused naming the file.
+pub fn read_verified(dir: &Path, plan: &Plan, file: &str, max: u64, what: &str) -> Result<Vec<u8>> {
+    check_relative(file).map_err(|reason| {
+        RuntimeError::corrupt(dir.join(PLAN_FILE), format!("file {file:?}: {reason}"))
+    })?;
+    let path = dir.join(file);
+    if !path.exists() {
+        return Err(RuntimeError::MissingFile(path));
+    }
+    let bytes = read_bounded(&path, max, what)?;
+    if plan.integrity.is_empty() {
+        return Ok(bytes);
+    }
+    match plan.integrity.get(file) {
+        None => Err(RuntimeError::corrupt(
+            path,
+            "plan.json records no hash for this file; recompile the bundle",
+        )),
+        Some(want) if *want != sha256_hex(&bytes) => Err(RuntimeError::corrupt(
+            path,
+            "SHA-256 differs from the one plan.json records: the file was changed after compiling; recompile the bundle",
+        )),
+        Some(_) => Ok(bytes),
+    }
+}
+
+/// Refuses a bundle whose plan records no file hashes (compiled before hashes existed, or
+/// with the field removed): nothing it holds could be checked.
+pub fn require_integrity(dir: &Path, plan: &Plan) -> Result<()> {
+    if plan.integrity.is_empty() {
+        return Err(RuntimeError::corrupt(
+            dir.join(PLAN_FILE),
+            "no \"integrity\" hashes: the bundle cannot be checked; recompile it with this iresnetc",
+        ));
+    }
+    Ok(())
+}
+
+/// The largest `weights.safetensors` the plan can need: 4 bytes per declared weight element
+/// plus room for the JSON header.
+fn max_weights_bytes(plan: &Plan) -> u64 {
+    plan.buffers
+        .iter()
+        .filter(|b| matches!(b.init, BufferInit::Weight { .. }))
+        .fold(16u64 << 20, |acc, b| {
+            acc.saturating_add(b.elems.saturating_mul(4))
+        })
 }
 
 /// Parses `plan.json`, checking format and version *before* the full schema, so that a bundle
@@ -151,11 +229,18 @@ pub fn parse_weights(bytes: &[u8]) -> std::result::Result<BTreeMap<String, Weigh
                 view.dtype()
             ));
         }
-        let data = view
+        let data: Vec<f32> = view
             .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        // A NaN or infinite weight would run and give NaN outputs with exit code 0.
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "tensor {name:?} element {i} is {} (weights must be finite)",
+                data[i]
+            ));
+        }
         out.insert(
             name,
             WeightTensor {
@@ -218,8 +303,8 @@ fn check_weights(plan: &Plan, weights: &BTreeMap<String, WeightTensor>) -> Resul
     Ok(())
 }
 
-/// A kernel file must stay inside the bundle directory.
-fn check_relative(file: &str) -> std::result::Result<(), &'static str> {
+/// A file named by a plan or manifest must stay inside the bundle directory.
+pub fn check_relative(file: &str) -> std::result::Result<(), &'static str> {
     let path = Path::new(file);
     if path.is_absolute() {
         return Err("must be relative to the bundle directory");
@@ -231,22 +316,6 @@ fn check_relative(file: &str) -> std::result::Result<(), &'static str> {
         return Err("must not leave the bundle directory");
     }
     Ok(())
-}
-
-fn read_to_string(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| io_error(e, path))?;
-    String::from_utf8(bytes).map_err(|e| RuntimeError::corrupt(path, format!("not UTF-8: {e}")))
-}
-
-fn io_error(e: std::io::Error, path: &Path) -> RuntimeError {
-    if e.kind() == ErrorKind::NotFound {
-        RuntimeError::MissingFile(path.to_path_buf())
-    } else {
-        RuntimeError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }
-    }
 }
 
 /// Replaces the bare file name of a `BundleCorrupt` error by the full path.

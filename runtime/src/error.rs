@@ -86,12 +86,48 @@ pub enum RuntimeError {
     #[error("tract: {context}: {message}")]
     Tract { context: String, message: String },
 
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+
+    #[error(
+        "{what} would need {} of memory, more than the {} this run may use (set IRESNETC_MEMORY_LIMIT to change the budget)",
+        human_bytes(.needed),
+        human_bytes(.available)
+    )]
+    Budget {
+        what: String,
+        needed: u64,
+        available: u64,
+    },
+
+    #[error("{what}: {reason}")]
+    WorkBound { what: String, reason: String },
+
+    #[error("{}: {}", path.display(), crate::fsread::io_reason(.source))]
     Io {
         path: PathBuf,
-        #[source]
         source: std::io::Error,
     },
+}
+
+/// `1.5 GiB`; `u64::MAX` (an overflowed size) reads as "more than 16 EiB".
+fn human_bytes(b: &u64) -> String {
+    let b = *b;
+    if b == u64::MAX {
+        return "more than 16 EiB".to_string();
+    }
+    let units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} bytes")
+    } else {
+        format!("{v:.1} {} ({b} bytes)", units[u])
+    }
 }
 
 fn available_list(names: &[String]) -> String {

@@ -12,6 +12,7 @@
 //! - [`executor`]: [`GpuExecutor`], which builds every pipeline once and runs an entry point
 //!   as a single submission (steps recorded into one encoder, `Repeat` unrolled), splitting
 //!   batches that exceed the limits.
+//! - [`fsread`]: bounded file reads, the memory budget, SHA-256 of bundle files.
 //! - [`error`]: [`RuntimeError`], one-line messages naming the file, limit or input at fault.
 //! - [`tract`]: the bundle's ONNX graphs (`onnx.json`) loaded and run by tract;
 //!   [`tract_segments`]: its per-block segment graphs chained into whole passes.
@@ -28,6 +29,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod fsread;
 pub mod logdet;
 pub mod modes;
 pub mod plan;

@@ -20,6 +20,15 @@ pub const BUNDLE_FORMAT: &str = "iresnetc-bundle";
 /// reading its spec with the new defaults would silently disagree with them.
 pub const BUNDLE_VERSION: u32 = 2;
 
+/// Most steps an entry point may unroll to (`Repeat`s multiplied out): the executor records
+/// every one into a single command encoder, so this bounds its memory and the run's length.
+pub const MAX_UNROLLED_STEPS: u64 = 4_000_000;
+/// WebGPU's default `maxComputeWorkgroupsPerDimension`.
+pub const MAX_WORKGROUPS_PER_DIM: u32 = 65_535;
+/// Invocations of one dispatch (per sample) may exceed the largest buffer's element count by
+/// at most this factor: generated kernels run about one invocation per output element.
+const INVOCATIONS_PER_ELEMENT: u64 = 64;
+
 /// File name of the plan inside a bundle directory.
 pub const PLAN_FILE: &str = "plan.json";
 /// File name of the weights inside a bundle directory.
@@ -65,6 +74,12 @@ pub struct Plan {
     /// Free-form data for tools (the runtime never reads it).
     #[serde(default)]
     pub meta: serde_json::Value,
+    /// SHA-256 (lower-case hex) of every other file of the bundle, by file name, recorded
+    /// at compile time. When present, loading checks each file it reads against it, so a
+    /// bundle edited after compiling (scaled weights, another model.toml) is refused.
+    /// Optional: plans built in memory have none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub integrity: BTreeMap<String, String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,7 +155,10 @@ pub struct IoDecl {
 impl IoDecl {
     /// Elements of one sample.
     pub fn elems(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
+        // Saturating: a tampered shape must fail validation, not wrap to a small count.
+        self.shape
+            .iter()
+            .fold(1u64, |a, &d| a.saturating_mul(d as u64))
     }
 }
 
@@ -159,6 +177,19 @@ pub enum Step {
     Copy { src: String, dst: String },
     /// Sets every element of `buffer` to `value`.
     Fill { buffer: String, value: f32 },
+}
+
+/// Steps after unrolling every `Repeat`; None on overflow.
+fn unrolled_steps(steps: &[Step]) -> Option<u64> {
+    steps.iter().try_fold(0u64, |acc, s| {
+        let n = match s {
+            Step::Repeat { times, steps } => {
+                u64::from(*times).checked_mul(unrolled_steps(steps)?)?
+            }
+            _ => 1,
+        };
+        acc.checked_add(n)
+    })
 }
 
 /// Finds a buffer by name; the second argument describes the reference for the error message.
@@ -267,6 +298,11 @@ impl Plan {
         if self.entry_points.is_empty() {
             return bad("no entry point".to_string());
         }
+        // Bound of a dispatch's invocations: generated kernels use about one per element.
+        let largest = self.buffers.iter().map(|b| b.elems).max().unwrap_or(1);
+        let max_invocations = largest
+            .saturating_mul(INVOCATIONS_PER_ELEMENT)
+            .saturating_add(1 << 16);
         for (ep_name, ep) in &self.entry_points {
             for (role, ios) in [("input", &ep.inputs), ("output", &ep.outputs)] {
                 let mut names = BTreeSet::new();
@@ -307,7 +343,14 @@ impl Plan {
                     }
                 }
             }
-            self.validate_steps(ep_name, &ep.steps, &buffer)?;
+            self.validate_steps(ep_name, &ep.steps, &buffer, max_invocations)?;
+            let unrolled = unrolled_steps(&ep.steps);
+            if unrolled.is_none_or(|n| n > MAX_UNROLLED_STEPS) {
+                return bad(format!(
+                    "entry point {ep_name:?} unrolls to {} steps, more than the {MAX_UNROLLED_STEPS} a run may record (repeat counts too large)",
+                    unrolled.map_or("more than 2^64".to_string(), |n| n.to_string())
+                ));
+            }
         }
         Ok(())
     }
@@ -317,6 +360,7 @@ impl Plan {
         ep_name: &str,
         steps: &[Step],
         buffer: &BufferLookup<'p>,
+        max_invocations: u64,
     ) -> Result<()> {
         let bad = |reason: String| Err(RuntimeError::corrupt(PLAN_FILE, reason));
         let writable = |name: &str, what: &str| -> Result<()> {
@@ -341,8 +385,28 @@ impl Plan {
                             "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} (every count must be >= 1)"
                         ));
                     }
+                    if workgroups.iter().any(|&w| w > MAX_WORKGROUPS_PER_DIM) {
+                        return bad(format!(
+                            "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} (at most {MAX_WORKGROUPS_PER_DIM} per dimension)"
+                        ));
+                    }
+                    let size = self.kernel(kernel).map_or([1; 3], |k| k.workgroup_size);
+                    let invocations = workgroups
+                        .iter()
+                        .chain(&size)
+                        .try_fold(1u64, |acc, &w| acc.checked_mul(u64::from(w)));
+                    if invocations.is_none_or(|n| n > max_invocations) {
+                        return bad(format!(
+                            "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} of {size:?}: more invocations than the plan's buffers could use (at most {max_invocations})"
+                        ));
+                    }
                 }
-                Step::Repeat { steps, .. } => self.validate_steps(ep_name, steps, buffer)?,
+                Step::Repeat { steps, times } => {
+                    if *times == 0 {
+                        return bad(format!("entry point {ep_name:?} has a repeat of 0 times"));
+                    }
+                    self.validate_steps(ep_name, steps, buffer, max_invocations)?
+                }
                 Step::Copy { src, dst } => {
                     let s = buffer(src, &|| format!("entry point {ep_name:?} copy source"))?;
                     writable(dst, "copy destination")?;

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
+use crate::bundle::{check_relative, load_plan, read_verified};
 use crate::error::{Result, RuntimeError};
+use crate::fsread::{clip, read_bounded, read_text_bounded, MAX_JSON_FILE};
 use crate::rng::probe_vector;
 
 /// Name of the manifest next to the bundle's ONNX files.
@@ -222,39 +224,108 @@ impl ProbeLayout {
 }
 
 impl Manifest {
+    /// Reads `dir/onnx.json` without a plan to check it against (the export-onnx layout).
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => RuntimeError::MissingFile(path.clone()),
-            _ => RuntimeError::Io {
-                path: path.clone(),
-                source: e,
-            },
-        })?;
-        // The format and version first, so that an older bundle is told to recompile
-        // rather than shown the first field its manifest lacks.
+        if !path.exists() {
+            return Err(RuntimeError::MissingFile(path));
+        }
+        let text = read_text_bounded(&path, MAX_JSON_FILE, "ONNX manifest")?;
+        Manifest::parse(&text).map_err(|reason| RuntimeError::corrupt(&path, reason))
+    }
+
+    /// Parses and checks a manifest: format and version first (so an older bundle is told to
+    /// recompile rather than shown the first field its manifest lacks), then file names inside
+    /// the directory, sizes, probe offsets inside the probe matrix (checked arithmetic: a
+    /// tampered offset must be an error, not a slice out of range), and at least one inverse
+    /// step per block.
+    pub fn parse(text: &str) -> std::result::Result<Manifest, String> {
         #[derive(Deserialize)]
         struct Head {
             format: Option<String>,
             version: Option<u32>,
         }
-        let head: Head =
-            serde_json::from_str(&text).map_err(|e| RuntimeError::corrupt(&path, e.to_string()))?;
+        let head: Head = serde_json::from_str(text).map_err(|e| clip(&e.to_string(), 200))?;
         if head.format.as_deref() != Some(MANIFEST_FORMAT) || head.version != Some(MANIFEST_VERSION)
         {
-            return Err(RuntimeError::corrupt(
-                &path,
-                format!(
-                    "format {:?} version {:?}, expected {MANIFEST_FORMAT:?} version {MANIFEST_VERSION}: recompile the bundle with `iresnetc compile`",
-                    head.format, head.version
-                ),
+            return Err(format!(
+                "format {:?} version {:?}, expected {MANIFEST_FORMAT:?} version {MANIFEST_VERSION}: recompile the bundle with `iresnetc compile`",
+                head.format.as_deref().map(|f| clip(f, 40)),
+                head.version
             ));
         }
-        let m: Manifest =
-            serde_json::from_str(&text).map_err(|e| RuntimeError::corrupt(&path, e.to_string()))?;
+        let m: Manifest = serde_json::from_str(text).map_err(|e| clip(&e.to_string(), 200))?;
+        let mut files: Vec<&GraphEntry> = vec![&m.forward];
+        files.extend(m.forward_logdet.as_ref());
+        files.extend(m.inverse.as_ref());
+        for seg in &m.segments {
+            files.push(&seg.forward);
+            files.extend(seg.forward_logdet.as_ref());
+            if let Some(inv) = &seg.inverse {
+                files.push(&inv.step);
+                files.push(&inv.layout);
+                if let BlockOutputSource::Graph(g) = &inv.block_output {
+                    files.push(g);
+                }
+                if inv.steps == 0 {
+                    return Err(format!(
+                        "segment of block {:?}: 0 inverse steps; a block inverted with no fixed-point step is not certified",
+                        seg.block
+                    ));
+                }
+            }
+        }
+        for e in files {
+            check_relative(&e.file)
+                .map_err(|r| format!("graph file {:?}: {r}", clip(&e.file, 60)))?;
+        }
+        if m.input_shape.is_empty() || m.input_shape.contains(&0) || m.output_dim == 0 {
+            return Err(format!(
+                "input_shape {:?} / output_dim {}: sizes must be positive",
+                m.input_shape, m.output_dim
+            ));
+        }
+        m.input_shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= MAX_SAMPLE_ELEMS)
+            .ok_or_else(|| format!("input_shape {:?} is too large", m.input_shape))?;
+        if m.output_dim > MAX_SAMPLE_ELEMS {
+            return Err(format!("output_dim {} is too large", m.output_dim));
+        }
+        if m.inverse.is_some() {
+            if m.inverse_steps.is_empty() {
+                return Err("an inverse graph with no inverse_steps".into());
+            }
+            if let Some(b) = m.inverse_steps.iter().position(|&k| k == 0) {
+                return Err(format!(
+                    "inverse_steps[{b}] is 0: a block inverted with no fixed-point step is not certified"
+                ));
+            }
+        }
+        if let Some(p) = &m.probes {
+            if p.total > MAX_SAMPLE_ELEMS {
+                return Err(format!("probes.total {} is too large", p.total));
+            }
+            for (b, blk) in p.blocks.iter().enumerate() {
+                let end = blk
+                    .count
+                    .checked_mul(blk.dim)
+                    .and_then(|n| n.checked_add(blk.offset));
+                if end.is_none_or(|e| e > p.total) {
+                    return Err(format!(
+                        "probes.blocks[{b}] (offset {}, {} probes of {}) does not fit in probes.total {}",
+                        blk.offset, blk.count, blk.dim, p.total
+                    ));
+                }
+            }
+        }
         Ok(m)
     }
 }
+
+/// Most elements of one sample (input, output or probe row) a manifest may declare.
+const MAX_SAMPLE_ELEMS: usize = 1 << 28;
 
 fn tract_err(context: impl Into<String>, e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Tract {
@@ -304,13 +375,10 @@ impl TractGraph {
     }
 
     pub fn load_file(path: &Path, input_shapes: &[Vec<usize>]) -> Result<TractGraph> {
-        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => RuntimeError::MissingFile(path.to_path_buf()),
-            _ => RuntimeError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            },
-        })?;
+        if !path.exists() {
+            return Err(RuntimeError::MissingFile(path.to_path_buf()));
+        }
+        let bytes = read_bounded(path, crate::fsread::memory_budget()?, "ONNX graph")?;
         TractGraph::load(&bytes, input_shapes, &path.display().to_string())
     }
 
@@ -362,7 +430,11 @@ impl TractGraph {
 /// Where a bundle's ONNX files are: its directory, or memory (a model compiled for one run).
 #[derive(Clone, Debug)]
 pub enum GraphFiles {
-    Dir(PathBuf),
+    /// A bundle directory, its files checked against the hashes of its plan.
+    Dir {
+        dir: PathBuf,
+        plan: Box<crate::plan::Plan>,
+    },
     Memory(std::collections::BTreeMap<String, Vec<u8>>),
 }
 
@@ -373,10 +445,31 @@ pub struct TractBundle {
 }
 
 impl TractBundle {
+    /// Opens a bundle's ONNX graphs: `plan.json` is read first (format, version and the file
+    /// hashes, as every backend does), then `onnx.json`, checked against its hash.
     pub fn open(dir: &Path) -> Result<TractBundle> {
+        let plan = load_plan(dir)?;
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = read_verified(dir, &plan, MANIFEST_FILE, MAX_JSON_FILE, "ONNX manifest")?;
+        let text =
+            String::from_utf8(bytes).map_err(|_| RuntimeError::corrupt(&path, "not UTF-8 text"))?;
+        let manifest =
+            Manifest::parse(&text).map_err(|reason| RuntimeError::corrupt(&path, reason))?;
+        if manifest.input_shape != plan.input_shape {
+            return Err(RuntimeError::corrupt(
+                &path,
+                format!(
+                    "input_shape {:?} differs from plan.json's {:?}",
+                    manifest.input_shape, plan.input_shape
+                ),
+            ));
+        }
         Ok(TractBundle {
-            files: GraphFiles::Dir(dir.to_path_buf()),
-            manifest: Manifest::load(dir)?,
+            files: GraphFiles::Dir {
+                dir: dir.to_path_buf(),
+                plan: Box::new(plan),
+            },
+            manifest,
         })
     }
 
@@ -393,7 +486,12 @@ impl TractBundle {
 
     fn load(&self, file: &str, shapes: &[Vec<usize>]) -> Result<TractGraph> {
         match &self.files {
-            GraphFiles::Dir(dir) => TractGraph::load_file(&dir.join(file), shapes),
+            GraphFiles::Dir { dir, plan } => {
+                // Hash-checked against plan.json and bounded by the memory budget.
+                let max = crate::fsread::memory_budget()?;
+                let bytes = read_verified(dir, plan, file, max, "ONNX graph")?;
+                TractGraph::load(&bytes, shapes, &dir.join(file).display().to_string())
+            }
             GraphFiles::Memory(m) => {
                 let bytes = m
                     .get(file)
@@ -433,7 +531,7 @@ static THREADS: AtomicUsize = AtomicUsize::new(0);
 /// own single-threaded default). tract 0.23 parallelizes only inside matrix
 /// products, which is where an i-ResNet spends nearly all its time.
 pub fn set_threads(n: usize) {
-    let n = n.max(1);
+    let n = n.clamp(1, MAX_THREADS);
     let exec = if n == 1 {
         Executor::SingleThread
     } else {
@@ -443,21 +541,36 @@ pub fn set_threads(n: usize) {
     THREADS.store(n, Ordering::SeqCst);
 }
 
-/// Threads tract uses: set explicitly, else `IRESNETC_THREADS`, else every core.
+/// Most threads `IRESNETC_THREADS` may ask for: more only costs memory (a stack each).
+pub const MAX_THREADS: usize = 1024;
+
+/// `IRESNETC_THREADS`, parsed and bounded: None when unset, an error naming the variable
+/// when it is not a whole number in `1..=MAX_THREADS`. The CLI checks it before any work.
+pub fn threads_from_env() -> Result<Option<usize>> {
+    let Ok(v) = std::env::var(THREADS_ENV) else {
+        return Ok(None);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(Some(n)),
+        _ => Err(RuntimeError::BadEnv {
+            var: THREADS_ENV.into(),
+            value: clip(&v, 40),
+            reason: format!("expected a whole number of threads from 1 to {MAX_THREADS}"),
+        }),
+    }
+}
+
+/// Threads tract uses: set explicitly, else `IRESNETC_THREADS` (when valid), else every core.
 pub fn threads() -> usize {
     let n = THREADS.load(Ordering::SeqCst);
     if n > 0 {
         return n;
     }
-    let n = std::env::var(THREADS_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
+    let n = threads_from_env().ok().flatten().unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     set_threads(n);
     n
 }

@@ -74,6 +74,9 @@ impl Source {
             if w.weights.is_some() || w.seed.is_some() {
                 bail!("{}: --weights/--seed cannot change a compiled bundle; recompile with `iresnetc compile --weights`", path.display());
             }
+            // Nothing in a bundle is believed before its hashes and its model.toml check out,
+            // whichever backend runs it.
+            iresnetc::bundle::verify_bundle(path)?;
             return Ok(Source::Bundle(path.to_path_buf()));
         }
         Ok(Source::ModelFile(Box::new(super::load(

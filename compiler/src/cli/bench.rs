@@ -98,6 +98,36 @@ fn flops(m: &Model, inverse_iters: &[usize]) -> Flops {
     }
 }
 
+/// Backends and entry points `bench` knows; anything else is a typo, refused before work
+/// (it used to give exit 0 and an empty table).
+const BACKENDS: &[&str] = &["wgpu", "tract", "cpu"];
+const ENTRIES: &[&str] = &["forward", "forward+logdet", "inverse", "classify"];
+
+pub fn check_args(a: &BenchArgs) -> Result<()> {
+    for (option, given, known) in [
+        ("--backends", &a.backends, BACKENDS),
+        ("--entries", &a.entries, ENTRIES),
+    ] {
+        if given.is_empty() {
+            anyhow::bail!("{option} is empty; choose from {}", known.join(", "));
+        }
+        if let Some(bad) = given.iter().find(|g| !known.contains(&g.as_str())) {
+            anyhow::bail!(
+                "{option}: unknown {:?}; choose from {}",
+                iresnetc_runtime::fsread::clip(bad, 40),
+                known.join(", ")
+            );
+        }
+    }
+    if a.batch.is_some_and(|b| b == 0 || b > 4096) {
+        anyhow::bail!("--batch must be in 1..=4096");
+    }
+    if a.samples == 0 || a.samples > 10_000 {
+        anyhow::bail!("--samples must be in 1..=10000");
+    }
+    Ok(())
+}
+
 pub fn run(a: &BenchArgs) -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let models = if a.model.is_empty() {

@@ -74,7 +74,7 @@ pub struct ExportArgs {
 }
 
 /// `dir/STEM{suffix}` for the output path `dir/STEM.onnx`.
-fn sibling(out: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn sibling(out: &Path, suffix: &str) -> PathBuf {
     let stem = out
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -231,7 +231,9 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     }
     println!("wrote {}", json_path.display());
     if let Some(b) = a.time_batch {
-        time_written(&m, &a.output, ld.as_ref(), b, a.time_samples)?;
+        // The file is still staged under a temporary name until the command succeeds.
+        let written = iresnetc::output::current_path(&a.output);
+        time_written(&m, &written, ld.as_ref(), b, a.time_samples)?;
     }
     Ok(())
 }

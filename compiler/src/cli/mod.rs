@@ -5,6 +5,7 @@ mod bench;
 mod compile;
 mod devices;
 mod export;
+mod guard;
 mod run;
 
 use std::path::{Path, PathBuf};
@@ -69,6 +70,10 @@ enum Cmd {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // The environment, once, before any work: a bad value is an error, never ignored.
+    iresnetc_runtime::tract::threads_from_env()?;
+    iresnetc_runtime::fsread::memory_budget()?;
+    guard::begin(&cli.cmd)?;
     match cli.cmd {
         Cmd::Inspect {
             model,

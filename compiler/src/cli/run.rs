@@ -91,43 +91,6 @@ pub fn logdet_spec(
     s
 }
 
-/// Output paths must differ from each other and from the input: writing one over another
-/// would destroy data the command was given.
-fn check_paths(a: &RunArgs) -> Result<()> {
-    let mut outs: Vec<(&str, &Path)> = vec![("--output", &a.output)];
-    if let Some(p) = &a.logdet_out {
-        outs.push(("--logdet-out", p));
-    }
-    if let Some(p) = &a.png {
-        outs.push(("--png", p));
-    }
-    let same = |x: &Path, y: &Path| {
-        x == y || matches!((x.canonicalize(), y.canonicalize()), (Ok(p), Ok(q)) if p == q)
-    };
-    for (i, (n1, p1)) in outs.iter().enumerate() {
-        if let Some(inp) = &a.input {
-            if same(p1, inp) {
-                bail!(
-                    "{n1} {} is the --input file; choose another output path",
-                    p1.display()
-                );
-            }
-        }
-        for (n2, p2) in &outs[i + 1..] {
-            if same(p1, p2) {
-                bail!("{n1} and {n2} are the same file {}", p1.display());
-            }
-        }
-    }
-    if a.png.is_some() && a.mode != Mode::Sample {
-        bail!("--png is written by --mode sample only");
-    }
-    if a.logdet_out.is_some() && a.mode != Mode::Forward {
-        bail!("--logdet-out is written by --mode forward only (use --mode logdet for the log-det alone)");
-    }
-    Ok(())
-}
-
 fn read_input(a: &RunArgs, per_sample: &[usize], array: &str) -> Result<Batch> {
     let p = a
         .input
@@ -143,10 +106,8 @@ fn write(path: &Path, b: &Batch, per_sample: &[usize]) -> Result<()> {
 }
 
 pub fn run(a: &RunArgs) -> Result<()> {
-    check_paths(a)?;
-    if a.mode == Mode::Sample && a.num == 0 {
-        bail!("--num must be at least 1");
-    }
+    // Options against the mode and the outputs against the inputs are checked up front by
+    // `cli::guard`, before this runs.
     let source = Source::open(&a.model, &a.weights)?;
     let mut be = backend::open(source, a.backend, a.tiling)?;
     let start = Instant::now();

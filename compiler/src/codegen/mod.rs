@@ -216,6 +216,8 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
         }),
         logdet: Some(layout),
         info: Some(model.info()),
+        // Filled in by `bundle::write_bundle` once the files' bytes exist.
+        integrity: Default::default(),
     };
     plan.validate()?;
     Ok(Generated {

@@ -177,6 +177,7 @@ pub fn test_plan() -> Plan {
         logdet: None,
         info: None,
         meta: serde_json::json!({ "note": "hand-made test bundle" }),
+        integrity: Default::default(),
     }
 }
 

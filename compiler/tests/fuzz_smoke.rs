@@ -1,0 +1,180 @@
+//! A deterministic mutation fuzzer on stable Rust, over the committed seed corpus
+//! (`fuzz/corpus/<target>/`), calling the same functions as the cargo-fuzz targets
+//! (`iresnetc::fuzzing`). CI runs a few thousand executions per target; the long runs of the
+//! README set `IRESNETC_FUZZ_ITERS`:
+//!
+//! `IRESNETC_FUZZ_ITERS=1000000 cargo test --release -p iresnetc --test fuzz_smoke -- --nocapture`
+//! (`IRESNETC_FUZZ_TARGETS=manifest` runs only the targets named)
+//!
+//! A panic is caught, the offending input written to `target/fuzz-crash-<target>-<n>.bin`,
+//! and the test fails naming it.
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// xorshift64*: reproducible mutations without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Values that find overflow and boundary bugs in parsers of sizes and counts.
+const INTERESTING: &[&str] = &[
+    "0",
+    "-1",
+    "1",
+    "4294967296",
+    "18446744073709551615",
+    "9223372036854775807",
+    "1e308",
+    "1e-300",
+    "nan",
+    "inf",
+    "-0",
+    "65535",
+    "\"\"",
+    "[]",
+    "{}",
+    "\"../x\"",
+    "2147483648",
+];
+
+/// One mutation of `seed` (several stacked), in the style of libFuzzer's: bit flips, byte
+/// sets, inserts, deletes, duplicated spans, splices from another seed, and replacement of a
+/// number by an interesting value.
+fn mutate(seed: &[u8], other: &[u8], r: &mut Rng) -> Vec<u8> {
+    let mut d = seed.to_vec();
+    for _ in 0..1 + r.below(4) {
+        match r.below(8) {
+            0 if !d.is_empty() => {
+                let i = r.below(d.len());
+                d[i] ^= 1 << r.below(8);
+            }
+            1 if !d.is_empty() => {
+                let i = r.below(d.len());
+                d[i] = [0, 0xff, b'9', b'"', b'[', b'-', b'\n', b'.'][r.below(8)];
+            }
+            2 => {
+                let i = r.below(d.len() + 1);
+                d.insert(i, r.next() as u8);
+            }
+            3 if !d.is_empty() => {
+                let i = r.below(d.len());
+                let n = 1 + r.below((d.len() - i).min(16));
+                d.drain(i..i + n);
+            }
+            4 if !d.is_empty() => {
+                let i = r.below(d.len());
+                let n = 1 + r.below((d.len() - i).min(64));
+                let span = d[i..i + n].to_vec();
+                let at = r.below(d.len() + 1);
+                d.splice(at..at, span);
+            }
+            5 if !other.is_empty() => {
+                let i = r.below(other.len());
+                let n = 1 + r.below((other.len() - i).min(64));
+                let at = r.below(d.len() + 1);
+                d.splice(at..at, other[i..i + n].iter().copied());
+            }
+            6 => {
+                // Replace the digits of a number by an interesting value.
+                let starts: Vec<usize> = (0..d.len())
+                    .filter(|&i| d[i].is_ascii_digit() && (i == 0 || !d[i - 1].is_ascii_digit()))
+                    .collect();
+                if !starts.is_empty() {
+                    let s = starts[r.below(starts.len())];
+                    let e = (s..d.len())
+                        .find(|&i| !d[i].is_ascii_digit())
+                        .unwrap_or(d.len());
+                    let v = INTERESTING[r.below(INTERESTING.len())].as_bytes();
+                    d.splice(s..e, v.iter().copied());
+                }
+            }
+            _ if d.len() > 1 => {
+                let n = r.below(d.len());
+                d.truncate(n);
+            }
+            _ => {}
+        }
+    }
+    d
+}
+
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+#[test]
+fn every_target_survives_mutations_of_its_corpus() {
+    let iters: usize = std::env::var("IRESNETC_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3_000);
+    // Budget of each execution: a tiny budget keeps a bug that allocates by a size field
+    // from hiding behind a big machine.
+    std::env::set_var("IRESNETC_MEMORY_LIMIT", "256M");
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut failures = vec![];
+    // `IRESNETC_FUZZ_TARGETS=plan,npy` runs only those.
+    let only = std::env::var("IRESNETC_FUZZ_TARGETS").ok();
+    for (name, f) in iresnetc::fuzzing::TARGETS {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|t| t == *name))
+        {
+            continue;
+        }
+        let seeds = corpus(name);
+        assert!(!seeds.is_empty(), "no seeds for {name}");
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);
+        let start = Instant::now();
+        // The seeds themselves first, then mutations.
+        for i in 0..iters + seeds.len() {
+            let input = if i < seeds.len() {
+                seeds[i].clone()
+            } else {
+                let s = &seeds[r.below(seeds.len())];
+                let o = &seeds[r.below(seeds.len())];
+                mutate(s, o, &mut r)
+            };
+            if std::panic::catch_unwind(AssertUnwindSafe(|| f(&input))).is_err() {
+                let out = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target")
+                    .join(format!("fuzz-crash-{name}-{i}.bin"));
+                let _ = std::fs::write(&out, &input);
+                failures.push(format!(
+                    "{name}: execution {i} panicked; input saved to {}",
+                    out.display()
+                ));
+                break;
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "fuzz {name}: {} executions in {secs:.1} s ({:.0}/s), {} seeds",
+            iters + seeds.len(),
+            (iters + seeds.len()) as f64 / secs.max(1e-9),
+            seeds.len()
+        );
+    }
+    let _ = std::panic::take_hook();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
