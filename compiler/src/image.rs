@@ -28,9 +28,16 @@ pub fn write_grid(path: &Path, x: &[f64], shape: &[usize], offset: f64) -> Resul
     let cols = (n as f64).sqrt().ceil().max(1.0) as usize;
     let rows = n.div_ceil(cols).max(1);
     let (gw, gh) = (cols * (w + 1) + 1, rows * (h + 1) + 1);
-    if gw > u32::MAX as usize || gh > u32::MAX as usize {
-        return Err(bad(format!("a {gw}x{gh} grid is too large for a PNG")));
+    if gw > u32::MAX as usize / 2 || gh > u32::MAX as usize / 2 {
+        return Err(bad(format!(
+            "a {gw}x{gh} grid is too large for a PNG; draw fewer samples"
+        )));
     }
+    // The pixels and the encoded copy must fit in memory before anything is allocated.
+    let bytes = iresnetc_runtime::fsread::checked_bytes("PNG grid", &[gw as u64, gh as u64, 3])
+        .map_err(|e| bad(e.to_string()))?;
+    iresnetc_runtime::fsread::check_budget("PNG grid", bytes.saturating_mul(2))
+        .map_err(|e| bad(e.to_string()))?;
     let mut rgb = vec![0u8; gw * gh * 3];
     for (i, s) in x.chunks(per).enumerate() {
         let (ox, oy) = (1 + (i % cols) * (w + 1), 1 + (i / cols) * (h + 1));
