@@ -10,6 +10,7 @@ pub mod error;
 pub mod fsutil;
 pub mod ir;
 pub mod kernels;
+pub mod netdesc;
 pub mod npy;
 pub mod onnx;
 pub mod ops;

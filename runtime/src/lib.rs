@@ -13,12 +13,14 @@
 //!   as a single submission (steps recorded into one encoder, `Repeat` unrolled), splitting
 //!   batches that exceed the limits.
 //! - [`error`]: [`RuntimeError`], one-line messages naming the file, limit or input at fault.
+//! - [`cpu`]: the native CPU engine ([`CpuEngine`]): f32 on the `gemm` crate, from `net.json`.
 //! - [`tract`]: the CPU backend, the bundle's ONNX graphs (`onnx.json`) run by tract.
 //! - [`rng`]: the seeded generator shared with the compiler (probes, sampling noise), so
 //!   random streams are bit-identical on every backend.
 
 pub mod buffers;
 pub mod bundle;
+pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod executor;
@@ -28,6 +30,7 @@ pub mod tract;
 
 pub use buffers::{buffer_bytes, check_limits, max_batch_for_limits};
 pub use bundle::{Bundle, WeightTensor};
+pub use cpu::{CpuEngine, NetDesc};
 pub use device::{
     has_hardware_gpu, list_adapters, AdapterSummary, GpuDevice, ADAPTER_ENV, BACKEND_ENV,
 };

@@ -135,3 +135,59 @@ pub fn probe_vector(
         })
         .collect()
 }
+
+/// Russian-roulette draws shared by every backend, so one seed gives one number of terms.
+pub mod roulette {
+    use super::Rng;
+
+    /// Distribution of the number N >= 0 of extra series terms.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Dist {
+        /// `P(N = m) = p (1-p)^m`, `param` = p.
+        Geometric,
+        /// `param` = the mean.
+        Poisson,
+    }
+
+    /// Draws N.
+    pub fn draw(dist: Dist, param: f64, rng: &mut Rng) -> usize {
+        match dist {
+            Dist::Geometric => {
+                let mut n = 0;
+                while rng.uniform() >= param && n < 10_000 {
+                    n += 1;
+                }
+                n
+            }
+            // Knuth's product of uniforms; fine for the small means used here.
+            Dist::Poisson => {
+                let l = (-param).exp();
+                let (mut k, mut prod) = (0usize, rng.uniform());
+                while prod > l && k < 10_000 {
+                    k += 1;
+                    prod *= rng.uniform();
+                }
+                k
+            }
+        }
+    }
+
+    /// `P(N >= m)`.
+    pub fn survival(dist: Dist, param: f64, m: usize) -> f64 {
+        match dist {
+            Dist::Geometric => (1.0 - param).powi(m.min(i32::MAX as usize) as i32),
+            Dist::Poisson => {
+                // 1 - P(N <= m-1).
+                let mut pmf = (-param).exp();
+                let mut cdf = 0.0;
+                for j in 0..m {
+                    if j > 0 {
+                        pmf *= param / j as f64;
+                    }
+                    cdf += pmf;
+                }
+                (1.0 - cdf).max(f64::MIN_POSITIVE)
+            }
+        }
+    }
+}

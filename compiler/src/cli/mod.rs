@@ -2,6 +2,7 @@
 
 mod bench;
 mod compile;
+mod cpu;
 mod devices;
 mod export;
 mod run;

@@ -22,14 +22,16 @@ pub enum Mode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
-    /// A hardware GPU adapter if there is one, else tract on the CPU.
+    /// A hardware GPU adapter if there is one, else the native CPU engine.
     Auto,
     /// wgpu on any adapter (lavapipe when forced or nothing else exists).
     Wgpu,
     /// tract running the exported ONNX graphs on the CPU.
     Tract,
-    /// The f64 reference executor.
+    /// The native f32 CPU engine (gemm); before it existed, `cpu` meant the f64 reference.
     Cpu,
+    /// The f64 reference executor (the oracle; slow).
+    Reference,
 }
 
 #[derive(clap::Args, Debug)]
@@ -76,14 +78,15 @@ pub enum EstimatorArg {
 
 pub fn run(a: &RunArgs) -> Result<()> {
     match a.backend {
-        Backend::Cpu => run_reference(a),
+        Backend::Cpu => super::cpu::run_cpu(a),
+        Backend::Reference => run_reference(a),
         Backend::Wgpu => super::compile::run_wgpu(a),
         Backend::Tract => super::export::run_tract(a),
         Backend::Auto => {
             if iresnetc_runtime::device::has_hardware_gpu() {
                 super::compile::run_wgpu(a)
             } else {
-                super::export::run_tract(a)
+                super::cpu::run_cpu(a)
             }
         }
     }
@@ -199,7 +202,7 @@ fn run_reference(a: &RunArgs) -> Result<()> {
                 npy::write(p, &lds, &[], false)?;
             }
             eprintln!(
-                "backend cpu (f64 reference): forward of {} samples -> {}",
+                "backend reference (f64): forward of {} samples -> {}",
                 z.len(),
                 a.output.display()
             );
@@ -210,7 +213,7 @@ fn run_reference(a: &RunArgs) -> Result<()> {
             let (x, stats) = r.inverse(&z.samples)?;
             npy::write(&a.output, &x, &in_shape, false)?;
             eprintln!(
-                "backend cpu (f64 reference): inverse, at most {} fixed-point iterations per block, max residual {:.3e}{}",
+                "backend reference (f64): inverse, at most {} fixed-point iterations per block, max residual {:.3e}{}",
                 stats.max_iters,
                 stats.max_residual,
                 if stats.converged { "" } else { " (NOT converged: raise inverse.max_iters)" }
@@ -228,7 +231,7 @@ fn run_reference(a: &RunArgs) -> Result<()> {
             })?;
             npy::write(&a.output, &out, &[], false)?;
             eprintln!(
-                "backend cpu (f64 reference): log-det ({:?}) of {} samples",
+                "backend reference (f64): log-det ({:?}) of {} samples",
                 ld_spec.estimator,
                 out.len()
             );
@@ -244,7 +247,7 @@ fn run_reference(a: &RunArgs) -> Result<()> {
             })?;
             let mean_bpd = out.iter().map(|v| v[1]).sum::<f64>() / out.len() as f64;
             npy::write(&a.output, &out, &[2], false)?;
-            eprintln!("backend cpu (f64 reference): columns (log p(x) nats, bits/dim); mean bits/dim {mean_bpd:.4}");
+            eprintln!("backend reference (f64): columns (log p(x) nats, bits/dim); mean bits/dim {mean_bpd:.4}");
         }
         Mode::Sample => {
             need_flow("sample")?;
@@ -254,7 +257,7 @@ fn run_reference(a: &RunArgs) -> Result<()> {
             let (x, stats) = r.sample(a.num, probe_seed)?;
             npy::write(&a.output, &x, &in_shape, false)?;
             eprintln!(
-                "backend cpu (f64 reference): {} samples, at most {} inverse iterations per block",
+                "backend reference (f64): {} samples, at most {} inverse iterations per block",
                 x.len(),
                 stats.max_iters
             );
@@ -273,7 +276,7 @@ fn run_reference(a: &RunArgs) -> Result<()> {
             let classes = logits.first().map(|v| v.len()).unwrap_or(0);
             npy::write(&a.output, &logits, &[classes], false)?;
             eprintln!(
-                "backend cpu (f64 reference): logits of {} samples",
+                "backend reference (f64): logits of {} samples",
                 logits.len()
             );
         }

@@ -4,7 +4,7 @@ use nalgebra::DMatrix;
 
 use super::Reference;
 use crate::spec::{Estimator, LogDetSpec, ProbeKind, RouletteDist};
-use iresnetc_runtime::rng::{probe_vector, streams, Rng};
+use iresnetc_runtime::rng::{probe_vector, roulette, streams, Rng};
 
 /// How the forward pass computes each block's log-det.
 #[derive(Clone, Debug)]
@@ -119,46 +119,21 @@ fn hutchinson(
     total / probes as f64
 }
 
-/// Draws the number of extra terms N (N >= 0).
+/// Draws the number of extra terms N (N >= 0): the runtime's draw, so every backend
+/// (the native CPU engine included) uses the same numbers for a seed.
 pub fn draw(dist: RouletteDist, param: f64, rng: &mut Rng) -> usize {
-    match dist {
-        // P(N = m) = p (1-p)^m.
-        RouletteDist::Geometric => {
-            let mut n = 0;
-            while rng.uniform() >= param && n < 10_000 {
-                n += 1;
-            }
-            n
-        }
-        // Knuth's product of uniforms; fine for the small means used here.
-        RouletteDist::Poisson => {
-            let l = (-param).exp();
-            let (mut k, mut prod) = (0usize, rng.uniform());
-            while prod > l && k < 10_000 {
-                k += 1;
-                prod *= rng.uniform();
-            }
-            k
-        }
-    }
+    roulette::draw(runtime_dist(dist), param, rng)
 }
 
 /// `P(N >= m)`.
 pub fn survival(dist: RouletteDist, param: f64, m: usize) -> f64 {
-    match dist {
-        RouletteDist::Geometric => (1.0 - param).powi(m as i32),
-        RouletteDist::Poisson => {
-            // 1 - P(N <= m-1).
-            let mut pmf = (-param).exp();
-            let mut cdf = 0.0;
-            for j in 0..m {
-                if j > 0 {
-                    pmf *= param / j as f64;
-                }
-                cdf += pmf;
-            }
-            (1.0 - cdf).max(f64::MIN_POSITIVE)
-        }
+    roulette::survival(runtime_dist(dist), param, m)
+}
+
+fn runtime_dist(d: RouletteDist) -> roulette::Dist {
+    match d {
+        RouletteDist::Geometric => roulette::Dist::Geometric,
+        RouletteDist::Poisson => roulette::Dist::Poisson,
     }
 }
 
