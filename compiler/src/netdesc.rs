@@ -3,7 +3,7 @@
 //!
 //! The description is read off the graph, not the spec, so that what the engine runs is what
 //! the reference executor runs: blocks from `Graph::blocks`, the factor-out half from the
-//! latent slice's position.
+//! kept slice's position.
 
 use std::collections::BTreeMap;
 
@@ -57,15 +57,17 @@ pub fn describe(model: &Model) -> Result<NetDesc> {
                 layers.push(Layer::Block(block(model, b)?));
             }
             Op::SliceChannels { start, .. } => {
-                // A factor-out is a pair of slices; the latent one says which half goes to z.
-                if !latents.contains(&ix) {
+                // A factor-out is a pair of slices. The kept one comes first in any topological
+                // order of what follows (the latent one may come late), so it marks the place;
+                // its position says which half goes to z.
+                if latents.contains(&ix) {
                     continue;
                 }
                 let c = g.input_shape(ix)[0];
                 let this = if *start == 0 {
-                    FactorOutHalf::First
-                } else if *start == c / 2 {
                     FactorOutHalf::Second
+                } else if *start == c / 2 {
+                    FactorOutHalf::First
                 } else {
                     return Err(unsupported(&n.name, "a factor-out that is not half/half"));
                 };

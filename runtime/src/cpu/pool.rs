@@ -78,3 +78,19 @@ pub struct Workspace {
     /// Layout ops (squeeze, factor-out) write here, then swap with `cur`.
     pub tmp: Vec<f32>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_counts_are_validated() {
+        assert_eq!(parse_threads("2").unwrap(), 2);
+        assert_eq!(parse_threads(" 8 ").unwrap(), 8);
+        for bad in ["0", "-1", "two", "", "1e3", "100000"] {
+            let msg = parse_threads(bad).unwrap_err().to_string();
+            assert!(msg.contains(THREADS_ENV), "{bad:?}: {msg}");
+            assert!(!msg.contains('\n'));
+        }
+    }
+}
