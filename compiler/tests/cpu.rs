@@ -235,3 +235,93 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(e.classify(&vec![0.0; d], 1).is_err());
     assert!(e.decode(&vec![0.0; 3], 1).is_err());
 }
+
+fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_iresnetc"))
+}
+
+/// `iresnetc run --backend cpu` against `--backend reference` on a model file: z, log-det,
+/// density, and the inverse of the reference's z.
+#[test]
+fn cli_cpu_backend_matches_the_reference_backend() {
+    let d = std::env::temp_dir().join(format!("iresnetc-cpu-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cifar-tiny.toml");
+    let xs = common::inputs(3, 3 * 8 * 8, 2);
+    let x = d.join("x.npy");
+    iresnetc::npy::write(&x, &xs, &[3, 8, 8], false).unwrap();
+    let run = |backend: &str, mode: &str, input: &Path, tag: &str| {
+        let out = d.join(format!("{mode}.{tag}.npy"));
+        let ld = d.join(format!("ld.{tag}.npy"));
+        let o = bin()
+            .arg("run")
+            .arg(&model)
+            .args(["--backend", backend, "--mode", mode, "--input"])
+            .arg(input)
+            .arg("--output")
+            .arg(&out)
+            .arg("--logdet-out")
+            .arg(&ld)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{backend} {mode}: {err}");
+        (out, ld, err)
+    };
+    let read = |p: &Path, s: &[usize]| iresnetc::npy::read_batch(p, "a", s).unwrap().samples;
+    let (zc, ldc, log) = run("cpu", "forward", &x, "cpu");
+    assert!(log.contains("backend cpu (native f32"), "{log}");
+    let (zr, ldr, _) = run("reference", "forward", &x, "ref");
+    let (zc, zr) = (read(&zc, &[192]), read(&zr, &[192]));
+    let err = rel_err(&flat32(&zc), &zr.concat(), 1e-3);
+    assert!(err < 1e-5, "z {err:e}");
+    for (a, b) in read(&ldc, &[]).iter().zip(read(&ldr, &[])) {
+        assert!(
+            (a[0] - b[0]).abs() <= 1e-4 * b[0].abs().max(1.0),
+            "{a:?} {b:?}"
+        );
+    }
+    let (dc, _, _) = run("cpu", "density", &x, "cpu");
+    let (dr, _, _) = run("reference", "density", &x, "ref");
+    for (a, b) in read(&dc, &[2]).iter().zip(read(&dr, &[2])) {
+        assert!(
+            (a[0] - b[0]).abs() <= 1e-4 * b[0].abs().max(1.0),
+            "{a:?} {b:?}"
+        );
+    }
+    let zref = d.join("forward.ref.npy");
+    let (xc, _, log) = run("cpu", "inverse", &zref, "cpu");
+    assert!(log.contains("iterations per block"), "{log}");
+    let err = rel_err(&flat32(&read(&xc, &[3, 8, 8])), &xs.concat(), 1.0);
+    assert!(err < 1e-5, "inverse {err:e}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn cli_rejects_a_bad_thread_count_in_one_line() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/toy2d.toml");
+    let out = std::env::temp_dir().join(format!("iresnetc-cpu-thr-{}.npy", std::process::id()));
+    for bad in ["two", "0"] {
+        let o = bin()
+            .env("IRESNETC_THREADS", bad)
+            .arg("run")
+            .arg(&model)
+            .args([
+                "--backend",
+                "cpu",
+                "--mode",
+                "sample",
+                "--num",
+                "2",
+                "--output",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("IRESNETC_THREADS"), "{err}");
+        assert!(!out.exists(), "nothing written");
+    }
+}
