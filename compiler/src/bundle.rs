@@ -5,7 +5,8 @@
 //! Contents: `model.toml` (the spec), `weights.safetensors` (normalized, f32), `plan.json`,
 //! one `.wgsl` per distinct kernel source, `report.json` (the model summary with the
 //! Lipschitz certificate, plus per entry point dispatch counts and FLOPs), and the ONNX graphs
-//! of the tract backend ([`crate::onnx::write_bundle_graphs`]).
+//! of the tract backend ([`crate::onnx::write_bundle_graphs`]), and `net.json`, the network
+//! description the native CPU engine runs ([`crate::netdesc`]).
 
 use std::path::{Path, PathBuf};
 
@@ -86,6 +87,11 @@ pub fn write_bundle(model: &Model, dir: &Path, opts: &BundleOptions) -> Result<C
         )?;
         // ONNX: the whole forward graph, and the per-block segments the tract backend runs.
         crate::onnx::write_bundle_graphs(model, &tmp)?;
+        // The network description the native CPU engine runs.
+        write(
+            iresnetc_runtime::cpu::net::NET_FILE,
+            crate::netdesc::describe(model)?.to_json().as_bytes(),
+        )?;
         gen.plan.integrity = hash_files(&tmp)?;
         // Last: a directory with a plan.json is a bundle to the runtime.
         write(

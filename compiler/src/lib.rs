@@ -14,6 +14,7 @@ pub mod image;
 pub mod ir;
 pub mod kernels;
 pub mod limits;
+pub mod netdesc;
 pub mod npy;
 pub mod onnx;
 pub mod ops;

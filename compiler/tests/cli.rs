@@ -372,7 +372,7 @@ fn chunked_logdet_matches_one_call() {
             "run",
             model.to_str().unwrap(),
             "--backend",
-            "cpu",
+            "reference",
             "--mode",
             "logdet",
         ])

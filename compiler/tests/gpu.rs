@@ -444,7 +444,7 @@ fn cli_compile_run_and_bad_bundles() {
         let (code, err) = run("wgpu", &zg, &lg);
         assert_eq!(code, Some(0), "{err}");
         drop(_l);
-        let (code, err) = run("cpu", &zc, &lc);
+        let (code, err) = run("reference", &zc, &lc);
         assert_eq!(code, Some(0), "{err}");
         let read = |p: &Path, s: &[usize]| -> Vec<f64> {
             iresnetc::npy::read_batch(p, "a", s)

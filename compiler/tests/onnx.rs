@@ -358,7 +358,7 @@ fn cli_tract_matches_cpu(model: &Path, per_sample: &[usize], latent: usize, n: u
             d.join(format!("{mode}.cpu.npy")),
             d.join(format!("{mode}.tract.npy")),
         );
-        run("cpu", mode, input, &a);
+        run("reference", mode, input, &a);
         run("tract", mode, input, &b);
         let (ra, rb) = (read(&a, shape).concat(), read(&b, shape).concat());
         let e = rel_err(&ra, &rb.iter().map(|&v| v as f32).collect::<Vec<_>>());

@@ -4,7 +4,7 @@
 Builds the network of an iresnetc model file in plain PyTorch (written from the
 documented architecture; nothing is imported from iresnetc), loads the weights by
 the documented names, runs the same input through PyTorch and through
-`iresnetc run --backend cpu` (the f64 reference executor), and compares z (or the
+`iresnetc run --backend reference` (the f64 reference executor), and compares z (or the
 logits of a classifier) and the exact log-det. Then times PyTorch CPU against the
 wall time of the same iresnetc command.
 
@@ -462,8 +462,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="seed of the generated weights and of the input")
     ap.add_argument("--iresnetc", type=Path, default=REPO / "target/release/iresnetc")
-    ap.add_argument("--backend", default="cpu", choices=["cpu", "tract", "wgpu", "auto"],
-                    help="iresnetc backend to compare with (default cpu: the f64 reference executor)")
+    ap.add_argument("--backend", default="reference", choices=["reference", "cpu", "tract", "wgpu", "auto"],
+                    help="iresnetc backend to compare with (default: reference, the f64 executor; cpu is the native f32 engine)")
     ap.add_argument("--tol", type=float, default=1e-4, help="max |err| / max(1, |ref|) allowed (default 1e-4)")
     ap.add_argument("--logdet", choices=["auto", "exact", "off"], default="auto",
                     help="exact log-det check: auto = when the block dimensions sum to <= --exact-budget")
@@ -557,7 +557,7 @@ def main() -> int:
 
         vjps = sum(model.block_dims)
         # iresnetc's exact estimator runs on the cpu backend (tract: 2-D blocks only, wgpu: none).
-        backend_exact = args.backend == "cpu" or (args.backend == "tract" and max(model.block_dims) <= 2)
+        backend_exact = args.backend == "reference" or (args.backend == "tract" and max(model.block_dims) <= 2)
         do_logdet = is_flow and (args.logdet == "exact" or
                                  (args.logdet == "auto" and vjps <= args.exact_budget and backend_exact))
 
@@ -647,7 +647,7 @@ def main() -> int:
         print(f"    PyTorch f32 forward ({what}), median of {args.reps} after {args.warmup} warm-up: {fmt_s(t_pt)}")
         print(f"    iresnetc run --backend {args.backend} ({what}), wall time of the whole command: {fmt_s(t_ir)}"
               f"   [includes process start and loading; `iresnetc inspect` (load + Lipschitz certification) alone:"
-              f" {fmt_s(t_inspect)}" + ("; f64 reference arithmetic]" if args.backend == "cpu" else "]"))
+              f" {fmt_s(t_inspect)}" + ("; f64 reference arithmetic]" if args.backend == "reference" else "]"))
         print(f"    ratio iresnetc wall / PyTorch forward: {t_ir / t_pt:.1f}x")
         if do_logdet:
             print(f"    exact log-det: PyTorch f64 (d vjps + slogdet, one run) {fmt_s(t_pt_ld)}; "

@@ -19,12 +19,15 @@
 //! - [`engine`]: the execution API, [`Backend`], that every backend implements; [`modes`]:
 //!   density, sampling and classification written once over it; [`logdet`]: the estimator
 //!   and the layout of its inputs, typed once; [`backends`]: the wgpu and tract backends.
+//! - [`cpu`]: the native CPU engine ([`CpuEngine`]): f32 on the `gemm` crate, from `net.json`.
+//! - [`tract`]: the CPU backend, the bundle's ONNX graphs (`onnx.json`) run by tract.
 //! - [`rng`]: the seeded generator shared with the compiler (probes, sampling noise), so
 //!   random streams are bit-identical on every backend.
 
 pub mod backends;
 pub mod buffers;
 pub mod bundle;
+pub mod cpu;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -39,6 +42,7 @@ pub mod tract_segments;
 
 pub use buffers::{buffer_bytes, check_limits, max_batch_for_limits};
 pub use bundle::{Bundle, WeightTensor};
+pub use cpu::{CpuEngine, NetDesc};
 pub use device::{
     has_hardware_gpu, list_adapters, AdapterSummary, GpuDevice, ADAPTER_ENV, BACKEND_ENV,
 };

@@ -9,13 +9,14 @@ use clap::ValueEnum;
 use iresnetc::codegen::{self, CodegenOptions, Tiling};
 use iresnetc::pipeline::Model;
 use iresnetc::reference::ReferenceBackend;
-use iresnetc_runtime::backends::{tract::TractBackend, wgpu::WgpuBackend};
+use iresnetc_runtime::backends::{cpu::CpuBackend, tract::TractBackend, wgpu::WgpuBackend};
+use iresnetc_runtime::cpu::CpuEngine;
 use iresnetc_runtime::tract::TractBundle;
 use iresnetc_runtime::{Backend, Bundle, GpuDevice};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendArg {
-    /// A hardware GPU adapter if there is one, else the CPU (tract).
+    /// A hardware GPU adapter if there is one, else the native CPU engine.
     Auto,
     /// wgpu on any adapter (lavapipe when forced or nothing else exists).
     Wgpu,
@@ -23,7 +24,8 @@ pub enum BackendArg {
     Tract,
     /// The f64 reference executor (the oracle of the tests).
     Reference,
-    /// The CPU: today the f64 reference executor.
+    /// The native f32 CPU engine (gemm) — before it existed, `cpu` meant the f64 reference,
+    /// now `reference`.
     Cpu,
 }
 
@@ -114,13 +116,21 @@ pub fn open(
 ) -> Result<Box<dyn Backend>> {
     let which = match which {
         BackendArg::Auto if iresnetc_runtime::device::has_hardware_gpu() => BackendArg::Wgpu,
-        BackendArg::Auto => BackendArg::Tract,
+        BackendArg::Auto => BackendArg::Cpu,
         other => other,
     };
     Ok(match which {
-        BackendArg::Reference | BackendArg::Cpu => {
-            Box::new(ReferenceBackend::new(source.into_model()?))
-        }
+        BackendArg::Reference => Box::new(ReferenceBackend::new(source.into_model()?)),
+        BackendArg::Cpu => match source {
+            Source::Bundle(dir) => Box::new(CpuBackend::open_bundle(&dir)?),
+            Source::ModelFile(m) => {
+                let engine = CpuEngine::from_parts(
+                    iresnetc::netdesc::describe(&m)?,
+                    &iresnetc::netdesc::weights_f32(&m.graph.params),
+                )?;
+                Box::new(CpuBackend::new(engine, m.info())?)
+            }
+        },
         BackendArg::Wgpu => {
             let dev = GpuDevice::new()?;
             let bundle = match source {

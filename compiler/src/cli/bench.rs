@@ -26,7 +26,7 @@ pub struct BenchArgs {
     /// Timed runs per measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub samples: usize,
-    /// Backends to measure.
+    /// Backends to measure: wgpu, tract, cpu (the native f32 engine), reference (f64).
     #[arg(long, value_delimiter = ',', default_value = "wgpu,tract,cpu")]
     pub backends: Vec<String>,
     /// Entry points to measure (forward, forward+logdet, inverse; classify for classifiers).
@@ -288,6 +288,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
 
         if a.backends.iter().any(|b| b == "cpu") {
+            bench_cpu(&m, batch, a.samples, &wanted, &mut push)?;
+        }
+
+        if a.backends.iter().any(|b| b == "reference") {
             let r = Reference::new(g);
             let xs: Vec<Vec<f64>> = (0..batch)
                 .map(|s| {
@@ -309,7 +313,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     Ok(())
                 })?;
                 let entry = if flow { "forward" } else { "classify" };
-                push(entry, "cpu (f64 reference)", None, secs, f.forward);
+                push(entry, "reference (f64)", None, secs, f.forward);
             }
             if flow && wanted("forward+logdet") {
                 let method = g.spec.logdet.method();
@@ -319,7 +323,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 })?;
                 push(
                     "forward+logdet",
-                    "cpu (f64 reference)",
+                    "reference (f64)",
                     None,
                     secs,
                     f.forward + f.logdet_extra,
@@ -327,6 +331,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             }
         }
     }
+    eprintln!("peak resident memory {:.0} MiB", peak_rss_mib());
     if a.json {
         println!(
             "{}",
@@ -354,4 +359,78 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The native CPU engine: forward (or classify), forward + log-det with the model file's
+/// settings, and the inverse of a real z (GFLOP/s from the fixed-point steps it took).
+fn bench_cpu(
+    m: &Model,
+    batch: usize,
+    samples: usize,
+    wanted: &dyn Fn(&str) -> bool,
+    push: &mut dyn FnMut(&str, &str, Option<usize>, f64, f64),
+) -> Result<()> {
+    use iresnetc_runtime::cpu::{CpuEngine, LogDetRequest};
+    let g = &m.graph;
+    let flow = g.spec.kind == ModelKind::Flow;
+    let net = iresnetc::netdesc::describe(m)?;
+    let mut e = CpuEngine::from_parts(net, &iresnetc::netdesc::weights_f32(&g.params))?;
+    let label = format!("cpu (f32, {} thr)", e.threads());
+    let f = flops(m, &[]);
+    let x = random(batch * g.input_dim(), 3);
+    if wanted("forward") || wanted("classify") {
+        let secs = if flow {
+            time(samples, || Ok(e.encode(&x, batch, None).map(|_| ())?))?
+        } else {
+            time(samples, || Ok(e.classify(&x, batch).map(|_| ())?))?
+        };
+        push(
+            if flow { "forward" } else { "classify" },
+            &label,
+            None,
+            secs,
+            f.forward,
+        );
+    }
+    if flow && wanted("forward+logdet") {
+        let req = LogDetRequest::from_settings(&e.net().logdet);
+        let secs = time(samples, || {
+            Ok(e.encode(&x, batch, Some(&req)).map(|_| ())?)
+        })?;
+        push(
+            "forward+logdet",
+            &label,
+            None,
+            secs,
+            f.forward + f.logdet_extra,
+        );
+    }
+    if flow && wanted("inverse") {
+        let (z, _) = e.encode(&x, batch, None)?;
+        let (_, rep) = e.decode(&z, batch)?;
+        let steps: Vec<usize> = rep.blocks.iter().map(|b| b.iters).collect();
+        let secs = time(samples, || Ok(e.decode(&z, batch).map(|_| ())?))?;
+        let total: usize = steps.iter().sum();
+        push(
+            "inverse",
+            &format!("{label}, {total} steps"),
+            None,
+            secs,
+            flops(m, &steps).inverse,
+        );
+    }
+    Ok(())
+}
+
+/// Peak resident set of this process (Linux `VmHWM`), 0 where unknown.
+pub(crate) fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }

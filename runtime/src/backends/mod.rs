@@ -2,8 +2,10 @@
 //! bundle without the compiler.
 //!
 //! - [`wgpu::WgpuBackend`]: the bundle's WGSL kernels on a wgpu adapter.
+//! - [`cpu::CpuBackend`]: the native f32 engine (`net.json`) on the CPU's cores.
 //! - [`tract::TractBackend`]: the bundle's ONNX graphs on tract (CPU).
 
+pub mod cpu;
 pub mod tract;
 pub mod wgpu;
 
