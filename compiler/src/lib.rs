@@ -19,6 +19,7 @@ pub mod reference;
 pub mod spec;
 pub mod spectral;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};
