@@ -21,9 +21,7 @@ use std::collections::BTreeMap;
 use super::linear;
 use super::mat::{add_col_sums, Mat};
 use crate::ir::Graph;
-use crate::ops::activation::{
-    beta_derivatives, derivative, lipswish_beta, second_derivative, softplus_derivative,
-};
+use crate::ops::activation::{all_derivatives, lipswish_beta, softplus_derivative};
 use crate::ops::{param_name, Op};
 use crate::spec::Activation;
 
@@ -54,11 +52,15 @@ fn beta(g: &Graph, node: &str, act: Activation) -> f64 {
 pub struct Cache {
     pub inputs: Vec<Mat>,
     pub out: Mat,
+    /// Per activation node (None for linear ones): `f'`, `f''`, `df/dbeta`,
+    /// `df'/dbeta` at every pre-activation, computed once in the forward pass.
+    pub derivs: Vec<Option<[Vec<f64>; 4]>>,
 }
 
 pub fn forward(g: &Graph, b: usize, a: &Mat) -> Cache {
     let body = &g.blocks[b].body;
     let mut inputs = Vec::with_capacity(body.len());
+    let mut derivs = Vec::with_capacity(body.len());
     let mut h = a.clone();
     for &ix in body {
         let n = g.node(ix);
@@ -81,16 +83,30 @@ pub fn forward(g: &Graph, b: usize, a: &Mat) -> Cache {
             Op::Act { act } => {
                 let bt = beta(g, &n.name, *act);
                 let mut y = h.clone();
-                y.data
-                    .iter_mut()
-                    .for_each(|v| *v = crate::ops::activation::apply(*act, bt, *v));
+                let len = h.data.len();
+                let mut d: [Vec<f64>; 4] = std::array::from_fn(|_| Vec::with_capacity(len));
+                for v in y.data.iter_mut() {
+                    let all = all_derivatives(*act, bt, *v);
+                    *v = all[0];
+                    for k in 0..4 {
+                        d[k].push(all[k + 1]);
+                    }
+                }
+                derivs.push(Some(d));
                 y
             }
             other => unreachable!("op {} inside a branch", other.kind()),
         };
+        if n.op.is_linear() {
+            derivs.push(None);
+        }
         inputs.push(std::mem::replace(&mut h, out));
     }
-    Cache { inputs, out: h }
+    Cache {
+        inputs,
+        out: h,
+        derivs,
+    }
 }
 
 /// `J t` for every tangent row, keeping the tangent input of every node.
@@ -102,16 +118,9 @@ pub fn tangents(g: &Graph, b: usize, cache: &Cache, t: &Mat) -> (Vec<Mat>, Mat) 
     for (k, &ix) in body.iter().enumerate() {
         let n = g.node(ix);
         let next = match &n.op {
-            Op::Act { act } => {
-                let bt = beta(g, &n.name, *act);
-                let h = &cache.inputs[k];
+            Op::Act { .. } => {
                 let mut o = cur.clone();
-                for r in 0..o.rows {
-                    let hr = h.row(r % batch);
-                    for (v, &x) in o.row_mut(r).iter_mut().zip(hr) {
-                        *v *= derivative(*act, bt, x);
-                    }
-                }
+                scale_rows(&mut o, d1(cache, k), batch);
                 o
             }
             _ => linear::apply(&n.op, weight(g, &n.name), &cur),
@@ -129,21 +138,33 @@ pub fn vjp(g: &Graph, b: usize, cache: &Cache, u: &Mat) -> Mat {
     for (k, &ix) in body.iter().enumerate().rev() {
         let n = g.node(ix);
         cur = match &n.op {
-            Op::Act { act } => {
-                let bt = beta(g, &n.name, *act);
-                let h = &cache.inputs[k];
-                for r in 0..cur.rows {
-                    let hr = h.row(r % batch);
-                    for (v, &x) in cur.row_mut(r).iter_mut().zip(hr) {
-                        *v *= derivative(*act, bt, x);
-                    }
-                }
+            Op::Act { .. } => {
+                scale_rows(&mut cur, d1(cache, k), batch);
                 cur
             }
             _ => linear::adjoint(&n.op, weight(g, &n.name), &cur),
         };
     }
     cur
+}
+
+/// `f'` at the pre-activations of body node `k` (an activation).
+fn d1(cache: &Cache, k: usize) -> &[f64] {
+    cache.derivs[k]
+        .as_ref()
+        .map(|d| d[0].as_slice())
+        .expect("the forward pass caches every activation's derivatives")
+}
+
+/// Multiplies every row `r` elementwise by row `r % batch` of `d`.
+fn scale_rows(m: &mut Mat, d: &[f64], batch: usize) {
+    let cols = m.cols;
+    for r in 0..m.rows {
+        let base = (r % batch) * cols;
+        for (v, f) in m.row_mut(r).iter_mut().zip(&d[base..base + cols]) {
+            *v *= f;
+        }
+    }
 }
 
 /// What flows back into a branch from above.
@@ -170,29 +191,29 @@ pub fn reverse(g: &Graph, b: usize, cache: &Cache, seed: Seed<'_>, grads: &mut G
         let h = &cache.inputs[k];
         match &n.op {
             Op::Act { act } => {
-                let bt = beta(g, &n.name, *act);
+                let [fd1, fd2, fdb, fd1b] = cache.derivs[k]
+                    .as_ref()
+                    .expect("the forward pass caches every activation's derivatives");
+                let cols = h.cols;
                 let mut dbeta = 0.0;
                 // Primal: mu_in = f'(h) mu_out (+ f''(h) t lambda_out below).
                 let mut mu_in = mu.clone();
-                for r in 0..batch {
-                    for ((v, &x), &m) in mu_in.row_mut(r).iter_mut().zip(h.row(r)).zip(mu.row(r)) {
-                        *v = m * derivative(*act, bt, x);
-                        dbeta += m * beta_derivatives(*act, bt, x).0;
-                    }
+                for (j, (v, &m)) in mu_in.data.iter_mut().zip(&mu.data).enumerate() {
+                    *v = m * fd1[j];
+                    dbeta += m * fdb[j];
                 }
                 if let (Some(tins), Some(l)) = (tins, lam.as_mut()) {
                     let t = &tins[k];
                     for r in 0..l.rows {
-                        let s = r % batch;
-                        let hr = h.row(s);
-                        let tr = t.row(r);
-                        let mrow = mu_in.row_mut(s);
-                        for j in 0..hr.len() {
-                            let x = hr[j];
-                            let lo = l.data[r * l.cols + j];
-                            mrow[j] += second_derivative(*act, bt, x) * tr[j] * lo;
-                            dbeta += beta_derivatives(*act, bt, x).1 * tr[j] * lo;
-                            l.data[r * l.cols + j] = lo * derivative(*act, bt, x);
+                        let base = (r % batch) * cols;
+                        let mrow = &mut mu_in.data[base..base + cols];
+                        let lrow = &mut l.data[r * cols..(r + 1) * cols];
+                        let trow = &t.data[r * cols..(r + 1) * cols];
+                        for j in 0..cols {
+                            let tl = trow[j] * lrow[j];
+                            mrow[j] += fd2[base + j] * tl;
+                            dbeta += fd1b[base + j] * tl;
+                            lrow[j] *= fd1[base + j];
                         }
                     }
                 }

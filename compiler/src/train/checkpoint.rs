@@ -1,6 +1,8 @@
 //! Checkpoints: one safetensors file (F64, so a resumed run continues with
 //! the very same numbers) holding the raw parameters, the spectral norm's
-//! `u, v`, the optimizer state and, in the metadata, the step and seed. The
+//! `u, v`, the optimizer state, and the step and seed (U64 tensors, not
+//! metadata: safetensors writes its metadata map in hash order, and the same
+//! state must give the same bytes). The
 //! random numbers of a step are streams of `(seed, step, ...)`, so `(seed,
 //! step)` is the whole generator state. Written atomically.
 
@@ -53,22 +55,29 @@ pub fn save(c: &Checkpoint, path: &Path) -> Result<()> {
         context: path.display().to_string(),
         message: e.to_string(),
     };
+    for (name, v) in [
+        ("meta.step", c.step),
+        ("meta.seed", c.seed),
+        ("meta.optimizer_steps", c.opt.t),
+    ] {
+        bufs.push((name.to_string(), vec![1], v.to_le_bytes().to_vec()));
+    }
     let views = bufs
         .iter()
-        .map(|(n, s, b)| TensorView::new(Dtype::F64, s.clone(), b).map(|v| (n.clone(), v)))
+        .map(|(n, s, b)| {
+            let dt = if n.starts_with("meta.") {
+                Dtype::U64
+            } else {
+                Dtype::F64
+            };
+            TensorView::new(dt, s.clone(), b).map(|v| (n.clone(), v))
+        })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(codegen)?;
-    let meta: HashMap<String, String> = [
-        ("format", FORMAT.to_string()),
-        ("step", c.step.to_string()),
-        ("seed", c.seed.to_string()),
-        ("model", c.model.clone()),
-        ("optimizer_steps", c.opt.t.to_string()),
-        ("rng", "streams of (seed, step)".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    // One key only: a one-entry map serializes the same way every time.
+    let meta: HashMap<String, String> = [("format".to_string(), FORMAT.to_string())]
+        .into_iter()
+        .collect();
     let out = safetensors::tensor::serialize(views, Some(meta)).map_err(codegen)?;
     crate::fsutil::write_atomic(path, &out)
 }
@@ -97,9 +106,16 @@ pub fn load(
         return Err(bad(format!("not an {FORMAT} file")));
     }
     let num = |k: &str| -> Result<u64> {
-        md.get(k)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| bad(format!("metadata `{k}` missing or not a number")))
+        let v = st
+            .tensor(&format!("meta.{k}"))
+            .map_err(|_| bad(format!("tensor `meta.{k}` missing")))?;
+        let b = v.data();
+        if v.dtype() != Dtype::U64 || b.len() != 8 {
+            return Err(bad(format!("tensor `meta.{k}`: expected one u64")));
+        }
+        Ok(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
     };
     let (step, seed, t) = (num("step")?, num("seed")?, num("optimizer_steps")?);
     let get = |name: &str, len: usize| -> Result<Vec<f64>> {

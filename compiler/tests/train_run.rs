@@ -1,0 +1,323 @@
+//! Training runs end to end: a short run lowers the held-out NLL of a 2-D
+//! density below a stated value, a resumed run reproduces the uninterrupted
+//! one bit for bit, trained weights load in `compile` and `eval`, and bad data
+//! sets are one-line errors before any step.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use iresnetc::ir;
+use iresnetc::spec::ModelSpec;
+use iresnetc::train::checkpoint;
+use iresnetc::train::data::{self, Fit};
+use iresnetc::train::trainer::{Config, Trainer};
+use iresnetc::weights;
+use npyz::WriterBuilder;
+
+/// A small 2-D flow (4 blocks 2-32-32-2, LipSwish, exact log-det).
+const TOY: &str = r#"
+name = "toy-small"
+kind = "flow"
+input = [2]
+[[stages]]
+blocks = 4
+hidden = [32, 32]
+activation = "lipswish"
+[logdet]
+estimator = "exact"
+[train]
+batch = 200
+lr = 0.01
+heldout = 4000
+"#;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("iresnetc-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn trainer(text: &str, seed: u64) -> (Trainer, data::Data) {
+    let spec = ModelSpec::from_toml(text, Path::new("inline.toml")).unwrap();
+    let g = ir::build(&spec).unwrap();
+    let init = weights::init(&g, seed);
+    let d = data::open("8gaussians", None, &spec, Fit::default(), false).unwrap();
+    let cfg = Config {
+        train: spec.train.clone(),
+        seed,
+        threads: 2,
+    };
+    (Trainer::new(spec, init, cfg).unwrap(), d)
+}
+
+/// 300 steps on 8gaussians (about 6 s on 2 cores) take the held-out NLL from
+/// about 4.3 nats (the ActNorm-initialized model is a Gaussian fit) below 3.6
+/// (measured: 3.34; the true density's entropy is about 2.84 nats).
+#[test]
+fn short_run_lowers_heldout_nll() {
+    let (mut tr, d) = trainer(TOY, 1);
+    let (xs, _) = d.eval_set(1, 4000);
+    for _ in 0..300 {
+        tr.train_step(&d).unwrap();
+    }
+    let after = tr.evaluate(&xs, None).unwrap().loss;
+    assert!(after < 3.6, "held-out NLL after 300 steps: {after}");
+    // The certificate of the trained weights holds (every block contractive).
+    let (_, cert) = tr.final_model().unwrap();
+    assert!(cert.max_block_bound < 1.0);
+}
+
+/// Stopping after 3 steps, writing a checkpoint, and resuming from it in a
+/// fresh trainer gives the same checkpoint after 6 steps as 6 steps in one go
+/// (roulette estimator, EMA, warm-up and clipping all on).
+#[test]
+fn resume_is_bit_identical() {
+    let text = TOY
+        .replace(
+            "estimator = \"exact\"",
+            "estimator = \"roulette\"\nterms = 1",
+        )
+        .replace(
+            "heldout = 4000",
+            "heldout = 10\nema = 0.9\nwarmup = 4\nclip = 0.5",
+        );
+    let dir = tmpdir("resume");
+    let (mut a, d) = trainer(&text, 3);
+    for _ in 0..6 {
+        a.train_step(&d).unwrap();
+    }
+    checkpoint::save(&a.checkpoint(), &dir.join("a.safetensors")).unwrap();
+
+    let (mut b, _) = trainer(&text, 3);
+    for _ in 0..3 {
+        b.train_step(&d).unwrap();
+    }
+    checkpoint::save(&b.checkpoint(), &dir.join("b3.safetensors")).unwrap();
+    let (mut c, _) = trainer(&text, 3);
+    c.restore(&dir.join("b3.safetensors")).unwrap();
+    assert_eq!(c.step, 3);
+    for _ in 0..3 {
+        c.train_step(&d).unwrap();
+    }
+    checkpoint::save(&c.checkpoint(), &dir.join("c.safetensors")).unwrap();
+    assert!(a.checkpoint() == c.checkpoint(), "resumed state differs");
+    let (fa, fc) = (
+        std::fs::read(dir.join("a.safetensors")).unwrap(),
+        std::fs::read(dir.join("c.safetensors")).unwrap(),
+    );
+    assert!(fa == fc, "checkpoint files differ");
+    // And the run did move: the parameters after 6 steps are not those after 3.
+    assert!(b.checkpoint().params != c.checkpoint().params);
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_iresnetc"))
+}
+
+/// Train through the CLI, then `compile --weights RUN/final.safetensors` and
+/// `eval RUN` reproduce the held-out NLL the run reported (f32 weights file).
+#[test]
+fn cli_run_directory_compile_and_eval() {
+    let dir = tmpdir("cli");
+    let model = dir.join("toy.toml");
+    std::fs::write(&model, TOY.replace("heldout = 4000", "heldout = 500")).unwrap();
+    let run = dir.join("run");
+    let out = bin()
+        .args([
+            "train",
+            model.to_str().unwrap(),
+            "--data",
+            "moons",
+            "-o",
+            run.to_str().unwrap(),
+        ])
+        .args(["--steps", "4", "--eval-every", "2", "--seed", "5"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "final.safetensors",
+        "checkpoint.safetensors",
+        "certificate.json",
+        "metrics.jsonl",
+        "eval.json",
+        "density.png",
+        "loss.png",
+        "model.toml",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert!(lines[1]["heldout"]["loss"].is_f64() && lines[3]["step"] == 4);
+    let reported: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    let reported = reported["loss"].as_f64().unwrap();
+
+    let bundle = dir.join("bundle");
+    let st = bin()
+        .args(["compile", model.to_str().unwrap(), "--weights"])
+        .arg(run.join("final.safetensors"))
+        .arg("-o")
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let ev = bin()
+        .args(["eval", run.to_str().unwrap(), "--data", "moons"])
+        .output()
+        .unwrap();
+    assert!(
+        ev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ev.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
+    let got = v["loss"].as_f64().unwrap();
+    assert_eq!(v["samples"], 500);
+    assert!(
+        (got - reported).abs() < 1e-4,
+        "eval {got} vs run {reported}"
+    );
+}
+
+/// Runs and expects failure: exit code 2, one line containing every needle, no run directory.
+fn fails_with(args: &[&str], run: &Path, needles: &[&str]) {
+    let out = bin().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "args {args:?}: stderr {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+    assert!(!run.exists(), "the run directory was created");
+}
+
+fn write_npy<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[usize], data: &[T]) {
+    let mut out = Vec::new();
+    let mut w = npyz::WriteOptions::<T>::new()
+        .default_dtype()
+        .shape(&shape.iter().map(|&s| s as u64).collect::<Vec<_>>())
+        .writer(&mut out)
+        .begin_nd()
+        .unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn bad_data_sets_are_one_line_errors() {
+    let dir = tmpdir("bad");
+    let img = dir.join("img.toml");
+    std::fs::write(
+        &img,
+        "name = \"img\"\nkind = \"flow\"\ninput = [1, 4, 4]\nsqueeze = true\n[data]\ndequantize = true\n[[stages]]\nblocks = 1\nwidth = 4\n",
+    )
+    .unwrap();
+    let cls = dir.join("cls.toml");
+    std::fs::write(
+        &cls,
+        "name = \"cls\"\nkind = \"classifier\"\ninput = [1, 4, 4]\nsqueeze = true\n[[stages]]\nblocks = 1\nwidth = 4\n[head]\nclasses = 3\n",
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let r = run.to_str().unwrap();
+    let (i, c) = (img.to_str().unwrap(), cls.to_str().unwrap());
+    // A 2-D density for an image model.
+    fails_with(
+        &["train", i, "--data", "moons", "-o", r],
+        &run,
+        &["moons", "input [2]"],
+    );
+    // An unknown source.
+    fails_with(
+        &["train", i, "--data", "nosuch", "-o", r],
+        &run,
+        &["nosuch", "8gaussians"],
+    );
+    // Wrong image shape.
+    let wrong = dir.join("wrong.npy");
+    write_npy::<u8>(&wrong, &[2, 1, 5, 4], &[0; 40]);
+    fails_with(
+        &["train", i, "--data", wrong.to_str().unwrap(), "-o", r],
+        &run,
+        &["wrong.npy", "[1, 5, 4]", "[1, 4, 4]"],
+    );
+    // Float pixels outside [0, 1].
+    let range = dir.join("range.npy");
+    let mut v = vec![0.5f32; 32];
+    v[17] = 1.5;
+    write_npy::<f32>(&range, &[2, 1, 4, 4], &v);
+    fails_with(
+        &["train", i, "--data", range.to_str().unwrap(), "-o", r],
+        &run,
+        &["range.npy", "element 17", "[0, 1]"],
+    );
+    // A classifier without labels, and with a label out of range.
+    let good = dir.join("good.npy");
+    write_npy::<u8>(&good, &[2, 1, 4, 4], &[7; 32]);
+    fails_with(
+        &["train", c, "--data", good.to_str().unwrap(), "-o", r],
+        &run,
+        &["good.npy", "labels"],
+    );
+    let labels = dir.join("labels.npy");
+    write_npy::<u8>(&labels, &[2], &[1, 3]);
+    fails_with(
+        &[
+            "train",
+            c,
+            "--data",
+            good.to_str().unwrap(),
+            "--labels",
+            labels.to_str().unwrap(),
+            "-o",
+            r,
+        ],
+        &run,
+        &["labels.npy", "label 1 is 3", "3 classes"],
+    );
+    let few = dir.join("few.npy");
+    write_npy::<u8>(&few, &[1], &[1]);
+    fails_with(
+        &[
+            "train",
+            c,
+            "--data",
+            good.to_str().unwrap(),
+            "--labels",
+            few.to_str().unwrap(),
+            "-o",
+            r,
+        ],
+        &run,
+        &["few.npy", "1 labels for 2 images"],
+    );
+    // A damaged IDX file (header says more data than there is).
+    let idx = dir.join("x-images-idx3-ubyte");
+    std::fs::write(
+        &idx,
+        [0, 0, 8, 3, 0, 0, 0, 9, 0, 0, 0, 4, 0, 0, 0, 4, 1, 2, 3],
+    )
+    .unwrap();
+    fails_with(
+        &["train", i, "--data", idx.to_str().unwrap(), "-o", r],
+        &run,
+        &["x-images-idx3-ubyte", "header"],
+    );
+}
