@@ -245,7 +245,8 @@ pub struct TrainSpec {
     pub eval_every: u64,
     /// Checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
-    /// Held-out sample size of the 2-D densities.
+    /// Held-out evaluation size during training: points of a 2-D density's
+    /// independent sample, or the first samples of an image test set.
     pub heldout: usize,
     /// Image data: zero pixels added on every side.
     pub pad: usize,

@@ -99,7 +99,8 @@ pub struct EvalArgs {
     /// Seed of the held-out sample, probes and dequantization (default: the run's).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Evaluate only the first N samples.
+    /// Evaluate the first N samples (default: the whole set, or train.heldout
+    /// points of a 2-D density's held-out sample).
     #[arg(long)]
     pub num: Option<usize>,
     #[arg(long)]
@@ -375,13 +376,12 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let d = data::open(&a.data, a.labels.as_deref(), &spec, fit(&spec), true)?;
     let m = super::load(&model_file, weights_file.as_deref(), None)?;
     let seed = a.seed.or(run_seed).unwrap_or(spec.seed);
-    let (mut xs, mut ys) = d.eval_set(seed, a.num.unwrap_or(spec.train.heldout));
-    if let Some(n) = a.num {
-        xs.truncate(n);
-        if let Some(y) = ys.as_mut() {
-            y.truncate(n);
-        }
-    }
+    // Default: a 2-D density's held-out sample of train.heldout points, or the whole set.
+    let n = a.num.unwrap_or(match d {
+        Data::Toy { .. } => spec.train.heldout,
+        Data::Set { .. } => usize::MAX,
+    });
+    let (xs, ys) = d.eval_set(seed, n);
     let e = evaluate(&m.graph, &xs, ys.as_deref(), seed, threads(a.threads))?;
     println!("{}", serde_json::to_string(&e)?);
     eprintln!("{}: {}", spec.name, describe(&e, &spec));

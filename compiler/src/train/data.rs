@@ -440,7 +440,7 @@ impl Data {
     }
 
     /// The evaluation set: the held-out toy sample (`n` points from its own
-    /// stream) or the whole set.
+    /// stream) or the first `n` samples of the set.
     pub fn eval_set(&self, seed: u64, n: usize) -> (Vec<Vec<f64>>, Option<Vec<usize>>) {
         match self {
             Data::Toy { name } => {
@@ -448,7 +448,10 @@ impl Data {
                 let pts = toy::sample(name, n, &mut r).unwrap_or_default();
                 (pts.iter().map(|p| p.to_vec()).collect(), None)
             }
-            Data::Set { x, labels, .. } => (x.clone(), labels.clone()),
+            Data::Set { x, labels, .. } => {
+                let k = n.min(x.len());
+                (x[..k].to_vec(), labels.as_ref().map(|l| l[..k].to_vec()))
+            }
         }
     }
 }
