@@ -197,10 +197,10 @@ pub fn reverse(g: &Graph, b: usize, cache: &Cache, seed: Seed<'_>, grads: &mut G
                 let cols = h.cols;
                 let mut dbeta = 0.0;
                 // Primal: mu_in = f'(h) mu_out (+ f''(h) t lambda_out below).
-                let mut mu_in = mu.clone();
-                for (j, (v, &m)) in mu_in.data.iter_mut().zip(&mu.data).enumerate() {
-                    *v = m * fd1[j];
-                    dbeta += m * fdb[j];
+                let mut mu_in = mu;
+                for (j, v) in mu_in.data.iter_mut().enumerate() {
+                    dbeta += *v * fdb[j];
+                    *v *= fd1[j];
                 }
                 if let (Some(tins), Some(l)) = (tins, lam.as_mut()) {
                     let t = &tins[k];
