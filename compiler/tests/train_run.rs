@@ -321,3 +321,93 @@ fn bad_data_sets_are_one_line_errors() {
         &["x-images-idx3-ubyte", "header"],
     );
 }
+
+/// A classifier trained by cross-entropy (head batch norm on batch statistics)
+/// learns a synthetic 3-class image task, and its running averages move to the
+/// statistics the eval-form head then uses: held-out accuracy through the
+/// reference executor (eval-form batch norm) above 0.9.
+#[test]
+fn classifier_learns_with_batch_statistics() {
+    let text = r#"
+name = "cls"
+kind = "classifier"
+input = [1, 4, 4]
+squeeze = true
+[[stages]]
+blocks = 2
+width = 8
+[head]
+classes = 3
+[train]
+batch = 32
+lr = 0.01
+"#;
+    let spec = ModelSpec::from_toml(text, Path::new("inline.toml")).unwrap();
+    // Class k: a bright k-th row band (rows 0, 1-2 or 3) plus noise, in [0, 1].
+    let mut r = iresnetc_runtime::rng::Rng::new(9);
+    let mut make = |n: usize| {
+        let mut xs = vec![];
+        let mut ys = vec![];
+        for i in 0..n {
+            let k = i % 3;
+            let rows: &[usize] = [&[0usize][..], &[1, 2][..], &[3][..]][k];
+            let x: Vec<f64> = (0..16)
+                .map(|j| {
+                    let base = if rows.contains(&(j / 4)) { 0.8 } else { 0.2 };
+                    (base + 0.15 * (r.uniform() - 0.5)).clamp(0.0, 1.0)
+                })
+                .collect();
+            xs.push(x);
+            ys.push(k);
+        }
+        (xs, ys)
+    };
+    let (tx, ty) = make(300);
+    let (hx, hy) = make(90);
+    let d = data::Data::Set {
+        source: "synthetic".into(),
+        x: tx,
+        labels: Some(ty),
+    };
+    let g = ir::build(&spec).unwrap();
+    let cfg = Config {
+        train: spec.train.clone(),
+        seed: 2,
+        threads: 2,
+    };
+    let mut tr = Trainer::new(spec, weights::init(&g, 2), cfg).unwrap();
+    let rv0 = tr.raw["head.bn.running_var"].data.clone();
+    for _ in 0..60 {
+        tr.train_step(&d).unwrap();
+    }
+    assert!(
+        tr.raw["head.bn.running_var"].data != rv0,
+        "running averages did not move"
+    );
+    let mut ge = tr.graph.clone();
+    ge.params = tr.effective();
+    let out = iresnetc::reference::Reference::new(&ge)
+        .forward(&hx, &iresnetc::reference::LogDetMethod::None)
+        .unwrap();
+    let correct = out
+        .outputs
+        .iter()
+        .zip(&hy)
+        .filter(|(l, &y)| {
+            let arg = l
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f64::NEG_INFINITY),
+                    |a, (i, &v)| if v > a.1 { (i, v) } else { a },
+                )
+                .0;
+            arg == y
+        })
+        .count();
+    let acc = correct as f64 / hy.len() as f64;
+    assert!(acc > 0.9, "held-out accuracy {acc}");
+    // The training command's evaluation agrees with the reference.
+    let e = tr.evaluate(&hx, Some(&hy)).unwrap();
+    assert!((e.accuracy.unwrap() - acc).abs() < 1e-12);
+}
