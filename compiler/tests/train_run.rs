@@ -115,8 +115,9 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_iresnetc"))
 }
 
-/// Train through the CLI, then `compile --weights RUN/final.safetensors` and
-/// `eval RUN` reproduce the held-out NLL the run reported (f32 weights file).
+/// Train through the CLI, then `compile --weights RUN/final.safetensors` runs
+/// on tract and wgpu matching the reference, and `eval RUN` reproduces the
+/// held-out NLL the run reported (f32 weights file).
 #[test]
 fn cli_run_directory_compile_and_eval() {
     let dir = tmpdir("cli");
@@ -176,6 +177,64 @@ fn cli_run_directory_compile_and_eval() {
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
+    // The trained weights run on every CPU backend and on wgpu (lavapipe):
+    // tract against the reference with the exact log-det, wgpu with the series
+    // (the same probes on both sides).
+    let pts = dir.join("pts.npy");
+    let st = bin()
+        .args(["random-input", model.to_str().unwrap(), "--num", "6", "-o"])
+        .arg(&pts)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let density = |backend: &str, est: &str| -> Vec<f64> {
+        let o = dir.join(format!("d-{backend}-{est}.npy"));
+        let st = bin()
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .arg("run")
+            .arg(&bundle)
+            .args([
+                "--backend",
+                backend,
+                "--estimator",
+                est,
+                "--mode",
+                "density",
+                "--input",
+            ])
+            .arg(&pts)
+            .arg("--output")
+            .arg(&o)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        iresnetc::npy::read_batch(&o, "d", &[2])
+            .unwrap()
+            .samples
+            .iter()
+            .map(|r| r[0])
+            .collect()
+    };
+    let (cpu, tract) = (density("cpu", "exact"), density("tract", "exact"));
+    let (cpu_s, wgpu_s) = (density("cpu", "series"), density("wgpu", "series"));
+    for i in 0..6 {
+        assert!(
+            (cpu[i] - tract[i]).abs() < 1e-4,
+            "tract {} vs reference {}",
+            tract[i],
+            cpu[i]
+        );
+        assert!(
+            (cpu_s[i] - wgpu_s[i]).abs() < 1e-4,
+            "wgpu {} vs reference {}",
+            wgpu_s[i],
+            cpu_s[i]
+        );
+    }
     let ev = bin()
         .args(["eval", run.to_str().unwrap(), "--data", "moons"])
         .output()

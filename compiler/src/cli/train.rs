@@ -289,7 +289,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         serde_json::to_string_pretty(&e)?.as_bytes(),
     )?;
     if !a.no_plots {
-        pictures(&final_graph, &train_data, out, seed, &metrics_path)?;
+        pictures(&final_graph, &test_data, out, seed, &metrics_path)?;
     }
     println!(
         "trained {} for {steps} steps in {:.1} s -> {}: held-out {} (largest certified block bound {:.4})",
@@ -354,6 +354,25 @@ fn pictures(
             .map(|x| x.iter().map(|v| v + shift).collect())
             .collect();
         plots::image_grid(&out.join("samples.png"), &imgs, &g.spec.input, 8)?;
+        // Reconstructions: 32 images, then inverse(forward(x)) of each, row by row.
+        let (xs, _) = data.eval_set(seed, 32);
+        let model_in: Vec<Vec<f64>> = xs
+            .iter()
+            .map(|x| x.iter().map(|v| v - shift).collect())
+            .collect();
+        let z = iresnetc::reference::Reference::new(g)
+            .forward(&model_in, &iresnetc::reference::LogDetMethod::None)?
+            .outputs;
+        let back = sample::inverse(g, &iresnetc::train::Mat::from_rows(&z, g.latent_dim()))?;
+        let mut grid = Vec::with_capacity(2 * xs.len());
+        for (chunk, rec) in xs.chunks(8).zip(back.to_rows().chunks(8)) {
+            grid.extend(chunk.iter().cloned());
+            grid.extend(
+                rec.iter()
+                    .map(|x| x.iter().map(|v| v + shift).collect::<Vec<f64>>()),
+            );
+        }
+        plots::image_grid(&out.join("reconstructions.png"), &grid, &g.spec.input, 8)?;
     }
     Ok(())
 }
