@@ -470,3 +470,94 @@ lr = 0.01
     let e = tr.evaluate(&hx, Some(&hy)).unwrap();
     assert!((e.accuracy.unwrap() - acc).abs() < 1e-12);
 }
+
+/// IDX files (gzip-compressed or not) and `.npy` sets load as the values
+/// written, scaled to [0, 1], padded and channel-repeated as the model says,
+/// with their labels; batches walk a per-epoch permutation of the whole set.
+#[test]
+fn data_loaders_read_what_was_written() {
+    use std::io::Write;
+    let dir = tmpdir("loaders");
+    // 3 images of 2x3 pixels, values 0..18 scaled by 10, labels 2, 0, 1.
+    let pixels: Vec<u8> = (0..18).map(|v| v * 10).collect();
+    let mut idx = vec![0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 3];
+    idx.extend(&pixels);
+    let lab = [0u8, 0, 8, 1, 0, 0, 0, 3, 2, 0, 1];
+    std::fs::write(dir.join("train-images-idx3-ubyte"), &idx).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&lab).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte.gz"), gz.finish().unwrap()).unwrap();
+    let spec = |input: &str, kind: &str| {
+        let head = if kind == "classifier" {
+            "[head]\nclasses = 3\nbatchnorm = false\n"
+        } else {
+            ""
+        };
+        ModelSpec::from_toml(
+            &format!("name = \"m\"\nkind = \"{kind}\"\ninput = {input}\n[[stages]]\nblocks = 1\nwidth = 2\n{head}"),
+            Path::new("m.toml"),
+        )
+        .unwrap()
+    };
+    let s = spec("[1, 2, 3]", "classifier");
+    let d = data::open(dir.to_str().unwrap(), None, &s, Fit::default(), false).unwrap();
+    let (xs, ys) = d.eval_set(0, 10);
+    assert_eq!(ys.unwrap(), vec![2, 0, 1]);
+    for (i, x) in xs.iter().enumerate() {
+        for (j, v) in x.iter().enumerate() {
+            assert_eq!(*v, pixels[i * 6 + j] as f64 / 255.0);
+        }
+    }
+    // Padding by 1 and repeating the channel to 3: [3, 4, 5].
+    let s3 = spec("[3, 4, 5]", "flow");
+    let fit = Fit {
+        pad: 1,
+        repeat_channels: true,
+    };
+    let d3 = data::open(
+        dir.join("train-images-idx3-ubyte").to_str().unwrap(),
+        None,
+        &s3,
+        fit,
+        false,
+    )
+    .unwrap();
+    let (x3, _) = d3.eval_set(0, 10);
+    for c in 0..3 {
+        for y in 0..4 {
+            for x in 0..5 {
+                let inside = (1..3).contains(&y) && (1..4).contains(&x);
+                let want = if inside {
+                    pixels[6 + (y - 1) * 3 + (x - 1)] as f64 / 255.0
+                } else {
+                    0.0
+                };
+                assert_eq!(x3[1][(c * 4 + y) * 5 + x], want, "c{c} y{y} x{x}");
+            }
+        }
+    }
+    // The same images as float .npy with a sibling labels file.
+    let f: Vec<f32> = pixels.iter().map(|&v| v as f32 / 255.0).collect();
+    write_npy::<f32>(&dir.join("set.npy"), &[3, 1, 2, 3], &f);
+    write_npy::<i64>(&dir.join("set_labels.npy"), &[3], &[2, 0, 1]);
+    let dn = data::open(
+        dir.join("set.npy").to_str().unwrap(),
+        None,
+        &s,
+        Fit::default(),
+        false,
+    )
+    .unwrap();
+    let (xn, yn) = dn.eval_set(0, 10);
+    assert_eq!(yn.unwrap(), vec![2, 0, 1]);
+    assert!((xn[2][5] - 170.0 / 255.0).abs() < 1e-7);
+    // Batches: 2 epochs of 3 images, each epoch a permutation of all of them.
+    let (b, l) = d.batch(7, 0, 6);
+    let l = l.unwrap();
+    let mut e0 = l[..3].to_vec();
+    let mut e1 = l[3..].to_vec();
+    e0.sort();
+    e1.sort();
+    assert_eq!((e0, e1), (vec![0, 1, 2], vec![0, 1, 2]));
+    assert_eq!(b.rows, 6);
+}
