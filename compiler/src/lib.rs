@@ -25,6 +25,7 @@ pub mod reference;
 pub mod spec;
 pub mod spectral;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -67,7 +67,10 @@ pub(super) fn begin(cmd: &Cmd) -> Result<()> {
             }
             return Ok(());
         }
-        Cmd::Graph { .. } | Cmd::Devices => return Ok(()),
+        Cmd::Graph { .. } | Cmd::Devices | Cmd::Eval(_) => return Ok(()),
+        // A run directory fills up while training (checkpoints are what a long run is for),
+        // each file written atomically; what -o may be is checked before any step.
+        Cmd::Train(a) => return super::train::check_output(a),
         Cmd::Bench(a) => return super::bench::check_args(a),
         Cmd::Run(a) => run_io(a)?,
         Cmd::Compile(a) => {

@@ -7,6 +7,7 @@ mod devices;
 mod export;
 mod guard;
 mod run;
+mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -51,6 +52,10 @@ enum Cmd {
     Compile(compile::CompileArgs),
     /// Export the forward graph (and optionally log-det / inverse) to ONNX.
     ExportOnnx(export::ExportArgs),
+    /// Train a model (maximum likelihood or cross-entropy) into a run directory.
+    Train(train::TrainArgs),
+    /// Evaluate a model or run on a data set: bits/dim, nats, or accuracy.
+    Eval(train::EvalArgs),
     /// List the GPU adapters wgpu can see.
     Devices,
     /// Benchmark backends and entry points.
@@ -84,6 +89,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Run(args) => run::run(&args),
         Cmd::Compile(args) => compile::run(&args),
         Cmd::ExportOnnx(args) => export::run(&args),
+        Cmd::Train(args) => train::train(&args),
+        Cmd::Eval(args) => train::eval(&args),
         Cmd::Devices => devices::run(),
         Cmd::Bench(args) => bench::run(&args),
         Cmd::RandomInput {

@@ -83,3 +83,44 @@ pub fn vjp(act: Activation, name: &str, params: &Params, x: &[f64], dy: &[f64]) 
         .map(|(&v, &d)| d * derivative(act, beta, v))
         .collect()
 }
+
+/// `d softplus(b) / d b`.
+pub fn softplus_derivative(b: f64) -> f64 {
+    sigmoid(b)
+}
+
+/// `[f, f', f'', df/dbeta, df'/dbeta]` at x from one exponential, beta the
+/// effective slope `softplus(b)` (chain with [`softplus_derivative`] for `b`).
+/// Training differentiates `w^T J v` (the Neumann log-det gradient) and `J`
+/// holds `f'(pre-activation)`, so it needs `f''` and `df'/dbeta` as well.
+pub fn all_derivatives(act: Activation, beta: f64, x: f64) -> [f64; 5] {
+    match act {
+        Activation::LipSwish => {
+            let s = sigmoid(beta * x);
+            let ds = s * (1.0 - s);
+            let d = LIPSWISH_DIV;
+            [
+                x * s / d,
+                (s + beta * x * ds) / d,
+                (2.0 * beta * ds + beta * beta * x * ds * (1.0 - 2.0 * s)) / d,
+                x * x * ds / d,
+                (2.0 * x * ds + beta * x * x * ds * (1.0 - 2.0 * s)) / d,
+            ]
+        }
+        Activation::Elu => {
+            if x > 0.0 {
+                [x, 1.0, 0.0, 0.0, 0.0]
+            } else {
+                let e = x.exp();
+                [e - 1.0, e, e, 0.0, 0.0]
+            }
+        }
+        Activation::Relu => {
+            if x > 0.0 {
+                [x, 1.0, 0.0, 0.0, 0.0]
+            } else {
+                [0.0, 0.0, 0.0, 0.0, 0.0]
+            }
+        }
+    }
+}
