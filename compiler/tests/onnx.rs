@@ -528,3 +528,54 @@ fn segments_chain_to_the_whole_graphs() {
     eprintln!("segments vs whole: inverse ({STEPS} steps) rel err {e:.2e}");
     assert!(e < CHAIN_TOL, "inverse {e}");
 }
+
+/// A classifier's segments (squeeze, channel padding, the head in the last segment) chained
+/// by the runtime give the reference's logits and the whole forward graph's.
+#[test]
+fn classifier_segments_match_the_reference() {
+    use iresnetc_runtime::tract::TractBundle;
+    use iresnetc_runtime::tract_segments::SegmentRunner;
+    const CLASSIFIER: &str = r#"
+name = "small-classifier"
+kind = "classifier"
+input = [3, 8, 8]
+squeeze = true
+pad_channels = 16
+[[stages]]
+blocks = 2
+width = 8
+[[stages]]
+blocks = 1
+width = 8
+squeeze = true
+[head]
+classes = 5
+batchnorm = true
+"#;
+    let m = common::model_from_toml(CLASSIFIER);
+    let g = &m.graph;
+    let n = 3;
+    let xs = common::inputs(n, g.input_dim(), 8);
+    let x32 = to_f32(&xs);
+    let (manifest, files) = onnx::bundle_graphs(&m).unwrap();
+    assert_eq!(manifest.segments.len(), g.blocks.len());
+    assert!(manifest.segments.iter().all(|s| s.inverse.is_none()));
+    let mut runner = SegmentRunner::new(TractBundle::from_memory(manifest, files)).unwrap();
+    let logits = runner.forward(&x32, n, None).unwrap().out;
+    let want = Reference::new(g)
+        .forward(&xs, &LogDetMethod::None)
+        .unwrap()
+        .outputs
+        .concat();
+    let e = rel_err(&want, &logits);
+    eprintln!("classifier segments vs reference: logits rel err {e:.2e}");
+    assert!(e < TOL, "logits {e}");
+    let whole = run(
+        &onnx::encode(&onnx::forward(g, ConvStyle::default()).unwrap()),
+        &[batched(n, &g.spec.input)],
+        &[&x32],
+    );
+    let whole: Vec<f64> = whole[0].1.iter().map(|&v| f64::from(v)).collect();
+    let e = rel_err(&whole, &logits);
+    assert!(e < 1e-5, "segments vs whole graph: {e}");
+}
