@@ -482,6 +482,17 @@ fn segments_chain_to_the_whole_graphs() {
     for s in &mut manifest.segments {
         s.inverse.as_mut().unwrap().steps = STEPS;
     }
+    // Latent parts that do not tile z are refused when the runner opens the manifest.
+    let mut bad = manifest.clone();
+    bad.latents[1].offset += 1;
+    let err = SegmentRunner::new(TractBundle::from_memory(bad, files.clone()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("onnx.json") && err.contains("latent part 1"),
+        "{err}"
+    );
     let mut runner = SegmentRunner::new(TractBundle::from_memory(manifest, files)).unwrap();
 
     let style = ConvStyle::default();
