@@ -215,10 +215,12 @@ impl SegmentRunner {
         let mut carry = x.to_vec();
         for s in 0..nseg {
             let probes = match (logdet, self.bundle.manifest.segments[s].block) {
-                (Some(Some(d)), Some(b)) => match &self.bundle.manifest.probes {
-                    Some(layout) => Some(layout.block_matrix(b, d.seed, d.first_sample, batch)),
-                    None => None,
-                },
+                (Some(Some(d)), Some(b)) => self
+                    .bundle
+                    .manifest
+                    .probes
+                    .as_ref()
+                    .map(|layout| layout.block_matrix(b, d.seed, d.first_sample, batch)),
                 _ => None,
             };
             let part = if logdet.is_some() {
