@@ -483,6 +483,17 @@ fn segments_chain_to_the_whole_graphs() {
     for s in &mut manifest.segments {
         s.inverse.as_mut().unwrap().steps = STEPS;
     }
+    // Latent parts that do not tile z are refused when the runner opens the manifest.
+    let mut bad = manifest.clone();
+    bad.latents[1].offset += 1;
+    let err = SegmentRunner::new(TractBundle::from_memory(bad, files.clone()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("onnx.json") && err.contains("latent part 1"),
+        "{err}"
+    );
     let mut runner = SegmentRunner::new(TractBundle::from_memory(manifest, files)).unwrap();
 
     let style = ConvStyle::default();
@@ -528,4 +539,55 @@ fn segments_chain_to_the_whole_graphs() {
     let e = rel_err(&as64(&whole_x[0].1), &x);
     eprintln!("segments vs whole: inverse ({STEPS} steps) rel err {e:.2e}");
     assert!(e < CHAIN_TOL, "inverse {e}");
+}
+
+/// A classifier's segments (squeeze, channel padding, the head in the last segment) chained
+/// by the runtime give the reference's logits and the whole forward graph's.
+#[test]
+fn classifier_segments_match_the_reference() {
+    use iresnetc_runtime::tract::TractBundle;
+    use iresnetc_runtime::tract_segments::SegmentRunner;
+    const CLASSIFIER: &str = r#"
+name = "small-classifier"
+kind = "classifier"
+input = [3, 8, 8]
+squeeze = true
+pad_channels = 16
+[[stages]]
+blocks = 2
+width = 8
+[[stages]]
+blocks = 1
+width = 8
+squeeze = true
+[head]
+classes = 5
+batchnorm = true
+"#;
+    let m = common::model_from_toml(CLASSIFIER);
+    let g = &m.graph;
+    let n = 3;
+    let xs = common::inputs(n, g.input_dim(), 8);
+    let x32 = to_f32(&xs);
+    let (manifest, files) = onnx::bundle_graphs(&m).unwrap();
+    assert_eq!(manifest.segments.len(), g.blocks.len());
+    assert!(manifest.segments.iter().all(|s| s.inverse.is_none()));
+    let mut runner = SegmentRunner::new(TractBundle::from_memory(manifest, files)).unwrap();
+    let logits = runner.forward(&x32, n, None).unwrap().out;
+    let want = Reference::new(g)
+        .forward(&xs, &LogDetMethod::None)
+        .unwrap()
+        .outputs
+        .concat();
+    let e = rel_err(&want, &logits);
+    eprintln!("classifier segments vs reference: logits rel err {e:.2e}");
+    assert!(e < TOL, "logits {e}");
+    let whole = run(
+        &onnx::encode(&onnx::forward(g, ConvStyle::default()).unwrap()),
+        &[batched(n, &g.spec.input)],
+        &[&x32],
+    );
+    let whole: Vec<f64> = whole[0].1.iter().map(|&v| f64::from(v)).collect();
+    let e = rel_err(&whole, &logits);
+    assert!(e < 1e-5, "segments vs whole graph: {e}");
 }

@@ -209,15 +209,18 @@ impl SegmentRunner {
         let nseg = self.bundle.manifest.segments.len();
         let dim = self.bundle.manifest.output_dim;
         let flow = self.bundle.manifest.kind == "flow";
+        check_len("input", x, batch, numel(&self.bundle.manifest.input_shape)?)?;
         let mut out = vec![0f32; if flow { batch * dim } else { 0 }];
         let mut ld: Option<Vec<f32>> = logdet.map(|_| vec![0f32; batch]);
         let mut carry = x.to_vec();
         for s in 0..nseg {
             let probes = match (logdet, self.bundle.manifest.segments[s].block) {
-                (Some(Some(d)), Some(b)) => match &self.bundle.manifest.probes {
-                    Some(layout) => Some(layout.block_matrix(b, d.seed, d.first_sample, batch)),
-                    None => None,
-                },
+                (Some(Some(d)), Some(b)) => self
+                    .bundle
+                    .manifest
+                    .probes
+                    .as_ref()
+                    .map(|layout| layout.block_matrix(b, d.seed, d.first_sample, batch)),
                 _ => None,
             };
             let part = if logdet.is_some() {
@@ -272,6 +275,12 @@ impl SegmentRunner {
     ) -> Result<()> {
         let (off, d) = self.latent_span(index)?;
         let dim = self.bundle.manifest.output_dim;
+        if part.len() != batch * d || z.len() != batch * dim {
+            return Err(corrupt(format!(
+                "latent part {index} has {} values, its shape in `latents` gives {batch} x {d}",
+                part.len()
+            )));
+        }
         for i in 0..batch {
             z[i * dim + off..i * dim + off + d].copy_from_slice(&part[i * d..(i + 1) * d]);
         }
@@ -304,6 +313,7 @@ impl SegmentRunner {
                 "only flows are invertible end to end".into(),
             ));
         }
+        check_len("z", z, batch, m.output_dim)?;
         let nlat = m.latents.len();
         let latents: Vec<Vec<f32>> = (0..nlat)
             .map(|i| self.gather_latent(i, z, batch))
@@ -376,6 +386,20 @@ impl SegmentRunner {
         let x = carry.ok_or_else(|| corrupt("no segments"))?;
         Ok((x, stats))
     }
+}
+
+/// `data` must hold `batch` samples of `per_sample` values.
+fn check_len(what: &str, data: &[f32], batch: usize, per_sample: usize) -> Result<()> {
+    if batch.checked_mul(per_sample) != Some(data.len()) {
+        return Err(RuntimeError::bad_input(
+            what,
+            format!(
+                "{} values are not {batch} samples of {per_sample}",
+                data.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The output holding `value`.

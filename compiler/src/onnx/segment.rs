@@ -273,7 +273,7 @@ pub fn inverse(
     steps: usize,
     style: ConvStyle,
     files: &dyn Fn(&str) -> String,
-) -> Result<(SegmentInverse, Vec<(String, ModelProto)>)> {
+) -> Result<(SegmentInverse, NamedGraphs)> {
     let bi = p.block.ok_or_else(|| Error::Unsupported {
         what: format!("ONNX inverse export of model `{}`", g.spec.name),
         reason: "the model has no residual blocks".into(),
@@ -352,6 +352,9 @@ pub fn inverse(
     ))
 }
 
+/// ONNX graphs with the file names they are written under.
+pub type NamedGraphs = Vec<(String, ModelProto)>;
+
 /// Every segment's graphs, named `segments/{index}.{part}.onnx`, and their manifest entries.
 /// `ld`: the log-det estimator the log-det graphs compute (None: no log-det graphs);
 /// `steps`: certified fixed-point steps per block (flows).
@@ -360,7 +363,7 @@ pub fn bundle_segments(
     ld: Option<&LogDetExport>,
     steps: &[usize],
     style: ConvStyle,
-) -> Result<(Vec<Segment>, Vec<(String, ModelProto)>)> {
+) -> Result<(Vec<Segment>, NamedGraphs)> {
     let layout = ld.map(|l| l.probe_layout(g));
     let flow = g.spec.kind == ModelKind::Flow;
     let mut segments = vec![];
