@@ -108,10 +108,17 @@ fn write(path: &Path, b: &Batch, per_sample: &[usize]) -> Result<()> {
 pub fn run(a: &RunArgs) -> Result<()> {
     // Options against the mode and the outputs against the inputs are checked up front by
     // `cli::guard`, before this runs.
+    let cpu_hint = |e: anyhow::Error| {
+        if a.backend == BackendArg::Cpu {
+            e.context("--backend cpu is the native f32 engine (the f64 reference it used to be is --backend reference)")
+        } else {
+            e
+        }
+    };
     let source = Source::open(&a.model, &a.weights)?;
-    let mut be = backend::open(source, a.backend, a.tiling)?;
+    let mut be = backend::open(source, a.backend, a.tiling).map_err(cpu_hint)?;
     let start = Instant::now();
-    let summary = run_mode(a, be.as_mut())?;
+    let summary = run_mode(a, be.as_mut()).map_err(cpu_hint)?;
     eprintln!(
         "backend {}: {summary} -> {} in {:.3} s",
         be.info(),
