@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start: build iresnetc, compile the reference CIFAR-10 flow and run its
 # forward pass (z and log-det) on the default backend: a hardware GPU through
-# wgpu if there is one, else the CPU through tract.
+# wgpu if there is one, else the native f32 CPU engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
