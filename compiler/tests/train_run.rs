@@ -367,6 +367,22 @@ fn bad_data_sets_are_one_line_errors() {
         &run,
         &["few.npy", "1 labels for 2 images"],
     );
+    // A run to resume that has no checkpoint.
+    let nock = dir.join("nock");
+    fails_with(
+        &[
+            "train",
+            i,
+            "--data",
+            good.to_str().unwrap(),
+            "--resume",
+            nock.to_str().unwrap(),
+            "-o",
+            r,
+        ],
+        &run,
+        &["checkpoint.safetensors"],
+    );
     // A damaged IDX file (header says more data than there is).
     let idx = dir.join("x-images-idx3-ubyte");
     std::fs::write(

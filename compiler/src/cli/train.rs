@@ -202,9 +202,6 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         threads: threads(a.threads),
     };
     let mut tr = Trainer::new(spec.clone(), init, cfg)?;
-    let out = &a.output;
-    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
-    let metrics_path = out.join("metrics.jsonl");
     let mut kept = String::new();
     if let Some(r) = &a.resume {
         let ck = r.join("checkpoint.safetensors");
@@ -223,6 +220,10 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         }
         eprintln!("resumed {} at step {}", ck.display(), tr.step);
     }
+    // Only now, with the data and the checkpoint read, is anything written.
+    let out = &a.output;
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    let metrics_path = out.join("metrics.jsonl");
     iresnetc::fsutil::write_atomic(&metrics_path, kept.as_bytes())?;
     let model_text = toml::to_string(&spec).context("model spec")?;
     iresnetc::fsutil::write_atomic(&out.join("model.toml"), model_text.as_bytes())?;
