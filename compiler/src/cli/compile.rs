@@ -159,8 +159,32 @@ pub fn run_wgpu(a: &RunArgs) -> Result<()> {
         .map(|io| io.elems() as usize)
         .unwrap_or(0);
     let layout = || -> Result<LogDetLayout> {
-        serde_json::from_value(bundle.plan.meta["logdet"].clone())
-            .context("plan.json meta has no log-det layout (bundle from an older compiler?)")
+        let l: LogDetLayout = serde_json::from_value(bundle.plan.meta["logdet"].clone())
+            .context("plan.json meta has no log-det layout (bundle from an older compiler?)")?;
+        // plan.json is not covered by the file hashes: its sizes drive loops and allocations
+        // here, so they are bounded like the model file's.
+        use iresnetc::limits;
+        let probe_elems = l
+            .block_dims
+            .iter()
+            .try_fold(0u64, |a, &d| a.checked_add(d as u64))
+            .and_then(|s| s.checked_mul(l.probes as u64));
+        if l.probes == 0
+            || l.probes > limits::MAX_PROBES
+            || l.terms > limits::MAX_TERMS
+            || l.coef_stride > 2 * limits::MAX_TERMS
+            || l.block_dims.contains(&0)
+            || probe_elems.is_none_or(|n| n > limits::MAX_SAMPLE_ELEMS)
+        {
+            bail!(
+                "{}: meta.logdet is out of range (probes {}, terms {}, {} blocks): the bundle is damaged; recompile it",
+                a.model.join("plan.json").display(),
+                l.probes,
+                l.terms,
+                l.block_dims.len()
+            );
+        }
+        Ok(l)
     };
     // Entry point, probes and term weights of a log-det forward on `batch` samples.
     let logdet_run = |batch: usize| -> Result<(&'static str, Vec<f32>, Vec<f32>)> {
