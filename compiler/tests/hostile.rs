@@ -415,6 +415,11 @@ fn family4_budget_not_abort_or_hang() {
         ),
         ("blocks = 2", "blocks = 100000000", "stages[0].blocks"),
         (
+            "blocks = 2\nhidden = [8]",
+            "blocks = 9000\nhidden = [8]\n[[stages]]\nblocks = 9000\nhidden = [8]",
+            "blocks in all",
+        ),
+        (
             "terms = 3",
             "terms = 3\nroulette_param = 1e-300",
             "logdet.roulette_param",
