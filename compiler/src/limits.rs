@@ -17,6 +17,7 @@ pub const MAX_SAMPLE_ELEMS: u64 = 1 << 26;
 pub const MAX_WIDTH: usize = 1 << 16;
 /// Odd kernel sizes up to this.
 pub const MAX_KERNEL: usize = 31;
+/// Blocks per stage and in the whole model.
 pub const MAX_BLOCKS: usize = 10_000;
 pub const MAX_STAGES: usize = 1_000;
 pub const MAX_LAYERS_PER_BRANCH: usize = 64;
@@ -164,6 +165,13 @@ pub fn footprint(
         f.max_activation = f.max_activation.max(dim);
         f.block_dims.extend(std::iter::repeat_n(dim, st.blocks));
         last_channels = c;
+    }
+    // Every block is a handful of graph nodes and kernels: bound the total, not only per stage.
+    if f.block_dims.len() > MAX_BLOCKS {
+        return Err((
+            "stages".to_string(),
+            format!("{} blocks in all, at most {MAX_BLOCKS}", f.block_dims.len()),
+        ));
     }
     if let (ModelKind::Classifier, Some(h)) = (spec.kind, &spec.head) {
         let head = mul("head.classes", last_channels, h.classes as u64)?;

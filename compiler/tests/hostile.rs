@@ -359,6 +359,13 @@ fn family3_no_panic_on_sizes() {
     v["probes"]["blocks"][0]["offset"] = serde_json::json!(1u64 << 40);
     let err = iresnetc_runtime::tract::Manifest::parse(&v.to_string()).unwrap_err();
     assert!(err.contains("does not fit"), "{err}");
+    // A block of dimension 0 with 2^60 probes fits any total but would loop for ever.
+    let mut w = v.clone();
+    w["probes"]["blocks"][0]["offset"] = serde_json::json!(0);
+    w["probes"]["blocks"][0]["dim"] = serde_json::json!(0);
+    w["probes"]["blocks"][0]["count"] = serde_json::json!(1u64 << 60);
+    let err = iresnetc_runtime::tract::Manifest::parse(&w.to_string()).unwrap_err();
+    assert!(err.contains("must be >= 1"), "{err}");
     std::fs::write(d.join("bundle/onnx.json"), v.to_string()).unwrap();
     fails(
         &d,
@@ -407,6 +414,11 @@ fn family4_budget_not_abort_or_hang() {
             "lipschitz.power_max_iters",
         ),
         ("blocks = 2", "blocks = 100000000", "stages[0].blocks"),
+        (
+            "blocks = 2\nhidden = [8]",
+            "blocks = 9000\nhidden = [8]\n[[stages]]\nblocks = 9000\nhidden = [8]",
+            "blocks in all",
+        ),
         (
             "terms = 3",
             "terms = 3\nroulette_param = 1e-300",

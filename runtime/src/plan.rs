@@ -196,6 +196,49 @@ fn unrolled_steps(steps: &[Step]) -> Option<u64> {
 type BufferLookup<'p> = dyn Fn(&str, &dyn Fn() -> String) -> Result<&'p BufferDecl> + 'p;
 
 impl Plan {
+    /// The typed log-det layout drives loops and allocations in every backend that fills the
+    /// `probes` and `coef` inputs, and plan.json itself is not covered by the file hashes: its
+    /// sizes must agree with the inputs the plan declares (whose buffers are bounded), so a
+    /// tampered layout is an error, never a huge loop.
+    fn validate_logdet(&self) -> Result<()> {
+        let Some(l) = &self.logdet else {
+            return Ok(());
+        };
+        let bad = |reason: String| Err(RuntimeError::corrupt(PLAN_FILE, reason));
+        if l.probes == 0 || l.block_dims.is_empty() || l.block_dims.contains(&0) {
+            return bad("logdet: probes and every block dimension must be positive".into());
+        }
+        if l.coef_stride < l.terms || l.terms == 0 {
+            return bad(format!(
+                "logdet: {} terms in {} coefficient slots per block",
+                l.terms, l.coef_stride
+            ));
+        }
+        let probe_elems = l
+            .block_dims
+            .iter()
+            .try_fold(0u64, |a, &d| a.checked_add(d as u64))
+            .and_then(|s| s.checked_mul(l.probes as u64));
+        let coef_elems = (l.block_dims.len() as u64).checked_mul(l.coef_stride as u64);
+        for (name, ep) in &self.entry_points {
+            for io in &ep.inputs {
+                let want = match io.name.as_str() {
+                    "probes" => probe_elems,
+                    "coef" => coef_elems,
+                    _ => continue,
+                };
+                if want != Some(io.elems()) {
+                    return bad(format!(
+                        "logdet layout does not match entry point {name:?}'s input {:?} ({} values per sample)",
+                        io.name,
+                        io.elems()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn buffer(&self, name: &str) -> Option<&BufferDecl> {
         self.buffers.iter().find(|b| b.name == name)
     }
@@ -232,6 +275,8 @@ impl Plan {
                 expected: BUNDLE_VERSION,
             });
         }
+
+        self.validate_logdet()?;
 
         let mut buffers = BTreeMap::new();
         for b in &self.buffers {

@@ -308,6 +308,14 @@ impl Manifest {
                 return Err(format!("probes.total {} is too large", p.total));
             }
             for (b, blk) in p.blocks.iter().enumerate() {
+                // dim 0 with a huge count passes the size check below but makes
+                // `ProbeLayout::matrix` loop for ever (found by the fuzzer).
+                if blk.dim == 0 || blk.count == 0 {
+                    return Err(format!(
+                        "probes.blocks[{b}] has {} probes of dimension {}: both must be >= 1",
+                        blk.count, blk.dim
+                    ));
+                }
                 let end = blk
                     .count
                     .checked_mul(blk.dim)
