@@ -116,17 +116,23 @@ pub fn write_bundle(model: &Model, dir: &Path, opts: &BundleOptions) -> Result<C
     Ok(gen.report)
 }
 
-/// SHA-256 of every file in `dir` (the bundle being written, before its plan.json).
+/// SHA-256 of every file under `dir` (the bundle being written, before its plan.json), keyed by
+/// the path relative to `dir` with `/` separators (`segments/000.forward.onnx`).
 fn hash_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
     let mut out = std::collections::BTreeMap::new();
-    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
-        let entry = entry.map_err(io(dir))?;
-        let path = entry.path();
-        let bytes = std::fs::read(&path).map_err(io(&path))?;
-        out.insert(
-            entry.file_name().to_string_lossy().into_owned(),
-            iresnetc_runtime::fsread::sha256_hex(&bytes),
-        );
+    let mut pending = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, prefix)) = pending.pop() {
+        for entry in std::fs::read_dir(&d).map_err(io(&d))? {
+            let entry = entry.map_err(io(&d))?;
+            let path = entry.path();
+            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            if entry.file_type().map_err(io(&path))?.is_dir() {
+                pending.push((path, format!("{name}/")));
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            out.insert(name, iresnetc_runtime::fsread::sha256_hex(&bytes));
+        }
     }
     Ok(out)
 }
