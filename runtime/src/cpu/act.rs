@@ -27,8 +27,8 @@ pub fn softplus(x: f64) -> f64 {
     }
 }
 
-/// `e^x` in f32 without a libm call, branch-free so that loops over slices vectorize: `x = n ln2
-/// + r` with `|r| <= ln2/2`, `e^r` by its degree-7 Taylor polynomial (truncation below 5e-9
+/// `e^x` in f32 without a libm call, branch-free so that loops over slices vectorize:
+/// `x = n ln2 + r` with `|r| <= ln2/2`, `e^r` by its degree-7 Taylor polynomial (truncation below 5e-9
 /// relative, under f32's rounding), `2^n` by building the exponent bits. Inputs are clamped to
 /// [-87, 88] (the results there are below f32's smallest normal or near its largest, which only
 /// ELU's negative side reaches and where it is -1 to f32 precision anyway).
