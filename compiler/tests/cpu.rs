@@ -233,7 +233,7 @@ fn bad_inputs_are_errors_not_panics() {
     let msg = e.encode(&x, 1, None).unwrap_err().to_string();
     assert!(msg.contains("element 3"), "{msg}");
     assert!(e.classify(&vec![0.0; d], 1).is_err());
-    assert!(e.decode(&vec![0.0; 3], 1).is_err());
+    assert!(e.decode(&[0.0; 3], 1).is_err());
 }
 
 fn bin() -> std::process::Command {

@@ -363,12 +363,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 
 /// The native CPU engine: forward (or classify), forward + log-det with the model file's
 /// settings, and the inverse of a real z (GFLOP/s from the fixed-point steps it took).
+/// `push(entry, backend, dispatches, seconds, flops)` of `run`.
+type Push<'a> = dyn FnMut(&str, &str, Option<usize>, f64, f64) + 'a;
+
 fn bench_cpu(
     m: &Model,
     batch: usize,
     samples: usize,
     wanted: &dyn Fn(&str) -> bool,
-    push: &mut dyn FnMut(&str, &str, Option<usize>, f64, f64),
+    push: &mut Push<'_>,
 ) -> Result<()> {
     use iresnetc_runtime::cpu::{CpuEngine, LogDetRequest};
     let g = &m.graph;

@@ -308,7 +308,12 @@ impl CpuEngine {
     ) -> Result<Self> {
         let wt = Weights { map: weights };
         let input_chw = chw(&net.input)
-            .filter(|&(c, h, w)| c > 0 && h > 0 && w > 0)
+            .filter(|&(c, h, w)| {
+                // Sizes come from a file: they must be positive and their product sane.
+                c.checked_mul(h)
+                    .and_then(|v| v.checked_mul(w))
+                    .is_some_and(|n| n > 0 && n <= 1 << 30)
+            })
             .ok_or_else(|| {
                 bad_net(format!(
                     "input shape {:?} is not [C, H, W] or [D]",
@@ -320,7 +325,6 @@ impl CpuEngine {
         let mut steps = Vec::new();
         let mut z_offset = 0usize;
         let mut block_index = 0;
-        let mut seen_block = false;
         for layer in &net.layers {
             match layer {
                 Layer::Squeeze => {
@@ -359,10 +363,9 @@ impl CpuEngine {
                     c = keep.1;
                 }
                 Layer::Block(b) => {
-                    let blk = resolve_block(b, &wt, block_index, (c, h, w), image, !seen_block)?;
+                    let blk = resolve_block(b, &wt, block_index, (c, h, w), image)?;
                     steps.push(Step::Block(Box::new(blk)));
                     block_index += 1;
-                    seen_block = true;
                 }
             }
         }
@@ -474,7 +477,6 @@ fn resolve_block(
     index: usize,
     (c, h, w): (usize, usize, usize),
     image: bool,
-    first: bool,
 ) -> Result<Block> {
     let bad = |r: String| bad_net(format!("block {:?}: {r}", b.name));
     let ls = wt.get(&b.actnorm_log_scale, &[c])?;
@@ -530,7 +532,6 @@ fn resolve_block(
             }
         }
     }
-    let _ = first;
     let last = match layers.pop() {
         Some(BLayer::Linear(l)) if ch == c => l,
         _ => {

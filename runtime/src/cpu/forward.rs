@@ -331,6 +331,7 @@ impl CpuEngine {
     }
 
     /// Reads z's parts back into the state layout (used by the inverse).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn z_part_in(
         &self,
         z: &[f32],
