@@ -480,10 +480,7 @@ fn cli_compile_run_and_bad_bundles() {
     let plan = std::fs::read_to_string(out.join("plan.json")).expect("plan");
     let damaged = dir.join("damaged");
     std::fs::create_dir_all(&damaged).expect("dir");
-    for f in std::fs::read_dir(&out).expect("bundle") {
-        let f = f.expect("entry").path();
-        std::fs::copy(&f, damaged.join(f.file_name().expect("name"))).expect("copy");
-    }
+    copy_dir(&out, &damaged);
     let run_damaged = |needles: &[&str]| {
         fails_with(
             bin()
@@ -556,6 +553,20 @@ fn bench_cifar_block() {
                 ex.dispatch_count(entry),
                 times[1] * 1e3
             );
+        }
+    }
+}
+
+/// A copy of a bundle directory, subdirectories (the tract segments) included.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("dir");
+    for f in std::fs::read_dir(from).expect("bundle") {
+        let f = f.expect("entry").path();
+        let dest = to.join(f.file_name().expect("name"));
+        if f.is_dir() {
+            copy_dir(&f, &dest);
+        } else {
+            std::fs::copy(&f, dest).expect("copy");
         }
     }
 }
