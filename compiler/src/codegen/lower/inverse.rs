@@ -1,0 +1,247 @@
+//! Lowering of the inverse: every block's fixed point unrolled into one submission, then the
+//! inverse of the layout ops, walking the graph backwards.
+
+use super::*;
+
+impl Lowering<'_> {
+    /// Fixed-point iterations of block `b` (the certificate's count, capped by the spec).
+    pub fn inverse_iters(&self, b: usize) -> usize {
+        let cert = self.lip.blocks.get(b).map_or(1, |r| r.inverse_iters);
+        cert.clamp(1, self.g.spec.inverse.max_iters.max(1))
+    }
+
+    /// The inverse of a flow: `z_in` -> `x_out`, every block's fixed point unrolled into the
+    /// one submission.
+    pub fn inverse(&mut self) -> Result<Vec<Step>> {
+        let g = self.g;
+        let d_in = g.input_dim();
+        let x_out = self
+            .b
+            .buffer(names::X_OUT, d_in, true, BufferInit::Output)?;
+        let mut steps = Vec::new();
+        let latent_off = self.latent_offsets();
+        // The value of each node while walking backwards.
+        let mut val: HashMap<NodeIndex, Loc> = HashMap::new();
+        let inv_val = |s: &mut Self, ix: NodeIndex| -> Result<Loc> {
+            if ix == g.input {
+                Ok(Loc {
+                    buffer: x_out.clone(),
+                    offset: 0,
+                    stride: d_in,
+                })
+            } else {
+                s.loc(ix)
+            }
+        };
+        for (&l, &off) in &latent_off {
+            let z = self.z_loc(names::Z_IN, off, BufferInit::Input)?;
+            if matches!(g.node(l).op, Op::SliceChannels { .. }) {
+                val.insert(
+                    l,
+                    Loc {
+                        stride: z.stride,
+                        ..z
+                    },
+                );
+            } else {
+                let dst = inv_val(self, l)?;
+                let name = format!("inv.latent.{}", g.node(l).name);
+                steps.push(self.gather(&name, dst.stride, &z, "i", &dst, "i", "")?);
+                val.insert(l, dst);
+            }
+        }
+        let mut order = g.topo_order()?;
+        order.reverse();
+        for ix in order {
+            let n = g.node(ix);
+            if n.block.is_some() || n.op == Op::Input {
+                continue;
+            }
+            let name = format!("inv.{}", n.name);
+            let ins = g.inputs(ix);
+            let in_shape = g.input_shape(ix);
+            let y = match val.get(&ix) {
+                Some(l) => l.clone(),
+                None => inv_val(self, ix)?,
+            };
+            match &n.op {
+                Op::Residual => {
+                    let b = self.block_of_residual[&ix];
+                    steps.extend(self.block_inverse(b, &y.buffer)?);
+                }
+                Op::ActNorm => {
+                    let dst = inv_val(self, ins[0])?;
+                    let d = self.elems(ix);
+                    let hw = spatial(&n.shape);
+                    let body = format!(
+                        "    let o = sample * {d}u + i;\n    let c = i / {hw}u;\n    dst[o] = (src[o] - an_bias[c]) * exp(-an_scale[c]);"
+                    );
+                    steps.push(self.eltwise(
+                        &name,
+                        d,
+                        vec![
+                            Binding::read("src", y.buffer.clone()),
+                            Binding::write("dst", dst.buffer),
+                            Binding::read("an_scale", param_name(&n.name, "log_scale")),
+                            Binding::read("an_bias", param_name(&n.name, "bias")),
+                        ],
+                        None,
+                        &body,
+                    )?);
+                }
+                Op::Squeeze { order } => {
+                    let dst = inv_val(self, ins[0])?;
+                    let prelude = Self::squeeze_prelude(&in_shape, *order);
+                    steps.push(self.gather(&name, y.stride, &y, "i", &dst, "u", &prelude)?);
+                }
+                Op::PadChannels { .. } => {
+                    let dst = inv_val(self, ins[0])?;
+                    steps.push(self.gather(&name, dst.stride, &y, "i", &dst, "i", "")?);
+                }
+                Op::SliceChannels { start, len } => {
+                    let per = spatial(&in_shape);
+                    let dst = inv_val(self, ins[0])?;
+                    let dst = Loc {
+                        offset: start * per,
+                        ..dst
+                    };
+                    steps.push(self.gather(&name, len * per, &y, "i", &dst, "i", "")?);
+                }
+                other => {
+                    return Err(Error::Unsupported {
+                        what: n.name.clone(),
+                        reason: format!("op {} has no inverse", other.kind()),
+                    })
+                }
+            }
+        }
+        Ok(steps)
+    }
+
+    /// `a = y - g(a)` iterated from `a = y`; `a` is the block's ActNorm buffer.
+    pub(super) fn block_inverse(&mut self, b: usize, y: &str) -> Result<Vec<Step>> {
+        let g = self.g;
+        let fb: FusedBlock = self.fusion.blocks[b].clone();
+        let s = fb.stage;
+        let d: usize = fb.shape.iter().product();
+        let x = self.val(g.blocks[b].actnorm)?;
+        let prefix = format!("inv.{}", fb.name);
+        let lead_buf = match &fb.lead_act {
+            Some(_) => Some(self.stage_buf(s, "lead", d)?),
+            None => None,
+        };
+        let mut steps = Vec::new();
+        // x_0 = y (and act(y) for the first layer).
+        match (&fb.lead_act, &lead_buf) {
+            (Some(act), Some(lead)) => {
+                let body = format!(
+                    "    let o = sample * {d}u + i;\n    let y = src[o];\n    dst[o] = y;\n    lead[o] = act_{}(y, beta);",
+                    act_suffix(act.act)
+                );
+                steps.push(self.eltwise(
+                    &format!("{prefix}.init"),
+                    d,
+                    vec![
+                        Binding::read("src", y),
+                        Binding::write("dst", x.clone()),
+                        Binding::write("lead", lead.clone()),
+                    ],
+                    Some(act),
+                    &body,
+                )?);
+            }
+            _ => steps.push(Step::Copy {
+                src: y.to_string(),
+                dst: x.clone(),
+            }),
+        }
+        let last = fb.layers.len() - 1;
+        let mut iteration = Vec::new();
+        for (i, layer) in fb.layers.iter().enumerate() {
+            let name = format!("inv.{}", layer.node);
+            let src = match (i, &lead_buf) {
+                (0, Some(l)) => l.clone(),
+                (0, None) => x.clone(),
+                _ => self.stage_buf(s, &format!("post{i}"), layer.geom.in_len())?,
+            };
+            let out_n = layer.geom.out_len();
+            if i < last {
+                let act = layer.act_after.clone().ok_or_else(|| Error::Codegen {
+                    context: layer.node.clone(),
+                    message: "inner layer without activation".into(),
+                })?;
+                let post = self.stage_buf(s, &format!("post{}", i + 1), out_n)?;
+                if self.fusion.enabled {
+                    iteration.push(self.layer(
+                        &name,
+                        layer,
+                        src,
+                        Epilogue::StoreAct {
+                            pre: None,
+                            dst: post,
+                            act,
+                        },
+                    )?);
+                } else {
+                    let pre = self.stage_buf(s, &format!("pre{}", i + 1), out_n)?;
+                    iteration
+                        .extend(self.layer_then_act(&name, layer, src, out_n, &pre, &post, &act)?);
+                }
+                continue;
+            }
+            if self.fusion.enabled {
+                let lead = match (&fb.lead_act, &lead_buf) {
+                    (Some(act), Some(buf)) => Some(ActOut {
+                        buffer: buf.clone(),
+                        act: act.clone(),
+                    }),
+                    _ => None,
+                };
+                iteration.push(self.layer(
+                    &name,
+                    layer,
+                    src,
+                    Epilogue::FixedPoint {
+                        target: y.to_string(),
+                        dst: x.clone(),
+                        lead,
+                    },
+                )?);
+            } else {
+                let gout = self.stage_buf(s, "gout", out_n)?;
+                iteration.push(self.layer(
+                    &name,
+                    layer,
+                    src,
+                    Epilogue::Store { dst: gout.clone() },
+                )?);
+                let body = format!("    let o = sample * {d}u + i;\n    dst[o] = yt[o] - gout[o];");
+                iteration.push(self.eltwise(
+                    &format!("{prefix}.step"),
+                    d,
+                    vec![
+                        Binding::read("yt", y),
+                        Binding::read("gout", gout),
+                        Binding::write("dst", x.clone()),
+                    ],
+                    None,
+                    &body,
+                )?);
+                if let (Some(act), Some(lead)) = (&fb.lead_act, &lead_buf) {
+                    iteration.push(self.act_kernel(
+                        &format!("{prefix}.lead_act"),
+                        d,
+                        &x,
+                        lead,
+                        act,
+                    )?);
+                }
+            }
+        }
+        steps.push(Step::Repeat {
+            times: self.inverse_iters(b) as u32,
+            steps: iteration,
+        });
+        Ok(steps)
+    }
+}

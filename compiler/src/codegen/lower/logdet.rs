@@ -1,0 +1,207 @@
+//! Lowering of a block's log-det series: probes x terms vjp chains with the fused
+//! activation-derivative masks and the `<w_k, v>` reduction.
+
+use super::*;
+
+impl Lowering<'_> {
+    pub(super) fn ld_bindings(&mut self, b: usize) -> Result<LogDetBindings> {
+        let fb = &self.fusion.blocks[b];
+        let dim = self.layout.block_dims[b];
+        let acc = self
+            .b
+            .buffer(&format!("s{}.acc", fb.stage), dim, true, BufferInit::Zero)?;
+        let coef = self.b.buffer(
+            names::COEF,
+            self.layout.coef_elems(),
+            true,
+            BufferInit::Input,
+        )?;
+        let probes = self.b.buffer(
+            names::PROBES,
+            self.layout.probe_elems(),
+            true,
+            BufferInit::Input,
+        )?;
+        let counter = self.b.buffer(names::COUNTER, 2, true, BufferInit::Zero)?;
+        Ok(LogDetBindings {
+            acc,
+            coef,
+            probes,
+            counter,
+            coef_n: self.layout.coef_elems(),
+            coef_off: b * self.layout.coef_stride,
+            probe_n: self.layout.probe_elems(),
+            probe_off: self.layout.block_dims[..b].iter().sum::<usize>() * self.layout.probes,
+        })
+    }
+
+    // ---------------------------------------------------------------- forward
+
+    /// The log-det series of block `b` at its ActNorm output (whose branch intermediates the
+    /// forward just left in the stage scratch): probes x terms vjp chains, one submission.
+    pub(super) fn block_logdet(&mut self, b: usize, terms: usize, tag: &str) -> Result<Vec<Step>> {
+        let g = self.g;
+        let fb: FusedBlock = self.fusion.blocks[b].clone();
+        let blk = &g.blocks[b];
+        let s = fb.stage;
+        let d: usize = fb.shape.iter().product();
+        let ld = self.ld_bindings(b)?;
+        let a = self.val(blk.actnorm)?;
+        let w = self.stage_buf(s, "w", d)?;
+        let prefix = format!("{tag}.{}", fb.name);
+
+        // w = v_p (the current probe).
+        let init_body = format!(
+            "    let probe = u32(counter[sample * 2u + 1u]);\n    w[sample * {d}u + i] = probes[sample * {}u + {}u + probe * {d}u + i];",
+            ld.probe_n, ld.probe_off
+        );
+        let init = self.eltwise(
+            &format!("{prefix}.probe"),
+            d,
+            vec![
+                Binding::write("w", w.clone()),
+                Binding::read("probes", ld.probes.clone()),
+                Binding::read("counter", ld.counter.clone()),
+            ],
+            None,
+            &init_body,
+        )?;
+        let counter_bind = vec![Binding::write("counter", ld.counter.clone())];
+        let next_term = self.eltwise(
+            "ld.next_term",
+            1,
+            counter_bind.clone(),
+            None,
+            "    counter[sample * 2u] += 1.0;",
+        )?;
+        let next_probe = self.eltwise(
+            "ld.next_probe",
+            1,
+            counter_bind,
+            None,
+            "    counter[sample * 2u] = 0.0;\n    counter[sample * 2u + 1u] += 1.0;",
+        )?;
+
+        let mut term = Vec::new();
+        let last = fb.layers.len() - 1;
+        for i in (0..=last).rev() {
+            let layer = &fb.layers[i];
+            let name = format!("{tag}.vjp.{}", layer.node);
+            let src = if i == last {
+                w.clone()
+            } else {
+                self.stage_buf(s, &format!("g{}", i + 1), layer.geom.out_len())?
+            };
+            let in_n = layer.geom.in_len();
+            let conv = |epilogue| Conv {
+                geom: layer.geom,
+                transposed: true,
+                src: src.clone(),
+                weight: layer.weight.clone(),
+                bias: None,
+                epilogue,
+            };
+            if i > 0 {
+                let act = fb.layers[i - 1]
+                    .act_after
+                    .clone()
+                    .ok_or_else(|| Error::Codegen {
+                        context: layer.node.clone(),
+                        message: "inner layer without activation".into(),
+                    })?;
+                let pre = self.stage_buf(s, &format!("pre{i}"), in_n)?;
+                let dst = self.stage_buf(s, &format!("g{i}"), in_n)?;
+                if self.fusion.enabled {
+                    term.push(self.conv(&name, conv(Epilogue::VjpMask { pre, dst, act }))?);
+                } else {
+                    let raw = self.stage_buf(s, &format!("gt{i}"), in_n)?;
+                    term.push(self.conv(&name, conv(Epilogue::Store { dst: raw.clone() }))?);
+                    term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &pre, &dst, &act)?);
+                }
+            } else if self.fusion.enabled {
+                let mask = fb.lead_act.clone().map(|act| (a.clone(), act));
+                term.push(self.conv(
+                    &name,
+                    conv(Epilogue::VjpDot {
+                        mask,
+                        dst: w.clone(),
+                        ld: ld.clone(),
+                    }),
+                )?);
+            } else {
+                match fb.lead_act.clone() {
+                    Some(act) => {
+                        let raw = self.stage_buf(s, "gt0", in_n)?;
+                        term.push(self.conv(&name, conv(Epilogue::Store { dst: raw.clone() }))?);
+                        term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &a, &w, &act)?);
+                    }
+                    None => term.push(self.conv(&name, conv(Epilogue::Store { dst: w.clone() }))?),
+                }
+                term.push(self.eltwise(
+                    &format!("{prefix}.dot"),
+                    d,
+                    kernels::dot_bindings(&ld, &w),
+                    None,
+                    &kernels::dot_body(&ld, d),
+                )?);
+            }
+        }
+        term.push(next_term);
+
+        let an = &g.node(blk.actnorm);
+        let log_scale = param_name(&an.name, "log_scale");
+        self.weight(&log_scale)?;
+        let logdet = self.b.buffer(names::LOGDET, 1, true, BufferInit::Zero)?;
+        let reduce = kernels::logdet_reduce(
+            d,
+            an.shape[0],
+            spatial(&an.shape),
+            &ld.acc,
+            &log_scale,
+            &logdet,
+            &ld.counter,
+        )?;
+        let reduce = self.emit(&format!("{prefix}.reduce"), reduce)?;
+        Ok(vec![
+            Step::Repeat {
+                times: self.layout.probes as u32,
+                steps: vec![
+                    init,
+                    Step::Repeat {
+                        times: terms as u32,
+                        steps: term,
+                    },
+                    next_probe,
+                ],
+            },
+            reduce,
+        ])
+    }
+
+    /// `dst = src * act'(pre)` elementwise (unfused plans).
+    pub(super) fn mask(
+        &mut self,
+        name: &str,
+        n: usize,
+        src: &str,
+        pre: &str,
+        dst: &str,
+        a: &ActRef,
+    ) -> Result<Step> {
+        let body = format!(
+            "    let o = sample * {n}u + i;\n    dst[o] = src[o] * dact_{}(pre[o], beta);",
+            act_suffix(a.act)
+        );
+        self.eltwise(
+            name,
+            n,
+            vec![
+                Binding::read("src", src),
+                Binding::read("pre", pre),
+                Binding::write("dst", dst),
+            ],
+            Some(a),
+            &body,
+        )
+    }
+}
