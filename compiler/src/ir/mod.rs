@@ -92,6 +92,20 @@ impl Graph {
         })
     }
 
+    /// The nodes an inverse visits, in visiting order: the graph backwards (reverse topological
+    /// order), without the input and without the nodes inside residual branches (a block is
+    /// inverted as a whole at its residual add). Every consumer that inverts the model (the
+    /// reference, the WGSL lowering, the ONNX export, the trainer's sampler) walks this.
+    pub fn inverse_order(&self) -> Result<Vec<NodeIndex>> {
+        let mut order = self.topo_order()?;
+        order.reverse();
+        order.retain(|&ix| {
+            let n = &self.dag[ix];
+            n.block.is_none() && n.op != crate::ops::Op::Input
+        });
+        Ok(order)
+    }
+
     /// Which block each residual-add node closes (executors walk the graph and
     /// need to know when a node starts a fixed point or a log-det).
     pub fn block_of_residual(&self) -> std::collections::HashMap<NodeIndex, usize> {

@@ -294,13 +294,8 @@ impl<'g> Reference<'g> {
         let mut block_iters = vec![0; g.blocks.len()];
         let mut block_res = vec![0.0; g.blocks.len()];
         let mut all_conv = true;
-        let mut order = g.topo_order()?;
-        order.reverse();
-        for ix in order {
+        for ix in g.inverse_order()? {
             let n = g.node(ix);
-            if n.block.is_some() || n.op == Op::Input {
-                continue;
-            }
             let y = vals.get(&ix).cloned().ok_or_else(|| Error::Graph {
                 node: n.name.clone(),
                 reason: "inverse reached a node whose output is unknown".into(),

@@ -58,13 +58,8 @@ pub fn inverse(g: &Graph, z: &Mat) -> Result<Mat> {
     }
     let residual_of = g.block_of_residual();
     let (tol, max_iters) = (g.spec.inverse.tol, g.spec.inverse.max_iters);
-    let mut order = g.topo_order()?;
-    order.reverse();
-    for ix in order {
+    for ix in g.inverse_order()? {
         let n = g.node(ix);
-        if n.block.is_some() || n.op == Op::Input {
-            continue;
-        }
         let y = vals.get(&ix).cloned().ok_or_else(|| Error::Graph {
             node: n.name.clone(),
             reason: "inverse reached a node whose output is unknown".into(),

@@ -50,13 +50,8 @@ impl Lowering<'_> {
                 val.insert(l, dst);
             }
         }
-        let mut order = g.topo_order()?;
-        order.reverse();
-        for ix in order {
+        for ix in g.inverse_order()? {
             let n = g.node(ix);
-            if n.block.is_some() || n.op == Op::Input {
-                continue;
-            }
             let name = format!("inv.{}", n.name);
             let ins = g.inputs(ix);
             let in_shape = g.input_shape(ix);

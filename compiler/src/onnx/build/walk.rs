@@ -153,9 +153,7 @@ impl Emitter<'_> {
             vals.insert(l, v);
             off += d;
         }
-        let mut order = g.topo_order()?;
-        order.reverse();
-        self.inverse_walk(&order, &mut vals, &mut pieces, steps)?;
+        self.inverse_walk(&g.inverse_order()?, &mut vals, &mut pieces, steps)?;
         self.resolve(g.input, &mut vals, &mut pieces)
     }
 
