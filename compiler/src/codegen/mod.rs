@@ -17,8 +17,7 @@ pub mod wgsl;
 use std::collections::BTreeMap;
 
 use iresnetc_runtime::{
-    Bundle, EntryPoint, IoDecl, ModelKind as PlanKind, Plan, Step, WeightTensor, BUNDLE_FORMAT,
-    BUNDLE_VERSION,
+    Bundle, EntryPoint, IoDecl, ModelKind as PlanKind, Plan, Step, BUNDLE_FORMAT, BUNDLE_VERSION,
 };
 use serde::Serialize;
 
@@ -251,28 +250,14 @@ fn count(
     }
 }
 
-/// The model's (normalized) parameters as the runtime's f32 tensors.
-pub fn weights_f32(model: &Model) -> BTreeMap<String, WeightTensor> {
-    model
-        .graph
-        .params
-        .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                WeightTensor {
-                    shape: t.shape.clone(),
-                    data: t.data.iter().map(|&v| v as f32).collect(),
-                },
-            )
-        })
-        .collect()
-}
-
 /// Compiles `model` into a runtime bundle without touching the file system (the bench and
 /// tests compare fused and unfused plans this way).
 pub fn compile_in_memory(model: &Model, opts: &CodegenOptions) -> Result<(Bundle, CodegenReport)> {
     let gen = generate(model, opts)?;
-    let bundle = Bundle::from_parts(gen.plan, gen.shaders, weights_f32(model))?;
+    let bundle = Bundle::from_parts(
+        gen.plan,
+        gen.shaders,
+        crate::netdesc::weights_f32(&model.graph.params),
+    )?;
     Ok((bundle, gen.report))
 }
