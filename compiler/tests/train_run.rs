@@ -177,8 +177,8 @@ fn cli_run_directory_compile_and_eval() {
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
-    // The trained weights run on every CPU backend and on wgpu (lavapipe):
-    // tract against the reference with the exact log-det, wgpu with the series
+    // The trained weights run on every backend: tract and the native cpu engine against the
+    // f64 reference with the exact log-det, wgpu (lavapipe) with the series
     // (the same probes on both sides).
     let pts = dir.join("pts.npy");
     let st = bin()
@@ -219,20 +219,22 @@ fn cli_run_directory_compile_and_eval() {
             .map(|r| r[0])
             .collect()
     };
-    let (cpu, tract) = (density("cpu", "exact"), density("tract", "exact"));
-    let (cpu_s, wgpu_s) = (density("cpu", "series"), density("wgpu", "series"));
+    let (reference, tract) = (density("reference", "exact"), density("tract", "exact"));
+    let native = density("cpu", "exact");
+    let (ref_s, wgpu_s) = (density("reference", "series"), density("wgpu", "series"));
     for i in 0..6 {
+        for (name, got) in [("tract", tract[i]), ("cpu", native[i])] {
+            assert!(
+                (reference[i] - got).abs() < 1e-4,
+                "{name} {got} vs reference {}",
+                reference[i]
+            );
+        }
         assert!(
-            (cpu[i] - tract[i]).abs() < 1e-4,
-            "tract {} vs reference {}",
-            tract[i],
-            cpu[i]
-        );
-        assert!(
-            (cpu_s[i] - wgpu_s[i]).abs() < 1e-4,
+            (ref_s[i] - wgpu_s[i]).abs() < 1e-4,
             "wgpu {} vs reference {}",
             wgpu_s[i],
-            cpu_s[i]
+            ref_s[i]
         );
     }
     let ev = bin()
