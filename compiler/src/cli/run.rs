@@ -108,9 +108,20 @@ fn write(path: &Path, b: &Batch, per_sample: &[usize]) -> Result<()> {
 pub fn run(a: &RunArgs) -> Result<()> {
     // Options against the mode and the outputs against the inputs are checked up front by
     // `cli::guard`, before this runs.
+    // `--backend cpu` meant the f64 reference before the native engine existed: where the
+    // engine refuses what the reference could do (a request it does not support, a log-det
+    // beyond its limits), the error says where the old behaviour went.
     let cpu_hint = |e: anyhow::Error| {
-        if a.backend == BackendArg::Cpu {
-            e.context("--backend cpu is the native f32 engine (the f64 reference it used to be is --backend reference)")
+        use iresnetc_runtime::RuntimeError as E;
+        let engine_refusal = match e.downcast_ref::<E>() {
+            Some(E::Unsupported(_)) => true,
+            Some(E::BadInput { name, .. }) => name == "logdet",
+            _ => false,
+        };
+        if a.backend == BackendArg::Cpu && engine_refusal {
+            anyhow::anyhow!(
+                "{e} (--backend cpu is the native f32 engine; the f64 reference it used to be is --backend reference)"
+            )
         } else {
             e
         }
