@@ -120,6 +120,48 @@ pub enum LogDetMethod {
 }
 
 impl LogDetMethod {
+    /// The settings this method stands for (None for [`LogDetMethod::None`]); fields a method
+    /// does not use keep their defaults. The inverse of [`LogDetSpec::method`].
+    pub fn spec(&self) -> Option<LogDetSpec> {
+        let d = LogDetSpec::default();
+        Some(match *self {
+            Self::None => return None,
+            Self::Exact => LogDetSpec {
+                estimator: Estimator::Exact,
+                ..d
+            },
+            Self::Series {
+                terms,
+                probes,
+                kind,
+                seed,
+            } => LogDetSpec {
+                estimator: Estimator::Series,
+                terms,
+                probes,
+                probe: kind,
+                seed,
+                ..d
+            },
+            Self::Roulette {
+                terms,
+                probes,
+                kind,
+                seed,
+                dist,
+                param,
+            } => LogDetSpec {
+                estimator: Estimator::Roulette,
+                terms,
+                probes,
+                probe: kind,
+                seed,
+                roulette: dist,
+                roulette_param: param,
+            },
+        })
+    }
+
     /// Probes per block (0 for the methods that take none).
     pub fn probes(&self) -> usize {
         match *self {
@@ -309,5 +351,36 @@ impl LogDetLayout {
             }
         }
         Ok(Some((entry, out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `LogDetMethod::spec` and `LogDetSpec::method` are inverses on every estimator.
+    #[test]
+    fn method_and_spec_round_trip() {
+        let methods = [
+            LogDetMethod::Exact,
+            LogDetMethod::Series {
+                terms: 7,
+                probes: 3,
+                kind: ProbeKind::Rademacher,
+                seed: 11,
+            },
+            LogDetMethod::Roulette {
+                terms: 2,
+                probes: 1,
+                kind: ProbeKind::Gaussian,
+                seed: 5,
+                dist: RouletteDist::Poisson,
+                param: 2.0,
+            },
+        ];
+        for m in methods {
+            assert_eq!(m.spec().map(|s| s.method()), Some(m.clone()));
+        }
+        assert_eq!(LogDetMethod::None.spec(), None);
     }
 }

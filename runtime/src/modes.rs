@@ -129,12 +129,13 @@ pub fn dequantize(x: &Batch, seed: u64, first: usize) -> Batch {
     out
 }
 
-/// `log N(z; mean, exp(log_std))`, summed over the dimensions.
-pub fn prior_logp(z: &[f64], prior: &Prior) -> f64 {
+/// `log N(z; mean, exp(log_std))`, summed over the dimensions: the one definition every
+/// backend, the reference and the trainer use.
+pub fn prior_logp(z: &[f64], mean: &[f64], log_std: &[f64]) -> f64 {
     let c = 0.5 * (2.0 * std::f64::consts::PI).ln();
     z.iter()
-        .zip(&prior.mean)
-        .zip(&prior.log_std)
+        .zip(mean)
+        .zip(log_std)
         .map(|((z, m), s)| {
             let t = (z - m) * (-s).exp();
             -0.5 * t * t - s - c
@@ -185,7 +186,7 @@ pub fn density(
             RuntimeError::Unsupported(format!("backend {} returned no log-det", be.info().name))
         })?;
         for (z, ld) in enc.z.rows().zip(lds) {
-            let logp = prior_logp(z, &prior) + ld;
+            let logp = prior_logp(z, &prior.mean, &prior.log_std) + ld;
             out.push(Density {
                 logp,
                 bits_per_dim: bits_per_dim(logp, model.input_dim(), model.dequantize),

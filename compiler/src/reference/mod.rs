@@ -372,15 +372,7 @@ impl<'g> Reference<'g> {
     /// Log-density of z under the learned diagonal Gaussian prior.
     pub fn prior_logp(&self, z: &[f64]) -> f64 {
         let (mu, ls) = self.prior();
-        let c = 0.5 * (2.0 * std::f64::consts::PI).ln();
-        z.iter()
-            .zip(mu)
-            .zip(ls)
-            .map(|((z, m), s)| {
-                let t = (z - m) * (-s).exp();
-                -0.5 * t * t - s - c
-            })
-            .sum()
+        iresnetc_runtime::modes::prior_logp(z, mu, ls)
     }
 
     fn prior(&self) -> (&[f64], &[f64]) {

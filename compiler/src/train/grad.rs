@@ -98,15 +98,7 @@ fn prior_logp(g: &Graph, z: &[f64]) -> f64 {
         p(&g.params, "prior", "mean"),
         p(&g.params, "prior", "log_std"),
     );
-    let c = 0.5 * (2.0 * std::f64::consts::PI).ln();
-    z.iter()
-        .zip(mu)
-        .zip(ls)
-        .map(|((z, m), s)| {
-            let t = (z - m) * (-s).exp();
-            -0.5 * t * t - s - c
-        })
-        .sum()
+    iresnetc_runtime::modes::prior_logp(z, mu, ls)
 }
 
 /// Loss (and gradients) of one chunk of a batch. `labels` for classifiers.

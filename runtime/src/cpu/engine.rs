@@ -104,60 +104,10 @@ impl LogDetRequest {
 
     /// The request for `method` on an array chunk starting at `first_sample` (None: no log-det).
     pub fn from_method(m: &crate::logdet::LogDetMethod, first_sample: usize) -> Option<Self> {
-        use crate::logdet::LogDetMethod as M;
-        let d = LogDetSettings::default();
-        let r = |estimator, terms, probes, probe, seed, roulette, roulette_param| Self {
-            estimator,
-            terms,
-            probes,
-            probe,
-            seed,
-            roulette,
-            roulette_param,
+        m.spec().map(|s| Self {
             first_sample,
-        };
-        match *m {
-            M::None => None,
-            M::Exact => Some(r(
-                EstimatorKind::Exact,
-                d.terms,
-                d.probes,
-                d.probe,
-                d.seed,
-                d.roulette,
-                d.roulette_param,
-            )),
-            M::Series {
-                terms,
-                probes,
-                kind,
-                seed,
-            } => Some(r(
-                EstimatorKind::Series,
-                terms,
-                probes,
-                kind,
-                seed,
-                d.roulette,
-                d.roulette_param,
-            )),
-            M::Roulette {
-                terms,
-                probes,
-                kind,
-                seed,
-                dist,
-                param,
-            } => Some(r(
-                EstimatorKind::Roulette,
-                terms,
-                probes,
-                kind,
-                seed,
-                dist,
-                param,
-            )),
-        }
+            ..Self::from_settings(&s)
+        })
     }
 
     pub fn from_settings(s: &LogDetSettings) -> Self {

@@ -17,7 +17,6 @@ use super::layout::{squeeze, to_batch_major};
 use super::net::NetKind;
 use super::pool::Workspace;
 use crate::error::{Result, RuntimeError};
-use crate::rng::{streams, Rng};
 
 /// Steps without a new smallest step after which the fixed point is at f32's precision floor.
 const STALL_STEPS: usize = 3;
@@ -178,81 +177,6 @@ impl CpuEngine {
             converged,
             precision_floor: floor,
         }
-    }
-
-    /// Log-density of each z under the prior, and bits/dim, from a log-det per sample.
-    fn logp(&self, z: &[f32], lds: &[f64]) -> Vec<(f64, f64)> {
-        let Some((mu, ls)) = &self.prior else {
-            return vec![];
-        };
-        let d = self.input_dim() as f64;
-        let c = 0.5 * (2.0 * std::f64::consts::PI).ln();
-        z.chunks(self.latent_dim.max(1))
-            .zip(lds)
-            .map(|(z, ld)| {
-                let prior: f64 = z
-                    .iter()
-                    .zip(mu)
-                    .zip(ls)
-                    .map(|((&z, m), s)| {
-                        let t = (z as f64 - m) * (-s).exp();
-                        -0.5 * t * t - s - c
-                    })
-                    .sum();
-                let logp = prior + ld;
-                let bits = -logp / (d * std::f64::consts::LN_2)
-                    + if self.net.dequantize { 8.0 } else { 0.0 };
-                (logp, bits)
-            })
-            .collect()
-    }
-
-    /// Flows: `(log p(x), bits/dim)` per sample. With `dequantize` the input is pixels in [0, 1],
-    /// dequantized first with noise from `seed` (keyed by `req.first_sample + i`, as every
-    /// backend does).
-    pub fn density(
-        &mut self,
-        x: &[f32],
-        batch: usize,
-        req: &super::engine::LogDetRequest,
-        seed: u64,
-    ) -> Result<Vec<(f64, f64)>> {
-        check_batch("input", x, batch, self.input_dim())?;
-        let input: Vec<f32> = if self.net.dequantize {
-            x.chunks(self.input_dim().max(1))
-                .enumerate()
-                .flat_map(|(i, s)| {
-                    let mut r = Rng::for_stream(
-                        seed,
-                        &[streams::DEQUANTIZE, (req.first_sample + i) as u64],
-                    );
-                    s.iter()
-                        .map(|&v| ((255.0 * v as f64 + r.uniform()) / 256.0 - 0.5) as f32)
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        } else {
-            x.to_vec()
-        };
-        let (z, lds) = self.encode(&input, batch, Some(req))?;
-        Ok(self.logp(&z, &lds))
-    }
-
-    /// `num` samples from the prior (noise from `seed`), mapped back through the inverse.
-    pub fn sample(&mut self, num: usize, seed: u64) -> Result<(Vec<f32>, InverseReport)> {
-        let Some((mu, ls)) = &self.prior else {
-            return Err(RuntimeError::bad_input("mode", "sampling needs a flow"));
-        };
-        let z: Vec<f32> = (0..num)
-            .flat_map(|i| {
-                let mut r = Rng::for_stream(seed, &[streams::PRIOR_SAMPLE, i as u64]);
-                mu.iter()
-                    .zip(ls)
-                    .map(|(m, s)| (m + s.exp() * r.normal()) as f32)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        self.decode(&z, num)
     }
 }
 
