@@ -17,6 +17,8 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::simd::simd_kernel;
+
 /// `dst[m x n] = (accumulate ? dst : 0) + beta * a[m x kk] * b[kk x n]`, all row-major.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
@@ -102,7 +104,7 @@ impl ConvOp {
         dst_c: usize,
         k: usize,
         sign: isize,
-        w: impl Fn(usize, usize, usize, usize) -> f32,
+        w: impl Fn(usize, usize, usize, usize) -> f32 + Sync,
     ) -> Self {
         let kk = k * k;
         let form = if k == 1 {
@@ -112,20 +114,30 @@ impl ConvOp {
         } else {
             Form::Shifted
         };
+        // Packing the weights is a large share of loading a model: each destination row (or
+        // each tap's row, in the shifted form) is one parallel task writing its own slice.
         let mut a = vec![0f32; dst_c * src_c * kk];
-        for d in 0..dst_c {
-            for s in 0..src_c {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let v = w(d, s, ky, kx);
-                        let at = match form {
-                            Form::Plain | Form::Im2col => d * src_c * kk + (s * k + ky) * k + kx,
-                            Form::Shifted => ((ky * k + kx) * dst_c + d) * src_c + s,
-                        };
-                        a[at] = v;
-                    }
-                }
+        match form {
+            Form::Plain | Form::Im2col => {
+                a.par_chunks_mut(src_c * kk)
+                    .enumerate()
+                    .for_each(|(d, row)| {
+                        for s in 0..src_c {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    row[(s * k + ky) * k + kx] = w(d, s, ky, kx);
+                                }
+                            }
+                        }
+                    })
             }
+            Form::Shifted => a.par_chunks_mut(src_c).enumerate().for_each(|(at, row)| {
+                let (tap, d) = (at / dst_c, at % dst_c);
+                let (ky, kx) = (tap / k, tap % k);
+                for (s, v) in row.iter_mut().enumerate() {
+                    *v = w(d, s, ky, kx);
+                }
+            }),
         }
         Self {
             src_c,
@@ -215,7 +227,7 @@ pub fn grow(buf: &mut Vec<f32>, len: usize) {
 }
 
 /// The range of output coordinates `o` in `0..len` whose source `o + d` is in `0..len`.
-fn valid(len: usize, d: isize) -> (usize, usize) {
+fn valid_range(len: usize, d: isize) -> (usize, usize) {
     let lo = (-d).max(0) as usize;
     let hi = (len as isize - d).clamp(0, len as isize) as usize;
     (lo.min(hi), hi)
@@ -244,8 +256,8 @@ fn im2col(
             let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
             let dy = sign * (ky as isize - pad);
             let dx = sign * (kx as isize - pad);
-            let (ylo, yhi) = valid(h, dy);
-            let (xlo, xhi) = valid(w, dx);
+            let (ylo, yhi) = valid_range(h, dy);
+            let (xlo, xhi) = valid_range(w, dx);
             for img in 0..imgs {
                 let s = &src[(ci * imgs + img) * hw..][..hw];
                 let o = &mut out[img * hw..][..hw];
@@ -266,6 +278,12 @@ fn im2col(
 }
 
 /// `dst[c][img][y][x] += alpha * sum_{ky,kx} t[(ky*k + kx)*c_total + c][img][y + dy][x + dx]`.
+///
+/// Each offset is applied to a whole image plane at once: `dst[i] += alpha * t[i + dy*w + dx]`
+/// over the plane's flat index, where a per-offset validity mask (the source pixel lies inside
+/// the image) selects which sums to keep. Rows of 4 to 16 pixels would leave a row-by-row loop
+/// scalar; the flat loop vectorizes, and a select keeps exactly the terms (and the order of
+/// additions) of the row-by-row form.
 #[allow(clippy::too_many_arguments)]
 fn shift_add(
     t: &[f32],
@@ -281,32 +299,61 @@ fn shift_add(
     let hw = h * w;
     let n = imgs * hw;
     let pad = (k / 2) as isize;
+    // valid[tap][y*w + x]: the offset's source pixel is inside the image.
+    let mut valid = vec![false; k * k * hw];
+    for ky in 0..k {
+        let dy = sign * (ky as isize - pad);
+        let (ylo, yhi) = valid_range(h, dy);
+        for kx in 0..k {
+            let dx = sign * (kx as isize - pad);
+            let (xlo, xhi) = valid_range(w, dx);
+            let m = &mut valid[(ky * k + kx) * hw..][..hw];
+            for y in ylo..yhi {
+                m[y * w + xlo..y * w + xhi].fill(true);
+            }
+        }
+    }
     dst.par_chunks_mut(n)
         .take(c_total)
         .enumerate()
         .for_each(|(c, out)| {
             for ky in 0..k {
                 let dy = sign * (ky as isize - pad);
-                let (ylo, yhi) = valid(h, dy);
                 for kx in 0..k {
                     let dx = sign * (kx as isize - pad);
-                    let (xlo, xhi) = valid(w, dx);
-                    let plane = &t[((ky * k + kx) * c_total + c) * n..][..n];
+                    let off = dy * w as isize + dx;
+                    let tap = ky * k + kx;
+                    let plane = &t[(tap * c_total + c) * n..][..n];
+                    let m = &valid[tap * hw..][..hw];
                     for img in 0..imgs {
-                        let s = &plane[img * hw..][..hw];
-                        let o = &mut out[img * hw..][..hw];
-                        for y in ylo..yhi {
-                            let sy = (y as isize + dy) as usize;
-                            let sx = (xlo as isize + dx) as usize;
-                            let src = &s[sy * w + sx..sy * w + sx + (xhi - xlo)];
-                            for (d, v) in o[y * w + xlo..y * w + xhi].iter_mut().zip(src) {
-                                *d += alpha * v;
-                            }
+                        // The plane-local range whose source index stays inside `plane`; every
+                        // valid pixel is in it (its source is in the same image).
+                        let base = (img * hw) as isize + off;
+                        let lo = (-base).clamp(0, hw as isize) as usize;
+                        let hi = (n as isize - base).clamp(lo as isize, hw as isize) as usize;
+                        if lo == hi {
+                            continue;
                         }
+                        let src_at = (base + lo as isize) as usize;
+                        shift_add_plane(
+                            &mut out[img * hw + lo..img * hw + hi],
+                            &plane[src_at..src_at + (hi - lo)],
+                            &m[lo..hi],
+                            alpha,
+                        );
                     }
                 }
             }
         });
+}
+
+simd_kernel! {
+    fn shift_add_plane(out: &mut [f32], src: &[f32], valid: &[bool], alpha: f32) {
+        for ((o, s), &v) in out.iter_mut().zip(src).zip(valid) {
+            let sum = *o + alpha * s;
+            *o = if v { sum } else { *o };
+        }
+    }
 }
 
 /// A convolution or dense layer: bias, the forward operator and its adjoint.
