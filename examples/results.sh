@@ -45,9 +45,9 @@ for case in "cifar-block 8" "cifar 1" "cifar 8"; do
   "$PY" examples/pytorch/torch_bench.py "$bundle" --batch "$batch" --reps 3 \
     --json "$OUT/$tag-torch.json" > /dev/null
   # onnxruntime on iresnetc's ONNX: the forward, the forward + log-det, and the unrolled inverse.
-  $BIN export-onnx "$bundle" -o "$OUT/$model-fwd.onnx" > /dev/null
-  $BIN export-onnx "$bundle" -o "$OUT/$model-ld.onnx" --with-logdet > /dev/null
-  $BIN export-onnx "$bundle" -o "$OUT/$model-inv.onnx" --inverse-steps "$INVERSE_STEPS" > /dev/null
+  $BIN export-onnx "$bundle" -o "$OUT/$model-fwd.onnx" --conv-style conv > /dev/null
+  $BIN export-onnx "$bundle" -o "$OUT/$model-ld.onnx" --with-logdet --conv-style conv > /dev/null
+  $BIN export-onnx "$bundle" -o "$OUT/$model-inv.onnx" --inverse-steps "$INVERSE_STEPS" --conv-style conv > /dev/null
   for part in fwd ld; do
     "$PY" examples/onnx_bench/ort_bench.py "$OUT/$model-$part.onnx" "$batch" 0 5 --threads 2 \
       --json "$OUT/$tag-ort-$part.json" > /dev/null

@@ -14,6 +14,8 @@
 //! operator with the kernel offsets negated and the weight transposed, so it reuses both forms.
 //! Weights are rearranged once at load into the matrix each form multiplies.
 
+use std::sync::Arc;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -27,6 +29,25 @@ pub fn matmul(
     kk: usize,
     dst: &mut [f32],
     a: &[f32],
+    b: &[f32],
+    accumulate: bool,
+    beta: f32,
+    threads: usize,
+) {
+    matmul_lhs(m, n, kk, dst, a, false, b, accumulate, beta, threads)
+}
+
+/// [`matmul`] where `a` may be stored transposed (`a_transposed`: `a` is `[kk x m]` row-major
+/// and the product uses its transpose), so a 1x1 layer's adjoint multiplies by the forward
+/// weight itself instead of keeping a transposed copy.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_lhs(
+    m: usize,
+    n: usize,
+    kk: usize,
+    dst: &mut [f32],
+    a: &[f32],
+    a_transposed: bool,
     b: &[f32],
     accumulate: bool,
     beta: f32,
@@ -47,9 +68,15 @@ pub fn matmul(
     } else {
         Parallelism::None
     };
-    // SAFETY: the asserts above keep every access of an m x n / m x kk / kk x n row-major
-    // matrix (column stride 1, row strides n, kk, n) inside the three slices, and `dst` is a
-    // unique borrow that aliases neither input.
+    // Column and row strides of the m x kk left factor.
+    let (a_cs, a_rs) = if a_transposed {
+        (m as isize, 1)
+    } else {
+        (1, kk as isize)
+    };
+    // SAFETY: the asserts above keep every access of an m x n / m x kk (or its transpose, kk x m)
+    // / kk x n row-major matrix inside the three slices, and `dst` is a unique borrow that
+    // aliases neither input.
     unsafe {
         gemm::gemm(
             m,
@@ -60,8 +87,8 @@ pub fn matmul(
             n as isize,
             accumulate,
             a.as_ptr(),
-            1,
-            kk as isize,
+            a_cs,
+            a_rs,
             b.as_ptr(),
             1,
             n as isize,
@@ -92,21 +119,24 @@ pub struct ConvOp {
     /// +1 for the convolution, -1 for its adjoint: source pixel = output pixel + sign*(ky - pad).
     sign: isize,
     form: Form,
-    /// Plain/Im2col: `[dst_c, src_c*k*k]`; Shifted: `[k*k*dst_c, src_c]`.
-    a: Vec<f32>,
+    /// Plain/Im2col: `[dst_c, src_c*k*k]`; Shifted: `[k*k*dst_c, src_c]`; with `transposed`
+    /// (a 1x1 adjoint), the forward's `[src_c, dst_c]`, shared with it.
+    a: Arc<Vec<f32>>,
+    transposed: bool,
 }
 
 impl ConvOp {
-    /// `w(d, s, ky, kx)`: the coefficient from source channel `s` to destination channel `d`
-    /// at kernel offset `(ky, kx)`.
-    pub fn new(
-        src_c: usize,
-        dst_c: usize,
-        k: usize,
-        sign: isize,
-        w: impl Fn(usize, usize, usize, usize) -> f32 + Sync,
-    ) -> Self {
+    /// The operator of a `[cout, cin, k, k]` weight (row-major): the convolution
+    /// (`adjoint == false`, source `cin` -> destination `cout`) or its adjoint (`cout` -> `cin`).
+    /// Packing is a large share of loading a model, so each form is a direct loop over
+    /// contiguous destination rows, one parallel task per row.
+    pub fn new(cin: usize, cout: usize, k: usize, weight: &[f32], adjoint: bool) -> Self {
         let kk = k * k;
+        let (src_c, dst_c, sign) = if adjoint {
+            (cout, cin, -1)
+        } else {
+            (cin, cout, 1)
+        };
         let form = if k == 1 {
             Form::Plain
         } else if src_c <= dst_c {
@@ -114,28 +144,35 @@ impl ConvOp {
         } else {
             Form::Shifted
         };
-        // Packing the weights is a large share of loading a model: each destination row (or
-        // each tap's row, in the shifted form) is one parallel task writing its own slice.
+        // w(d, s, tap): the coefficient from source channel s to destination channel d.
+        let at = |d: usize, s: usize, tap: usize| {
+            if adjoint {
+                (s * cin + d) * kk + tap
+            } else {
+                (d * cin + s) * kk + tap
+            }
+        };
         let mut a = vec![0f32; dst_c * src_c * kk];
         match form {
+            // The forward weight is already `[cout][cin*k*k]`.
+            Form::Plain | Form::Im2col if !adjoint => {
+                let len = a.len();
+                a.copy_from_slice(&weight[..len])
+            }
             Form::Plain | Form::Im2col => {
                 a.par_chunks_mut(src_c * kk)
                     .enumerate()
                     .for_each(|(d, row)| {
                         for s in 0..src_c {
-                            for ky in 0..k {
-                                for kx in 0..k {
-                                    row[(s * k + ky) * k + kx] = w(d, s, ky, kx);
-                                }
-                            }
+                            let from = at(d, s, 0);
+                            row[s * kk..(s + 1) * kk].copy_from_slice(&weight[from..from + kk]);
                         }
                     })
             }
-            Form::Shifted => a.par_chunks_mut(src_c).enumerate().for_each(|(at, row)| {
-                let (tap, d) = (at / dst_c, at % dst_c);
-                let (ky, kx) = (tap / k, tap % k);
+            Form::Shifted => a.par_chunks_mut(src_c).enumerate().for_each(|(r, row)| {
+                let (tap, d) = (r / dst_c, r % dst_c);
                 for (s, v) in row.iter_mut().enumerate() {
-                    *v = w(d, s, ky, kx);
+                    *v = weight[at(d, s, tap)];
                 }
             }),
         }
@@ -145,7 +182,22 @@ impl ConvOp {
             k,
             sign,
             form,
-            a,
+            a: Arc::new(a),
+            transposed: false,
+        }
+    }
+
+    /// The adjoint of a 1x1 operator, multiplying by the same packed weight transposed.
+    fn adjoint_of_plain(&self) -> Self {
+        debug_assert_eq!(self.form, Form::Plain);
+        Self {
+            src_c: self.dst_c,
+            dst_c: self.src_c,
+            k: 1,
+            sign: -self.sign,
+            form: Form::Plain,
+            a: Arc::clone(&self.a),
+            transposed: !self.transposed,
         }
     }
 
@@ -177,8 +229,17 @@ impl ConvOp {
         let kk = self.k * self.k;
         let (src, dst) = (&src[..self.src_c * n], &mut dst[..self.dst_c * n]);
         match self.form {
-            Form::Plain => matmul(
-                self.dst_c, n, self.src_c, dst, &self.a, src, accumulate, alpha, threads,
+            Form::Plain => matmul_lhs(
+                self.dst_c,
+                n,
+                self.src_c,
+                dst,
+                &self.a,
+                self.transposed,
+                src,
+                accumulate,
+                alpha,
+                threads,
             ),
             Form::Im2col => {
                 grow(scratch, self.scratch_len(n));
@@ -369,13 +430,18 @@ pub struct Linear {
 impl Linear {
     /// From a `[cout, cin, k, k]` weight (row-major) and its bias.
     pub fn new(cin: usize, cout: usize, k: usize, weight: &[f32], bias: &[f32]) -> Self {
-        let at = |co: usize, ci: usize, ky: usize, kx: usize| ((co * cin + ci) * k + ky) * k + kx;
+        let fwd = ConvOp::new(cin, cout, k, weight, false);
+        let adj = if k == 1 {
+            fwd.adjoint_of_plain()
+        } else {
+            ConvOp::new(cin, cout, k, weight, true)
+        };
         Self {
             cin,
             cout,
             bias: bias.to_vec(),
-            fwd: ConvOp::new(cin, cout, k, 1, |d, s, ky, kx| weight[at(d, s, ky, kx)]),
-            adj: ConvOp::new(cout, cin, k, -1, |d, s, ky, kx| weight[at(s, d, ky, kx)]),
+            fwd,
+            adj,
         }
     }
 
