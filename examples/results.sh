@@ -6,15 +6,18 @@
 # log-det, inverse; ms per image, GFLOP/s, the ratio to PyTorch, peak memory. Then the whole
 # `iresnetc run` process of 8 images and the parity checks against PyTorch f64.
 #
-#   pip install torch numpy safetensors onnxruntime   # once (torch from PyPI is several GB)
-#   bash examples/results.sh                           # markdown on stdout; JSON in build/results/
+#   bash examples/pytorch/setup.sh   # once: a venv with torch, numpy, safetensors, onnxruntime
+#   bash examples/results.sh         # markdown on stdout; JSON in build/results/
 #
-# PY=... picks the Python that has those packages. Every timed process runs alone; run it
+# PY=... picks another Python that has those packages (default: that venv, else python3). Every timed process runs alone; run it
 # on a quiet machine (timings on a shared 2-core VM move by 10-20% between runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
-PY=${PY:-python3}
+if [ -z "${PY:-}" ]; then
+  PY=python3
+  [ -x examples/pytorch/.venv/bin/python ] && PY=examples/pytorch/.venv/bin/python
+fi
 OUT=build/results
 INVERSE_STEPS=${INVERSE_STEPS:-5}   # onnxruntime's inverse: fixed-point steps unrolled per block
 for mod in torch numpy safetensors onnxruntime; do
@@ -34,13 +37,26 @@ for case in "cifar-block 8" "cifar 1" "cifar 8"; do
   bundle="$OUT/$model"
   [ -f "$bundle/plan.json" ] || $BIN compile "models/$model.toml" -o "$bundle" > /dev/null
   echo "== $model, batch $batch" >&2
-  # iresnetc: one process per backend, so that each peak RSS is its own.
-  for be in cpu tract; do
-    samples=3; [ "$be" = tract ] && [ "$model" = cifar ] && samples=1
-    $BIN bench "models/$model.toml" --batch "$batch" --samples "$samples" --backends "$be" \
+  # iresnetc: one process per backend, so that each peak RSS is its own. `bench` times tract
+  # on whole-model graphs, which tract takes minutes to optimize for the 48-block flow; there
+  # tract is timed as users run it, `iresnetc run --backend tract` (per-block segments), whole
+  # process with its loading.
+  bes="cpu tract"; [ "$model" = cifar ] && bes=cpu
+  for be in $bes; do
+    $BIN bench "models/$model.toml" --batch "$batch" --samples 3 --backends "$be" \
       --json > "$OUT/$tag-$be.json" 2> "$OUT/$tag-$be.log"
     echo "{\"peak_rss_mib\": $(peak "$OUT/$tag-$be.log")}" > "$OUT/$tag-$be.mem.json"
   done
+  if [ "$model" = cifar ]; then
+    $BIN random-input "$bundle" --num "$batch" -o "$OUT/$tag-x.npy" 2> /dev/null
+    for entry in forward forward+logdet inverse; do
+      args=(--mode forward --input "$OUT/$tag-x.npy" --output "$OUT/$tag-z.npy")
+      [ "$entry" = forward+logdet ] && args+=(--logdet-out "$OUT/$tag-ld.npy")
+      [ "$entry" = inverse ] && args=(--mode inverse --input "$OUT/$tag-z.npy" --output "$OUT/$tag-xr.npy")
+      /usr/bin/time -f '{"wall_s": %e, "peak_rss_kib": %M}' -o "$OUT/$tag-tract-run-$entry.json" \
+        $BIN run "$bundle" --backend tract "${args[@]}" > /dev/null 2>&1
+    done
+  fi
   # PyTorch CPU on the bundle's (normalized) weights: the same network.
   "$PY" examples/pytorch/torch_bench.py "$bundle" --batch "$batch" --reps 3 \
     --json "$OUT/$tag-torch.json" > /dev/null

@@ -61,6 +61,10 @@ for model, batch in CASES:
             if entry == "inverse" and steps:
                 gfl = steps / blocks * branch * batch / (r["median_ms"] / 1e3)
             lines.append((be, r["ms_per_image"], gfl, steps, mem["cpu" if "cpu" in be else "tract"]))
+        run = load(f"{tag}-tract-run-{entry}.json")
+        if run and not tract_rows:
+            lines.append(("tract (whole `run` process, loading included)", run["wall_s"] * 1e3 / batch, None,
+                          None, run["peak_rss_kib"] / 1024))
         work = {"forward": f_fwd, "forward+logdet": f_ld}.get(entry)
         if torch_ms:
             steps = torch.get("inverse_steps") if entry == "inverse" else None
