@@ -470,3 +470,113 @@ pub fn affine_rows(dst: &mut [f32], scale: &[f32], shift: &[f32], n: usize) {
         .zip(scale.par_iter().zip(shift.par_iter()))
         .for_each(|(row, (&s, &b))| row.iter_mut().for_each(|x| *x = *x * s + b));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct convolution (stride 1, zero padding k/2) on `[C][imgs][H][W]`, written from the
+    /// definition: `out[d][i][y][x] = sum_{s,ky,kx} w[d][s][ky][kx] * in[s][i][y+ky-p][x+kx-p]`.
+    fn direct(
+        w: &[f32],
+        cin: usize,
+        cout: usize,
+        k: usize,
+        x: &[f32],
+        imgs: usize,
+        h: usize,
+        wd: usize,
+    ) -> Vec<f64> {
+        let p = (k / 2) as isize;
+        let mut out = vec![0f64; cout * imgs * h * wd];
+        for d in 0..cout {
+            for i in 0..imgs {
+                for y in 0..h {
+                    for xx in 0..wd {
+                        let mut acc = 0f64;
+                        for s in 0..cin {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let (sy, sx) = (
+                                        y as isize + ky as isize - p,
+                                        xx as isize + kx as isize - p,
+                                    );
+                                    if sy < 0 || sx < 0 || sy >= h as isize || sx >= wd as isize {
+                                        continue;
+                                    }
+                                    let v =
+                                        x[((s * imgs + i) * h + sy as usize) * wd + sx as usize];
+                                    acc += w[((d * cin + s) * k + ky) * k + kx] as f64 * v as f64;
+                                }
+                            }
+                        }
+                        out[((d * imgs + i) * h + y) * wd + xx] = acc;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // A small LCG: deterministic, independent of the engine's RNG.
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Every form (1x1, im2col, shifted) of the forward and of the adjoint, against the direct
+    /// convolution and `<K x, y> = <x, K^T y>`, on odd image sides where rows are short.
+    #[test]
+    fn every_form_matches_the_direct_convolution_and_its_adjoint() {
+        let (imgs, h, wd) = (3, 5, 3);
+        let n = imgs * h * wd;
+        for (cin, cout, k) in [(3, 7, 3), (7, 3, 3), (4, 6, 1), (6, 2, 1), (2, 5, 5)] {
+            let w = values(cout * cin * k * k, (cin * 31 + cout * 7 + k) as u32);
+            let lin = Linear::new(cin, cout, k, &w, &vec![0.0; cout]);
+            let x = values(cin * n, 7);
+            let yv = values(cout * n, 9);
+            let want = direct(&w, cin, cout, k, &x, imgs, h, wd);
+            for threads in [1, 2] {
+                let mut scratch = vec![];
+                let mut out = vec![1.0f32; cout * n];
+                // accumulate onto 1.0 with alpha 2: out = 1 + 2 K x.
+                lin.fwd
+                    .apply(&x, &mut out, imgs, h, wd, 2.0, true, &mut scratch, threads);
+                for (o, e) in out.iter().zip(&want) {
+                    assert!(
+                        (*o as f64 - (1.0 + 2.0 * e)).abs() < 1e-5,
+                        "fwd {cin}->{cout} k{k}: {o} vs {}",
+                        1.0 + 2.0 * e
+                    );
+                }
+                let mut back = vec![0f32; cin * n];
+                lin.adj.apply(
+                    &yv,
+                    &mut back,
+                    imgs,
+                    h,
+                    wd,
+                    1.0,
+                    false,
+                    &mut scratch,
+                    threads,
+                );
+                let lhs: f64 = want.iter().zip(&yv).map(|(a, b)| a * *b as f64).sum();
+                let rhs: f64 = x
+                    .iter()
+                    .zip(&back)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                assert!(
+                    (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
+                    "adjoint {cin}->{cout} k{k}: {lhs} vs {rhs}"
+                );
+            }
+        }
+    }
+}
