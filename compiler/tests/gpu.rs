@@ -120,8 +120,9 @@ fn gpu_forward(
 /// the GPU's own z, the inverse against the reference's, and fused = unfused.
 fn check_flow(model: &Model, batch: usize, check_unfused: bool) {
     check_flow_tiled(model, batch, check_unfused, Tiling::CPU);
-    // The tiling chosen for hardware GPUs, checked numerically on lavapipe too.
-    check_flow_tiled(model, batch, false, Tiling::GPU);
+    // The tiling chosen for hardware GPUs, checked numerically on lavapipe too, fused and
+    // unfused.
+    check_flow_tiled(model, batch, check_unfused, Tiling::GPU);
 }
 
 fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Tiling) {
@@ -168,7 +169,8 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
     assert!(e_inv < TOL, "{}: inverse vs reference {e_inv}", g.spec.name);
 
     if check_unfused {
-        let mut unfused = executor(dev, model, false);
+        let mut unfused =
+            GpuExecutor::new(dev, &bundle_tiled(model, false, tiling)).expect("executor");
         let (z2, ld2) = gpu_forward(&mut unfused, &method, &x, batch);
         let x2 = unfused
             .run(entries::INVERSE, batch, &[("z", &zin)])
