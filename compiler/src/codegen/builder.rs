@@ -32,6 +32,7 @@ pub struct KernelCost {
     pub chain: u64,
     pub bytes_per_sample: u64,
     pub bytes_shared: u64,
+    pub kind: super::kernels::KernelKind,
 }
 
 impl PlanBuilder {

@@ -13,6 +13,7 @@ use iresnetc_runtime::{Plan, Step};
 use serde::Serialize;
 
 use super::builder::KernelCost;
+use super::kernels::KernelKind;
 
 /// A dispatch that launches fewer invocations than this...
 pub const GOAL_MIN_INVOCATIONS: u64 = 32_768;
@@ -30,6 +31,7 @@ const FILL_WORKGROUP: u64 = 256;
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct KernelRow {
     pub kernel: String,
+    pub kind: KernelKind,
     pub dispatches: u64,
     pub workgroup_size: u64,
     pub workgroups: u64,
@@ -62,6 +64,10 @@ pub struct Goals {
     pub longest_chain: u64,
     /// Both goals hold for every dispatch.
     pub met: bool,
+    /// Both goals hold for every convolution (the kernels with a reduction to split).
+    pub met_by_convolutions: bool,
+    /// Dispatches missing a goal, by kernel kind.
+    pub missed_by_kind: BTreeMap<String, u64>,
     /// The kernels that miss a goal (at most 20 named).
     pub missed_by: Vec<String>,
 }
@@ -128,6 +134,7 @@ pub fn report(plan: &Plan, costs: &HashMap<String, KernelCost>, batch: usize) ->
                 add(
                     KernelRow {
                         kernel: kernel.clone(),
+                        kind: c.kind,
                         dispatches: 0,
                         workgroup_size: size,
                         workgroups: groups,
@@ -145,6 +152,7 @@ pub fn report(plan: &Plan, costs: &HashMap<String, KernelCost>, batch: usize) ->
                 add(
                     KernelRow {
                         kernel: format!("builtin.fill({buffer})"),
+                        kind: KernelKind::Fill,
                         dispatches: 0,
                         workgroup_size: FILL_WORKGROUP,
                         workgroups: groups,
@@ -198,6 +206,15 @@ fn summarize(kernels: Vec<KernelRow>) -> EntryReport {
         fewest_invocations: kernels.iter().map(|r| r.invocations).min().unwrap_or(0),
         longest_chain: kernels.iter().map(|r| r.chain).max().unwrap_or(0),
         met: missed.is_empty(),
+        met_by_convolutions: !missed.iter().any(|r| r.kind == KernelKind::Conv),
+        missed_by_kind: missed.iter().fold(BTreeMap::new(), |mut m, r| {
+            let kind = serde_json::to_value(r.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            *m.entry(kind).or_insert(0) += r.dispatches;
+            m
+        }),
         missed_by: missed.iter().take(20).map(|r| r.kernel.clone()).collect(),
     };
     EntryReport {

@@ -76,6 +76,20 @@ pub struct Generated {
     /// once, read-modify-write twice): per sample, and shared by the batch (weights).
     pub bytes_per_sample: u64,
     pub bytes_shared: u64,
+    pub kind: KernelKind,
+}
+
+/// What a kernel does, for the cost report: the GPU goals are about the convolutions (an
+/// elementwise kernel over a whole tensor, or a block's one-workgroup log-det sum, has no
+/// reduction to split and too few elements to fill a GPU at batch 1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelKind {
+    #[default]
+    Conv,
+    Elementwise,
+    Reduce,
+    Fill,
 }
 
 /// The activation after the epilogue's first value, with the buffer holding a second output.
@@ -442,6 +456,7 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
         chain: (cin * f.k * f.k) as u64,
         bytes_per_sample,
         bytes_shared,
+        kind: KernelKind::Conv,
     })
 }
 
@@ -520,6 +535,7 @@ pub fn eltwise(
         chain: 1,
         bytes_per_sample: 4 * (n * arrays) as u64,
         bytes_shared: 0,
+        kind: KernelKind::Elementwise,
     })
 }
 
@@ -558,6 +574,7 @@ pub fn logdet_reduce(
         chain: (dim.div_ceil(64) + 6 + channels) as u64,
         bytes_per_sample: 4 * (2 * dim + 1) as u64,
         bytes_shared: 4 * channels as u64,
+        kind: KernelKind::Reduce,
     })
 }
 
@@ -702,5 +719,6 @@ fn conv1x1_vec4(
         chain: cin as u64,
         bytes_per_sample: conv_bytes(c, bindings).0,
         bytes_shared: conv_bytes(c, bindings).1,
+        kind: KernelKind::Conv,
     }))
 }

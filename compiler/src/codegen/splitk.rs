@@ -2,7 +2,9 @@
 //! one output per invocation, fixed workgroups, the reduction split over input channels and
 //! summed in workgroup memory in a fixed order before the fused epilogue.
 
-use super::kernels::{conv_bytes, conv_map, conv_parts, Conv, ConvParts, Generated, Tiling};
+use super::kernels::{
+    conv_bytes, conv_map, conv_parts, Conv, ConvParts, Generated, KernelKind, Tiling,
+};
 use super::wgsl;
 use crate::error::Result;
 
@@ -142,5 +144,6 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
         chain: (split.channels_per_split * f.k * f.k + split.splits - 1) as u64,
         bytes_per_sample,
         bytes_shared,
+        kind: KernelKind::Conv,
     })
 }

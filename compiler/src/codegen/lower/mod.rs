@@ -149,6 +149,7 @@ impl<'a> Lowering<'a> {
                 chain: k.chain,
                 bytes_per_sample: k.bytes_per_sample,
                 bytes_shared: k.bytes_shared,
+                kind: k.kind,
             },
         )
     }
