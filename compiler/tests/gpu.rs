@@ -46,6 +46,10 @@ fn executor(dev: &GpuDevice, model: &Model, fuse: bool) -> GpuExecutor {
     GpuExecutor::new(dev, &bundle(model, fuse)).expect("executor")
 }
 
+fn executor_tiled(dev: &GpuDevice, model: &Model, fuse: bool, tiling: Tiling) -> GpuExecutor {
+    GpuExecutor::new(dev, &bundle_tiled(model, fuse, tiling)).expect("executor")
+}
+
 fn flat(xs: &[Vec<f64>]) -> Vec<f32> {
     xs.iter().flatten().map(|&v| v as f32).collect()
 }
@@ -138,7 +142,7 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
     let x = flat(&xs);
-    let mut fused = GpuExecutor::new(dev, &bundle_tiled(model, true, tiling)).expect("executor");
+    let mut fused = executor_tiled(dev, model, true, tiling);
     let (z, ld) = gpu_forward(&mut fused, &method, &x, batch);
     let (ez, eld) = (rel_err(&z, &z_ref), logdet_err(&ld, &fwd.logdet));
     let x_back = fused
@@ -169,8 +173,7 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
     assert!(e_inv < TOL, "{}: inverse vs reference {e_inv}", g.spec.name);
 
     if check_unfused {
-        let mut unfused =
-            GpuExecutor::new(dev, &bundle_tiled(model, false, tiling)).expect("executor");
+        let mut unfused = executor_tiled(dev, model, false, tiling);
         let (z2, ld2) = gpu_forward(&mut unfused, &method, &x, batch);
         let x2 = unfused
             .run(entries::INVERSE, batch, &[("z", &zin)])
@@ -571,4 +574,64 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(&f, dest).expect("copy");
         }
     }
+}
+
+/// The per-dispatch profile times every dispatch the entry point records, in order, with the
+/// grid the executor dispatches (batch folded into z); an adapter without timestamp queries
+/// is refused with a message that says so.
+#[test]
+fn profile_times_every_dispatch() {
+    let m = model_file("cifar-tiny.toml");
+    let batch = 2;
+    let _l = gpu_lock();
+    let Some(dev) = device() else { return };
+    let gen = codegen::generate(
+        &m,
+        &CodegenOptions {
+            fuse: true,
+            tiling: Tiling::GPU,
+        },
+    )
+    .expect("codegen");
+    let report = codegen::cost::report(&gen.plan, &gen.costs, batch);
+    let mut ex = executor_tiled(dev, &m, true, Tiling::GPU);
+    let x = flat(&inputs(batch, m.graph.input_dim(), 3));
+    match ex.profile_mode() {
+        None => {
+            let e = ex
+                .profile(entries::ENCODE, batch, &[("x", &x)])
+                .unwrap_err();
+            assert!(e.to_string().contains("no timestamp queries"), "{e}");
+        }
+        Some(mode) => {
+            let p = ex
+                .profile(entries::ENCODE, batch, &[("x", &x)])
+                .expect("profile");
+            assert_eq!(
+                p.dispatches.len(),
+                ex.dispatch_count(entries::ENCODE),
+                "{mode:?}"
+            );
+            let rows = &report.entry_points[entries::ENCODE].kernels;
+            let expected: Vec<&str> = rows
+                .iter()
+                .flat_map(|r| std::iter::repeat_n(r.kernel.as_str(), r.dispatches as usize))
+                .collect();
+            let mut got: Vec<&str> = p.dispatches.iter().map(|d| d.kernel.as_str()).collect();
+            let mut want = expected.clone();
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want);
+            for d in &p.dispatches {
+                let r = rows.iter().find(|r| r.kernel == d.kernel).expect("row");
+                let groups: u64 = d.grid.iter().map(|&g| u64::from(g)).product();
+                assert_eq!(groups, r.workgroups, "{}", d.kernel);
+                assert!(d.ns.is_finite() && d.ns >= 0.0);
+            }
+        }
+    }
+    let t = ex
+        .run_timed(entries::ENCODE, batch, &[("x", &x)])
+        .expect("timed run");
+    assert!(t.record > std::time::Duration::ZERO && t.record <= t.wall);
 }

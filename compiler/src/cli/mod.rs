@@ -7,6 +7,7 @@ mod cost;
 mod devices;
 mod export;
 mod guard;
+mod profile;
 mod run;
 mod train;
 

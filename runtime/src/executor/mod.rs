@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod profile;
 mod shader;
 mod steps;
 use shader::{check_kernel_limits, create_kernel, parse_wgsl, reflect_bindings};
@@ -50,6 +51,7 @@ const FILL_WORKGROUP: u64 = 256;
 
 /// Outputs of a run by output name.
 pub type Outputs = BTreeMap<String, Vec<f32>>;
+pub use profile::{DispatchTime, Profile, ProfileMode};
 /// Outputs of one batch chunk, in the entry point's order.
 type ChunkOutputs = Vec<(String, Vec<f32>)>;
 /// What each `map_async` callback reported (`None`: not called yet).
@@ -64,6 +66,9 @@ pub struct TimedRun {
     /// GPU time from the start of the first compute pass to the end of the last one, summed
     /// over batch chunks; `None` without `TIMESTAMP_QUERY` or for a plan without dispatches.
     pub gpu: Option<Duration>,
+    /// CPU time spent recording the command buffers (encoder, passes, dispatches), summed
+    /// over batch chunks.
+    pub record: Duration,
 }
 
 /// One GPU operation of a flattened entry point; indices are into `plan.buffers` / kernels.
@@ -301,7 +306,7 @@ impl GpuExecutor {
     /// for shared ones. Returns every output, `batch * prod(shape)` values each.
     pub fn run(&mut self, entry: &str, batch: usize, inputs: &[(&str, &[f32])]) -> Result<Outputs> {
         self.run_inner(entry, batch, inputs, false)
-            .map(|(outputs, _)| outputs)
+            .map(|(outputs, _, _)| outputs)
     }
 
     /// [`run`](Self::run), timed: wall time includes upload, the device sync and read-back.
@@ -312,11 +317,12 @@ impl GpuExecutor {
         inputs: &[(&str, &[f32])],
     ) -> Result<TimedRun> {
         let start = Instant::now();
-        let (outputs, gpu) = self.run_inner(entry, batch, inputs, true)?;
+        let (outputs, gpu, record) = self.run_inner(entry, batch, inputs, true)?;
         Ok(TimedRun {
             outputs,
             wall: start.elapsed(),
             gpu,
+            record,
         })
     }
 
@@ -326,7 +332,7 @@ impl GpuExecutor {
         batch: usize,
         inputs: &[(&str, &[f32])],
         timed: bool,
-    ) -> Result<(Outputs, Option<Duration>)> {
+    ) -> Result<(Outputs, Option<Duration>, Duration)> {
         let program = self
             .programs
             .get(entry)
@@ -404,6 +410,7 @@ impl GpuExecutor {
             })
             .collect();
         let mut gpu_time: Option<Duration> = None;
+        let mut record = Duration::ZERO;
         let mut start = 0;
         while start < batch {
             let chunk = (batch - start).min(self.max_batch);
@@ -420,7 +427,9 @@ impl GpuExecutor {
                     }
                 })
                 .collect();
-            let (chunk_out, chunk_time) = self.run_chunk(entry, chunk, &chunk_inputs, timed)?;
+            let (chunk_out, chunk_time, chunk_record) =
+                self.run_chunk(entry, chunk, &chunk_inputs, timed)?;
+            record += chunk_record;
             for (name, values) in chunk_out {
                 outputs
                     .get_mut(&name)
@@ -432,7 +441,7 @@ impl GpuExecutor {
             }
             start += chunk;
         }
-        Ok((outputs, gpu_time))
+        Ok((outputs, gpu_time, record))
     }
 
     /// One submission: upload, record every op, read back.
@@ -442,7 +451,7 @@ impl GpuExecutor {
         batch: usize,
         inputs: &[&[f32]],
         timed: bool,
-    ) -> Result<(ChunkOutputs, Option<Duration>)> {
+    ) -> Result<(ChunkOutputs, Option<Duration>, Duration)> {
         let slot = self.resources(batch)?;
         let res = &self.cache[slot];
         let program = &self.programs[entry];
@@ -457,6 +466,7 @@ impl GpuExecutor {
         for ((_, buffer), values) in program.inputs.iter().zip(inputs) {
             queue.write_buffer(&res.set.buffers[*buffer], 0, bytemuck::cast_slice(values));
         }
+        let recording = Instant::now();
         let mut encoder =
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(entry) });
         for &b in &self.zeroed {
@@ -551,7 +561,9 @@ impl GpuExecutor {
             encoder.resolve_query_set(&ts.queries, 0..2, &ts.resolve, 0);
             encoder.copy_buffer_to_buffer(&ts.resolve, 0, &ts.readback, 0, 16);
         }
-        queue.submit([encoder.finish()]);
+        let commands = encoder.finish();
+        let record = recording.elapsed();
+        queue.submit([commands]);
 
         let oom = pollster::block_on(oom.pop());
         let validation = pollster::block_on(validation.pop());
@@ -618,7 +630,7 @@ impl GpuExecutor {
             }
             None => None,
         };
-        Ok((outputs, gpu_time))
+        Ok((outputs, gpu_time, record))
     }
 
     /// Index into `self.cache` of the buffers for `batch`, allocating (and evicting the least
