@@ -157,6 +157,12 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
         .remove("x")
         .expect("x");
     let (e_round, e_inv) = (rel_err(&x_back, &flat64(&x)), rel_err(&x_inv, &x_ref));
+    // The other entry points: encode (z alone) and logdet (the log-det alone).
+    let (e_enc, e_ld) = other_entries(&mut fused, &method, &x, batch, &z_ref, &fwd.logdet);
+    assert!(
+        e_enc < TOL && e_ld < TOL,
+        "encode {e_enc}, logdet entry {e_ld}"
+    );
     eprintln!(
         "{} {tiling:?} batch {batch}: z {ez:.1e}, logdet {eld:.1e}, inverse(gpu z) vs x {e_round:.1e}, inverse vs reference {e_inv:.1e} ({} forward / {} inverse dispatches)",
         g.spec.name,
@@ -180,6 +186,11 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
             .expect("unfused inverse")
             .remove("x")
             .expect("x");
+        let (e_enc, e_ld) = other_entries(&mut unfused, &method, &x, batch, &z_ref, &fwd.logdet);
+        assert!(
+            e_enc < TOL && e_ld < TOL,
+            "unfused: encode {e_enc}, logdet entry {e_ld}"
+        );
         let (a, b, c) = (
             rel_err32(&z2, &z),
             rel_err32(&ld2, &ld),
@@ -194,6 +205,38 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
         assert!(a < FUSION_TOL && b < FUSION_TOL && c < FUSION_TOL);
         assert!(unfused.dispatch_count(entries::FORWARD) > fused.dispatch_count(entries::FORWARD));
     }
+}
+
+/// Errors of the `encode` and `logdet` entry points against the reference's z and log-det.
+fn other_entries(
+    ex: &mut GpuExecutor,
+    method: &LogDetMethod,
+    x: &[f32],
+    batch: usize,
+    z_ref: &[f64],
+    ld_ref: &[f64],
+) -> (f64, f64) {
+    let z = ex
+        .run(entries::ENCODE, batch, &[("x", x)])
+        .expect("encode")
+        .remove("z")
+        .expect("z");
+    let layout = layout(ex);
+    let (_, coef) = layout
+        .coefs_for(method, 0, batch)
+        .expect("coefficients")
+        .expect("a GPU estimator");
+    let probes = layout.probes_for(method, 0, batch);
+    let ld = ex
+        .run(
+            entries::LOGDET,
+            batch,
+            &[("x", x), ("probes", &probes), ("coef", &coef)],
+        )
+        .expect("logdet")
+        .remove("logdet")
+        .expect("logdet");
+    (rel_err(&z, z_ref), logdet_err(&ld, ld_ref))
 }
 
 fn flat64(x: &[f32]) -> Vec<f64> {
@@ -235,7 +278,10 @@ fn check_big_flow(name: &str) {
     let (x_ref, _) = r.inverse(&fwd.outputs).expect("reference inverse");
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
-    let mut ex = executor(dev, &m, true);
+    // The adapter's own tiling: register blocks on lavapipe, split-K on a real GPU (where
+    // examples/gpu/device_check.sh runs this test).
+    let tiling = Tiling::for_adapter(dev.adapter());
+    let mut ex = executor_tiled(dev, &m, true, tiling);
     let (z, ld) = gpu_forward(&mut ex, &method, &flat(&xs), 1);
     let z_ref: Vec<f64> = fwd.outputs.iter().flatten().copied().collect();
     let x = ex
@@ -249,7 +295,7 @@ fn check_big_flow(name: &str) {
         logdet_err(&ld, &fwd.logdet),
         rel_err(&x, &x_ref),
     );
-    eprintln!("{name} batch 1: z {ez:.1e}, logdet {eld:.1e}, 2-step inverse {ex_:.1e}");
+    eprintln!("{name} {tiling:?} batch 1: z {ez:.1e}, logdet {eld:.1e}, 2-step inverse {ex_:.1e}");
     assert!(ez < TOL && eld < TOL && ex_ < TOL);
 }
 
@@ -313,11 +359,15 @@ fn roulette_matches_reference() {
         .expect("reference");
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
-    let mut ex = executor(dev, &m, true);
-    let (_, ld) = gpu_forward(&mut ex, &method, &flat(&xs), batch);
-    let e = logdet_err(&ld, &r.logdet);
-    eprintln!("cifar-tiny roulette: logdet {e:.1e}");
-    assert!(e < TOL);
+    for tiling in [Tiling::CPU, Tiling::GPU] {
+        for fuse in [true, false] {
+            let mut ex = executor_tiled(dev, &m, fuse, tiling);
+            let (_, ld) = gpu_forward(&mut ex, &method, &flat(&xs), batch);
+            let e = logdet_err(&ld, &r.logdet);
+            eprintln!("cifar-tiny roulette {tiling:?} fused={fuse}: logdet {e:.1e}");
+            assert!(e < TOL);
+        }
+    }
 }
 
 /// Batches larger than the limits allow are split into chunks with the same results; a

@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the rows as JSON to this file (the table is still printed).
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -423,6 +426,10 @@ fn finish(a: &BenchArgs, rows: &[Row], profiles: &[super::profile::KernelProfile
     eprintln!("peak resident memory {:.0} MiB", peak_rss_mib());
     if let Some(path) = &a.profile {
         super::profile::write(path, profiles)?;
+    }
+    if let Some(path) = &a.json_out {
+        let json = serde_json::to_string_pretty(&rows).context("serializing")?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
     if a.json {
         println!(
