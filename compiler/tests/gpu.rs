@@ -321,23 +321,25 @@ fn classifier_matches_reference() {
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
     let x = flat(&xs);
-    let mut outs = Vec::new();
-    for fuse in [true, false] {
-        let mut ex = executor(dev, &m, fuse);
-        let l = ex
-            .run(entries::CLASSIFY, batch, &[("x", &x)])
-            .expect("classify")
-            .remove("logits")
-            .expect("logits");
-        let e = rel_err(&l, &logits_ref);
-        eprintln!(
-            "cifar-classifier fused={fuse}: logits {e:.1e} ({} dispatches)",
-            ex.dispatch_count(entries::CLASSIFY)
-        );
-        assert!(e < TOL, "logits rel err {e}");
-        outs.push(l);
+    for tiling in [Tiling::CPU, Tiling::GPU] {
+        let mut outs = Vec::new();
+        for fuse in [true, false] {
+            let mut ex = executor_tiled(dev, &m, fuse, tiling);
+            let l = ex
+                .run(entries::CLASSIFY, batch, &[("x", &x)])
+                .expect("classify")
+                .remove("logits")
+                .expect("logits");
+            let e = rel_err(&l, &logits_ref);
+            eprintln!(
+                "cifar-classifier {tiling:?} fused={fuse}: logits {e:.1e} ({} dispatches)",
+                ex.dispatch_count(entries::CLASSIFY)
+            );
+            assert!(e < TOL, "logits rel err {e}");
+            outs.push(l);
+        }
+        assert!(rel_err32(&outs[0], &outs[1]) < FUSION_TOL);
     }
-    assert!(rel_err32(&outs[0], &outs[1]) < FUSION_TOL);
 }
 
 #[test]
