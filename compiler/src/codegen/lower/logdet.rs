@@ -81,18 +81,10 @@ impl Lowering<'_> {
                 self.stage_buf(s, &format!("g{}", i + 1), layer.geom.out_len())?
             };
             let in_n = layer.geom.in_len();
-            // The first kernel of a term advances the counter, unless it is also the kernel
-            // that reads it (a fused single-layer branch: then a kernel of its own does).
-            let bump_here = i == last && !(last == 0 && self.fusion.enabled);
-            if i == last && !bump_here {
-                term.push(self.eltwise(
-                    "ld.next_term",
-                    1,
-                    vec![Binding::write("counter", ld.counter.clone())],
-                    None,
-                    "    counter[sample] += 1.0;",
-                )?);
-            }
+            // The first kernel of a term advances the counter; the kernel that reads it is
+            // the term's last, a later dispatch (branches have at least two layers here:
+            // lowering refuses a single one).
+            let bump_here = i == last && last > 0;
             let conv = |epilogue| Conv {
                 geom: layer.geom,
                 transposed: true,
