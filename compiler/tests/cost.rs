@@ -1,18 +1,19 @@
 //! The per-kernel cost report (`codegen::cost`) against figures derived independently: the
 //! constants each generated convolution shader actually declares, and the index arithmetic of
 //! its template (which invocation computes which outputs over which input channels), replayed
-//! here invocation by invocation. No GPU needed.
+//! here invocation by invocation (no GPU needed); and against what the executor records, in
+//! the per-dispatch profile (on whatever adapter wgpu finds).
 
 mod common;
 
 use std::collections::HashMap;
 
-use common::model_file;
+use common::{device, gpu_lock, inputs, model_file};
 use iresnetc::codegen::cost::{self, KernelRow};
 use iresnetc::codegen::kernels::KernelKind;
 use iresnetc::codegen::{self, entries, CodegenOptions, Generated, Tiling};
 use iresnetc::pipeline::Model;
-use iresnetc_runtime::Step;
+use iresnetc_runtime::{GpuExecutor, Step};
 
 fn generate(m: &Model, fuse: bool, tiling: Tiling) -> Generated {
     codegen::generate(m, &CodegenOptions { fuse, tiling }).expect("codegen")
@@ -228,4 +229,71 @@ fn gpu_tiling_meets_the_goals_on_a_cifar_block() {
             );
         }
     }
+}
+
+/// The per-dispatch profile times every dispatch the entry point records, in order, with the
+/// grid the executor dispatches (batch folded into z); an adapter without timestamp queries
+/// is refused with a message that says so.
+#[test]
+fn profile_times_every_dispatch() {
+    let m = model_file("cifar-tiny.toml");
+    let batch = 2;
+    let _l = gpu_lock();
+    let Some(dev) = device() else { return };
+    let gen = codegen::generate(
+        &m,
+        &CodegenOptions {
+            fuse: true,
+            tiling: Tiling::GPU,
+        },
+    )
+    .expect("codegen");
+    let report = codegen::cost::report(&gen.plan, &gen.costs, batch);
+    let (plan, shaders) = (gen.plan.clone(), gen.shaders.clone());
+    let weights = iresnetc::netdesc::weights_f32(&m.graph.params);
+    let bundle = iresnetc_runtime::Bundle::from_parts(plan, shaders, weights).expect("bundle");
+    let mut ex = GpuExecutor::new(dev, &bundle).expect("executor");
+    let x: Vec<f32> = inputs(batch, m.graph.input_dim(), 3)
+        .iter()
+        .flatten()
+        .map(|&v| v as f32)
+        .collect();
+    match ex.profile_mode() {
+        None => {
+            let e = ex
+                .profile(entries::ENCODE, batch, &[("x", &x)])
+                .unwrap_err();
+            assert!(e.to_string().contains("no timestamp queries"), "{e}");
+        }
+        Some(mode) => {
+            let p = ex
+                .profile(entries::ENCODE, batch, &[("x", &x)])
+                .expect("profile");
+            assert_eq!(
+                p.dispatches.len(),
+                ex.dispatch_count(entries::ENCODE),
+                "{mode:?}"
+            );
+            let rows = &report.entry_points[entries::ENCODE].kernels;
+            let expected: Vec<&str> = rows
+                .iter()
+                .flat_map(|r| std::iter::repeat_n(r.kernel.as_str(), r.dispatches as usize))
+                .collect();
+            let mut got: Vec<&str> = p.dispatches.iter().map(|d| d.kernel.as_str()).collect();
+            let mut want = expected.clone();
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want);
+            for d in &p.dispatches {
+                let r = rows.iter().find(|r| r.kernel == d.kernel).expect("row");
+                let groups: u64 = d.grid.iter().map(|&g| u64::from(g)).product();
+                assert_eq!(groups, r.workgroups, "{}", d.kernel);
+                assert!(d.ns.is_finite() && d.ns >= 0.0);
+            }
+        }
+    }
+    let t = ex
+        .run_timed(entries::ENCODE, batch, &[("x", &x)])
+        .expect("timed run");
+    assert!(t.record > std::time::Duration::ZERO && t.record <= t.wall);
 }

@@ -77,11 +77,11 @@ fi
 
 if [ "$dry" = 1 ]; then
   model=models/cifar-tiny.toml; batches=1,4
-  tests=(toy2d cifar_tiny roulette profile)
+  tests=(toy2d cifar_tiny two_probes roulette profile)
   torch_args=(--device cpu --model models/cifar-tiny.toml --batch 1 --precisions fp32 --reps 1 --warmup 1 --check)
 else
   model=models/cifar.toml; batches=1,64
-  tests=(toy2d cifar_tiny cifar_block cifar_matches mnist roulette classifier profile)
+  tests=(toy2d cifar_tiny two_probes cifar_block cifar_matches mnist roulette classifier profile)
   torch_args=(--model models/cifar.toml --batch 1,64 --check)
 fi
 

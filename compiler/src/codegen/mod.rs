@@ -14,6 +14,7 @@ pub mod cost;
 pub mod kernels;
 pub mod lower;
 pub mod splitk;
+mod vec4;
 pub mod wgsl;
 
 use std::collections::BTreeMap;
