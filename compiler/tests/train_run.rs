@@ -11,6 +11,7 @@ use iresnetc::spec::ModelSpec;
 use iresnetc::train::checkpoint;
 use iresnetc::train::data::{self, Fit};
 use iresnetc::train::trainer::{Config, Trainer};
+use iresnetc::train::Backend;
 use iresnetc::weights;
 use npyz::WriterBuilder;
 
@@ -47,6 +48,7 @@ fn trainer(text: &str, seed: u64) -> (Trainer, data::Data) {
         train: spec.train.clone(),
         seed,
         threads: 2,
+        backend: Backend::Cpu,
     };
     (Trainer::new(spec, init, cfg).unwrap(), d)
 }
@@ -451,6 +453,7 @@ lr = 0.01
         train: spec.train.clone(),
         seed: 2,
         threads: 2,
+        backend: Backend::Cpu,
     };
     let mut tr = Trainer::new(spec, weights::init(&g, 2), cfg).unwrap();
     let rv0 = tr.raw["head.bn.running_var"].data.clone();

@@ -14,7 +14,7 @@ use iresnetc::spec::{Estimator, ModelKind, ModelSpec};
 use iresnetc::train::data::{self, Data, Fit};
 use iresnetc::train::optim::OptimKind;
 use iresnetc::train::trainer::{evaluate, Config, EvalMetrics, Trainer};
-use iresnetc::train::{plots, sample};
+use iresnetc::train::{plots, sample, Backend};
 use iresnetc::weights;
 
 #[derive(clap::Args, Debug)]
@@ -59,6 +59,9 @@ pub struct TrainArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the matrix products run: the native CPU engine (f32 GEMMs) or the f64 reference.
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    pub backend: BackendArg,
     #[arg(long)]
     pub eval_every: Option<u64>,
     #[arg(long)]
@@ -105,6 +108,23 @@ pub struct EvalArgs {
     pub num: Option<usize>,
     #[arg(long)]
     pub threads: Option<usize>,
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    pub backend: BackendArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Cpu,
+    Reference,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Cpu => Backend::Cpu,
+            BackendArg::Reference => Backend::Reference,
+        }
+    }
 }
 
 fn threads(t: Option<usize>) -> usize {
@@ -200,6 +220,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         train: spec.train.clone(),
         seed,
         threads: threads(a.threads),
+        backend: a.backend.into(),
     };
     let mut tr = Trainer::new(spec.clone(), init, cfg)?;
     let mut kept = String::new();
@@ -227,7 +248,13 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     iresnetc::fsutil::write_atomic(&metrics_path, kept.as_bytes())?;
     let model_text = toml::to_string(&spec).context("model spec")?;
     iresnetc::fsutil::write_atomic(&out.join("model.toml"), model_text.as_bytes())?;
-    let run_info = serde_json::json!({"seed": seed, "data": a.data, "steps": steps});
+    let run_info = serde_json::json!({
+        "seed": seed,
+        "data": a.data,
+        "steps": steps,
+        "backend": Backend::from(a.backend).name(),
+        "threads": threads(a.threads),
+    });
     iresnetc::fsutil::write_atomic(&out.join("run.json"), run_info.to_string().as_bytes())?;
 
     let (held_x, held_y) = test_data.eval_set(seed, spec.train.heldout);
@@ -284,6 +311,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         held_y.as_deref(),
         seed,
         threads(a.threads),
+        a.backend.into(),
     )?;
     iresnetc::fsutil::write_atomic(
         &out.join("eval.json"),
@@ -402,7 +430,14 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         Data::Set { .. } => usize::MAX,
     });
     let (xs, ys) = d.eval_set(seed, n);
-    let e = evaluate(&m.graph, &xs, ys.as_deref(), seed, threads(a.threads))?;
+    let e = evaluate(
+        &m.graph,
+        &xs,
+        ys.as_deref(),
+        seed,
+        threads(a.threads),
+        a.backend.into(),
+    )?;
     println!("{}", serde_json::to_string(&e)?);
     eprintln!("{}: {}", spec.name, describe(&e, &spec));
     Ok(())
