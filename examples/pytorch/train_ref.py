@@ -40,6 +40,8 @@ except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 LIPSWISH_DIV = 1.1
+# Set from --dtype in main(): float32 matches iresnetc's CPU engine (f32 GEMMs).
+DTYPE = torch.float32
 
 
 # ---------------------------------------------------------------- data
@@ -120,12 +122,12 @@ class SNLinear(torch.nn.Module):
         fan = cin * k * k if conv else cin
         b = 1 / math.sqrt(fan)
         wshape = (cout, cin, k, k) if conv else (cout, cin)
-        self.weight = torch.nn.Parameter(torch.empty(wshape, dtype=torch.float64).uniform_(-b, b))
-        self.bias = torch.nn.Parameter(torch.empty(cout, dtype=torch.float64).uniform_(-b, b))
+        self.weight = torch.nn.Parameter(torch.empty(wshape, dtype=DTYPE).uniform_(-b, b))
+        self.bias = torch.nn.Parameter(torch.empty(cout, dtype=DTYPE).uniform_(-b, b))
         ishape = (1, cin, *shape[1:]) if conv else (1, cin)
         oshape = (1, cout, *shape[1:]) if conv else (1, cout)
-        self.register_buffer("v", F.normalize(torch.randn(ishape, dtype=torch.float64).flatten(), dim=0).view(ishape))
-        self.register_buffer("u", F.normalize(torch.randn(oshape, dtype=torch.float64).flatten(), dim=0).view(oshape))
+        self.register_buffer("v", F.normalize(torch.randn(ishape, dtype=DTYPE).flatten(), dim=0).view(ishape))
+        self.register_buffer("u", F.normalize(torch.randn(oshape, dtype=DTYPE).flatten(), dim=0).view(oshape))
 
     def op(self, w, x):
         return F.conv2d(x, w, padding=self.k // 2) if self.conv else x @ w.t()
@@ -153,7 +155,7 @@ class Act(torch.nn.Module):
         super().__init__()
         self.kind = kind
         if kind == "lipswish":
-            self.beta = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+            self.beta = torch.nn.Parameter(torch.ones(1, dtype=DTYPE))
 
     def forward(self, x):
         if self.kind == "elu":
@@ -167,8 +169,8 @@ class ActNorm(torch.nn.Module):
     def __init__(self, c, image):
         super().__init__()
         self.image = image
-        self.log_scale = torch.nn.Parameter(torch.zeros(c, dtype=torch.float64))
-        self.bias = torch.nn.Parameter(torch.zeros(c, dtype=torch.float64))
+        self.log_scale = torch.nn.Parameter(torch.zeros(c, dtype=DTYPE))
+        self.bias = torch.nn.Parameter(torch.zeros(c, dtype=DTYPE))
         self.initialized = False
 
     def forward(self, x):
@@ -240,8 +242,8 @@ class Flow(torch.nn.Module):
             if st.get("factor_out"):
                 shape[0] //= 2
         d = int(np.prod(spec["input"]))
-        self.prior_mean = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
-        self.prior_log_std = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+        self.prior_mean = torch.nn.Parameter(torch.zeros(d, dtype=DTYPE))
+        self.prior_log_std = torch.nn.Parameter(torch.zeros(d, dtype=DTYPE))
 
     def linears(self):
         return [m for m in self.modules() if isinstance(m, SNLinear)]
@@ -331,7 +333,10 @@ def main():
     ap.add_argument("--heldout", type=int)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--metrics", default="train_ref_metrics.jsonl")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     a = ap.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, a.dtype)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -361,10 +366,10 @@ def main():
     ema = [p.detach().clone() for p in params] if tr["ema"] > 0 else None
     is_toy = not os.path.exists(a.data)
     if is_toy:
-        held = torch.tensor(toy(a.data, heldout, np.random.default_rng(a.seed + 1)))
+        held = torch.tensor(toy(a.data, heldout, np.random.default_rng(a.seed + 1)), dtype=DTYPE)
     else:
         train_x = image_set(a.data, False)
-        held = torch.tensor(image_set(a.data, True)[:heldout])
+        held = torch.tensor(image_set(a.data, True)[:heldout], dtype=DTYPE)
     dim = int(np.prod(spec["input"]))
 
     def prep(x):
@@ -393,7 +398,7 @@ def main():
     for step in range(1, steps + 1):
         t0 = time.time()
         if is_toy:
-            x = torch.tensor(toy(a.data, batch, rng))
+            x = torch.tensor(toy(a.data, batch, rng), dtype=DTYPE)
         else:
             idx = []
             while len(idx) < batch:
@@ -402,7 +407,7 @@ def main():
                 take = perm[pos:pos + batch - len(idx)]
                 idx.extend(take)
                 pos += len(take)
-            x = torch.tensor(train_x[idx])
+            x = torch.tensor(train_x[idx], dtype=DTYPE)
         x = prep(x)
         for m in lin:
             m.power(tr["power_iters"])

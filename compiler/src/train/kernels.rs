@@ -10,7 +10,7 @@
 use super::linear;
 use super::mat::Mat;
 use crate::ops::Op;
-use iresnetc_runtime::cpu::grad::{self, TrainLinear};
+use iresnetc_runtime::cpu::grad;
 
 /// A branch's linear maps (dense layers and convolutions, no bias) on a batch
 /// of rows, row `r` one sample (or probe) laid out as `[C, H, W]`.
@@ -70,10 +70,9 @@ impl LinearKernels for ReferenceKernels {
 /// convolutions: never inside an i-ResNet branch) fall back to the reference.
 pub struct CpuKernels;
 
-/// `(cin, cout, k, h, w)` of an operator the engine runs.
-fn engine_shape(op: &Op) -> Option<(usize, usize, usize, usize, usize)> {
+/// The engine's shape of a convolution it runs (stride 1, same padding).
+fn conv_shape(op: &Op) -> Option<grad::Shape> {
     match op {
-        Op::Dense { fin, fout } => Some((*fin, *fout, 1, 1, 1)),
         Op::Conv2d { geom } if geom.stride == 1 && geom.k % 2 == 1 && geom.pad == geom.k / 2 => {
             Some((geom.cin, geom.cout, geom.k, geom.h, geom.w))
         }
@@ -86,10 +85,16 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn packed(op: &Op, w: &[f64]) -> Option<TrainLinear> {
-    let (cin, cout, k, h, wd) = engine_shape(op)?;
-    let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
-    Some(TrainLinear::new(cin, cout, k, h, wd, &w32))
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+fn mat(rows: usize, cols: usize, v: &[f32]) -> Mat {
+    Mat {
+        rows,
+        cols,
+        data: v.iter().map(|&x| x as f64).collect(),
+    }
 }
 
 /// Batch-major f64 rows `[B][C][HW]` to the engine's channel-major f32 `[C][B][HW]`.
@@ -124,32 +129,47 @@ fn from_engine(y: &[f32], b: usize, c: usize, hw: usize) -> Mat {
     out
 }
 
+// Dense layers multiply the batch-major rows directly (strided GEMMs, no
+// transposes); convolutions go channel-major, where a layer is one GEMM over
+// every pixel of every sample.
 impl LinearKernels for CpuKernels {
     fn apply(&self, op: &Op, w: &[f64], x: &Mat) -> Mat {
-        let Some(l) = packed(op, w) else {
+        if let Op::Dense { fin, fout } = op {
+            let y = grad::dense_rows(&f32s(w), *fin, *fout, &f32s(&x.data), x.rows, false, 1);
+            return mat(x.rows, *fout, &y);
+        }
+        let Some(s) = conv_shape(op) else {
             return linear::apply(op, w, x);
         };
-        let y = SCRATCH.with_borrow_mut(|s| l.forward(&to_engine(x, l.cin), x.rows, s, 1));
-        from_engine(&y, x.rows, l.cout, l.h * l.w)
+        let y = SCRATCH
+            .with_borrow_mut(|sc| grad::forward(s, &f32s(w), &to_engine(x, s.0), x.rows, sc, 1));
+        from_engine(&y, x.rows, s.1, s.3 * s.4)
     }
 
     fn adjoint(&self, op: &Op, w: &[f64], y: &Mat) -> Mat {
-        let Some(l) = packed(op, w) else {
+        if let Op::Dense { fin, fout } = op {
+            let x = grad::dense_rows(&f32s(w), *fin, *fout, &f32s(&y.data), y.rows, true, 1);
+            return mat(y.rows, *fin, &x);
+        }
+        let Some(s) = conv_shape(op) else {
             return linear::adjoint(op, w, y);
         };
-        let x = SCRATCH.with_borrow_mut(|s| l.adjoint(&to_engine(y, l.cout), y.rows, s, 1));
-        from_engine(&x, y.rows, l.cin, l.h * l.w)
+        let x = SCRATCH
+            .with_borrow_mut(|sc| grad::adjoint(s, &f32s(w), &to_engine(y, s.1), y.rows, sc, 1));
+        from_engine(&x, y.rows, s.0, s.3 * s.4)
     }
 
     fn add_weight_grad(&self, op: &Op, acc: &mut [f64], dy: &Mat, x: &Mat) {
-        let Some((cin, cout, k, h, wd)) = engine_shape(op) else {
-            return linear::add_weight_grad(op, acc, dy, x);
-        };
         let mut g = vec![0f32; acc.len()];
-        let (dy, x32) = (to_engine(dy, cout), to_engine(x, cin));
-        SCRATCH.with_borrow_mut(|s| {
-            grad::add_weight_grad((cin, cout, k, h, wd), &mut g, &dy, &x32, x.rows, s, 1)
-        });
+        if let Op::Dense { fin, fout } = op {
+            let (d, xs) = (f32s(&dy.data), f32s(&x.data));
+            grad::dense_weight_grad(&mut g, &d, &xs, x.rows, *fin, *fout, 1);
+        } else if let Some(s) = conv_shape(op) {
+            let (d, xs) = (to_engine(dy, s.1), to_engine(x, s.0));
+            SCRATCH.with_borrow_mut(|sc| grad::add_weight_grad(s, &mut g, &d, &xs, x.rows, sc, 1));
+        } else {
+            return linear::add_weight_grad(op, acc, dy, x);
+        }
         acc.iter_mut().zip(&g).for_each(|(a, v)| *a += *v as f64);
     }
 }

@@ -12,84 +12,101 @@
 use super::conv::{grow, im2col, ConvOp};
 use gemm::Parallelism;
 
-/// A stride-1, zero-padded (`k / 2`) convolution `[cout, cin, k, k]` on `h x w` images, or a
-/// dense layer `[cout, cin]` (`k = h = w = 1`), with its weight packed for both directions.
-pub struct TrainLinear {
-    pub cin: usize,
-    pub cout: usize,
-    pub k: usize,
-    pub h: usize,
-    pub w: usize,
-    fwd: ConvOp,
-    adj: ConvOp,
+/// `(cin, cout, k, h, w)`: a stride-1, zero-padded (`k / 2`, `k` odd) convolution with weight
+/// `[cout, cin, k, k]` (row-major) on `h x w` images, or a dense layer `[cout, cin]` as the case
+/// `k = h = w = 1`.
+pub type Shape = (usize, usize, usize, usize, usize);
+
+fn at(cin: usize, k: usize) -> impl Fn(usize, usize, usize, usize) -> usize {
+    move |co, ci, ky, kx| ((co * cin + ci) * k + ky) * k + kx
 }
 
-impl TrainLinear {
-    /// `weight` is `[cout, cin, k, k]` row-major; `k` must be odd (same padding).
-    pub fn new(cin: usize, cout: usize, k: usize, h: usize, w: usize, weight: &[f32]) -> Self {
-        assert!(k % 2 == 1, "training kernels take odd, same-padded kernels");
-        assert_eq!(weight.len(), cout * cin * k * k, "weight [cout, cin, k, k]");
-        let at = |co: usize, ci: usize, ky: usize, kx: usize| ((co * cin + ci) * k + ky) * k + kx;
-        Self {
-            cin,
-            cout,
-            k,
-            h,
-            w,
-            fwd: ConvOp::new(cin, cout, k, 1, |d, s, ky, kx| weight[at(d, s, ky, kx)]),
-            adj: ConvOp::new(cout, cin, k, -1, |d, s, ky, kx| weight[at(s, d, ky, kx)]),
-        }
-    }
-
-    /// `y[cout][imgs][h*w] = W x` (no bias).
-    pub fn forward(
-        &self,
-        x: &[f32],
-        imgs: usize,
-        scratch: &mut Vec<f32>,
-        threads: usize,
-    ) -> Vec<f32> {
-        let mut y = vec![0f32; self.cout * imgs * self.h * self.w];
-        self.fwd.apply(
-            x, &mut y, imgs, self.h, self.w, 1.0, false, scratch, threads,
-        );
-        y
-    }
-
-    /// `x[cin][imgs][h*w] = W^T y`.
-    pub fn adjoint(
-        &self,
-        y: &[f32],
-        imgs: usize,
-        scratch: &mut Vec<f32>,
-        threads: usize,
-    ) -> Vec<f32> {
-        let mut x = vec![0f32; self.cin * imgs * self.h * self.w];
-        self.adj.apply(
-            y, &mut x, imgs, self.h, self.w, 1.0, false, scratch, threads,
-        );
-        x
-    }
-
-    /// `acc[cout, cin, k, k] += sum over samples and pixels of dy (x) patches(x)`.
-    pub fn add_weight_grad(
-        &self,
-        acc: &mut [f32],
-        dy: &[f32],
-        x: &[f32],
-        imgs: usize,
-        scratch: &mut Vec<f32>,
-        threads: usize,
-    ) {
-        let shape = (self.cin, self.cout, self.k, self.h, self.w);
-        add_weight_grad(shape, acc, dy, x, imgs, scratch, threads);
-    }
+/// `y[cout][imgs][h*w] = W x` (no bias) for channel-major `x[cin][imgs][h*w]`.
+pub fn forward(
+    (cin, cout, k, h, w): Shape,
+    weight: &[f32],
+    x: &[f32],
+    imgs: usize,
+    scratch: &mut Vec<f32>,
+    threads: usize,
+) -> Vec<f32> {
+    assert!(k % 2 == 1, "training kernels take odd, same-padded kernels");
+    assert_eq!(weight.len(), cout * cin * k * k, "weight [cout, cin, k, k]");
+    let i = at(cin, k);
+    let op = ConvOp::new(cin, cout, k, 1, |d, s, ky, kx| weight[i(d, s, ky, kx)]);
+    let mut y = vec![0f32; cout * imgs * h * w];
+    op.apply(x, &mut y, imgs, h, w, 1.0, false, scratch, threads);
+    y
 }
 
-/// The weight gradient of a `(cin, cout, k, h, w)` operator (see [`TrainLinear`]) without
-/// packing a weight: `acc[cout, cin, k, k] += dy[cout][n] * patches(x)[cin*k*k][n]^T`.
+/// `x[cin][imgs][h*w] = W^T y` for channel-major `y[cout][imgs][h*w]`.
+pub fn adjoint(
+    (cin, cout, k, h, w): Shape,
+    weight: &[f32],
+    y: &[f32],
+    imgs: usize,
+    scratch: &mut Vec<f32>,
+    threads: usize,
+) -> Vec<f32> {
+    assert!(k % 2 == 1, "training kernels take odd, same-padded kernels");
+    assert_eq!(weight.len(), cout * cin * k * k, "weight [cout, cin, k, k]");
+    let i = at(cin, k);
+    let op = ConvOp::new(cout, cin, k, -1, |d, s, ky, kx| weight[i(s, d, ky, kx)]);
+    let mut x = vec![0f32; cin * imgs * h * w];
+    op.apply(y, &mut x, imgs, h, w, 1.0, false, scratch, threads);
+    x
+}
+
+/// Dense layers on batch-major rows, no transposes: `X W^T` (`x` is `[rows, fin]`, the result
+/// `[rows, fout]`) or, with `adjoint`, `Y W` (`x` is `[rows, fout]`, the result `[rows, fin]`).
+pub fn dense_rows(
+    w: &[f32],
+    fin: usize,
+    fout: usize,
+    x: &[f32],
+    rows: usize,
+    adjoint: bool,
+    threads: usize,
+) -> Vec<f32> {
+    assert_eq!(w.len(), fin * fout, "weight [fout, fin]");
+    let (kdim, n) = if adjoint { (fout, fin) } else { (fin, fout) };
+    assert_eq!(x.len(), rows * kdim);
+    let mut y = vec![0f32; rows * n];
+    // B is W^T (element (i, j) = w[j * fin + i]) for the forward, W itself for the adjoint.
+    let b = if adjoint { (fin, 1) } else { (1, fin) };
+    gemm_strided(rows, n, kdim, &mut y, false, x, (kdim, 1), w, b, threads);
+    y
+}
+
+/// The dense weight gradient on batch-major rows: `acc[fout, fin] += dY^T X`.
+pub fn dense_weight_grad(
+    acc: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    rows: usize,
+    fin: usize,
+    fout: usize,
+    threads: usize,
+) {
+    assert!(acc.len() >= fout * fin && dy.len() >= rows * fout && x.len() >= rows * fin);
+    gemm_strided(
+        fout,
+        fin,
+        rows,
+        acc,
+        true,
+        dy,
+        (1, fout),
+        x,
+        (fin, 1),
+        threads,
+    );
+}
+
+/// The weight gradient of a [`Shape`] for channel-major `dy`, `x`:
+/// `acc[cout, cin, k, k] += dy[cout][n] * patches(x)[cin*k*k][n]^T`, `n = imgs*h*w`.
 pub fn add_weight_grad(
-    (cin, cout, k, h, w): (usize, usize, usize, usize, usize),
+    (cin, cout, k, h, w): Shape,
     acc: &mut [f32],
     dy: &[f32],
     x: &[f32],
@@ -108,13 +125,38 @@ pub fn add_weight_grad(
         im2col(x, &mut scratch[..kk * n], cin, imgs, h, w, k, 1);
         &scratch[..kk * n]
     };
-    matmul_nt(cout, kk, n, acc, dy, patches, threads);
+    // B is the transpose of the [kk, n] patches: element (i, j) at patches[j * n + i].
+    gemm_strided(cout, kk, n, acc, true, dy, (n, 1), patches, (1, n), threads);
 }
 
-/// `acc[m x p] += a[m x n] * b[p x n]^T`, all row-major.
-fn matmul_nt(m: usize, p: usize, n: usize, acc: &mut [f32], a: &[f32], b: &[f32], threads: usize) {
-    assert!(acc.len() >= m * p && a.len() >= m * n && b.len() >= p * n);
-    if m == 0 || p == 0 || n == 0 {
+/// `dst[m x n] (row-major) = (accumulate ? dst : 0) + A B`, with A `m x k` and B `k x n` given
+/// as slices and their (row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    threads: usize,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs + 1
+    };
+    assert!(
+        dst.len() >= m * n && a.len() >= last(m, k, rsa, csa) && b.len() >= last(k, n, rsb, csb)
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
         return;
     }
     let par = if threads > 1 {
@@ -122,24 +164,23 @@ fn matmul_nt(m: usize, p: usize, n: usize, acc: &mut [f32], a: &[f32], b: &[f32]
     } else {
         Parallelism::None
     };
-    // SAFETY: dst is m x p row-major (row stride p), lhs m x n row-major (row stride n), and rhs
-    // the n x p transpose of b (element (i, j) at b[j * n + i]: column stride n, row stride 1);
-    // the assert above bounds every one of those accesses, and `acc` aliases neither input.
+    // SAFETY: the assert above bounds the last element each stride pattern reaches (the largest
+    // offset of a matrix with non-negative strides), dst is a unique borrow aliasing neither input.
     unsafe {
         gemm::gemm(
             m,
-            p,
             n,
-            acc.as_mut_ptr(),
+            k,
+            dst.as_mut_ptr(),
             1,
-            p as isize,
-            true,
+            n as isize,
+            accumulate,
             a.as_ptr(),
-            1,
-            n as isize,
+            csa as isize,
+            rsa as isize,
             b.as_ptr(),
-            n as isize,
-            1,
+            csb as isize,
+            rsb as isize,
             1.0,
             1.0,
             false,
@@ -167,12 +208,12 @@ mod tests {
         let dy: Vec<f32> = (0..cout * imgs * h * w)
             .map(|i| ((i * 3 % 7) as f32 - 3.0) / 2.0)
             .collect();
-        let l = TrainLinear::new(cin, cout, k, h, w, &wt);
+        let shape = (cin, cout, k, h, w);
         let mut s = Vec::new();
-        let y = l.forward(&x, imgs, &mut s, 1);
-        let xa = l.adjoint(&dy, imgs, &mut s, 1);
+        let y = forward(shape, &wt, &x, imgs, &mut s, 1);
+        let xa = adjoint(shape, &wt, &dy, imgs, &mut s, 1);
         let mut gw = vec![0f32; wt.len()];
-        l.add_weight_grad(&mut gw, &dy, &x, imgs, &mut s, 1);
+        add_weight_grad(shape, &mut gw, &dy, &x, imgs, &mut s, 1);
         let px = |c: usize, i: usize, yy: isize, xx: isize| -> f32 {
             if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
                 0.0
@@ -214,6 +255,42 @@ mod tests {
         for (got, want) in [(&y, &want_y), (&xa, &want_x), (&gw, &want_g)] {
             for (a, b) in got.iter().zip(want.iter()) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    /// Dense layers on batch-major rows against loops.
+    #[test]
+    fn dense_rows_match_loops() {
+        let (fin, fout, rows) = (3, 4, 5);
+        let w: Vec<f32> = (0..fin * fout).map(|i| (i as f32 - 5.0) / 3.0).collect();
+        let x: Vec<f32> = (0..rows * fin)
+            .map(|i| ((i * 7 % 5) as f32) - 2.0)
+            .collect();
+        let dy: Vec<f32> = (0..rows * fout)
+            .map(|i| ((i * 3 % 4) as f32) - 1.5)
+            .collect();
+        let y = dense_rows(&w, fin, fout, &x, rows, false, 1);
+        let xa = dense_rows(&w, fin, fout, &dy, rows, true, 1);
+        let mut gw = vec![1f32; w.len()];
+        dense_weight_grad(&mut gw, &dy, &x, rows, fin, fout, 1);
+        for r in 0..rows {
+            for o in 0..fout {
+                let want: f32 = (0..fin).map(|i| w[o * fin + i] * x[r * fin + i]).sum();
+                assert!((y[r * fout + o] - want).abs() < 1e-5);
+            }
+            for i in 0..fin {
+                let want: f32 = (0..fout).map(|o| w[o * fin + i] * dy[r * fout + o]).sum();
+                assert!((xa[r * fin + i] - want).abs() < 1e-5);
+            }
+        }
+        for o in 0..fout {
+            for i in 0..fin {
+                let want: f32 = 1.0
+                    + (0..rows)
+                        .map(|r| dy[r * fout + o] * x[r * fin + i])
+                        .sum::<f32>();
+                assert!((gw[o * fin + i] - want).abs() < 1e-4);
             }
         }
     }
