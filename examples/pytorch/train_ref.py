@@ -42,6 +42,8 @@ except ImportError:  # Python < 3.11
 LIPSWISH_DIV = 1.1
 # Set from --dtype in main(): float32 matches iresnetc's CPU engine (f32 GEMMs).
 DTYPE = torch.float32
+# Raw (pre-softplus) initial LipSwish beta; main() sets it from train.lipswish_beta.
+BETA_RAW = 1.0
 
 
 # ---------------------------------------------------------------- data
@@ -155,7 +157,7 @@ class Act(torch.nn.Module):
         super().__init__()
         self.kind = kind
         if kind == "lipswish":
-            self.beta = torch.nn.Parameter(torch.ones(1, dtype=DTYPE))
+            self.beta = torch.nn.Parameter(torch.full((1,), BETA_RAW, dtype=DTYPE))
 
     def forward(self, x):
         if self.kind == "elu":
@@ -343,7 +345,7 @@ def main():
     spec = tomllib.load(open(a.model, "rb"))
     tr = {"optimizer": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "momentum": 0.9,
           "weight_decay": 0.0, "warmup": 0, "clip": 0.0, "ema": 0.0, "batch": 64, "steps": 1000,
-          "power_iters": 5, "heldout": 10000, "estimator": None}
+          "power_iters": 5, "heldout": 10000, "estimator": None, "lipswish_beta": None}
     tr.update(spec.get("train", {}))
     est = {"estimator": "series", "terms": 5, "roulette": "geometric", "roulette_param": 0.5}
     est.update(spec.get("logdet", {}))
@@ -351,6 +353,10 @@ def main():
     if tr["estimator"]:
         est["estimator"] = tr["estimator"]
     steps, batch, lr = a.steps or tr["steps"], a.batch or tr["batch"], a.lr or tr["lr"]
+    global BETA_RAW
+    if tr["lipswish_beta"]:
+        b = tr["lipswish_beta"]
+        BETA_RAW = b + math.log1p(-math.exp(-b))  # softplus(BETA_RAW) = b
     heldout = a.heldout or tr["heldout"]
     deq = spec.get("data", {}).get("dequantize", False)
     model = Flow(spec)
@@ -363,7 +369,9 @@ def main():
            "sgd": lambda: torch.optim.SGD(params, lr, tr["momentum"], weight_decay=tr["weight_decay"])}[tr["optimizer"]]()
     warm = tr["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warm) if warm else 1.0)
-    ema = [p.detach().clone() for p in params] if tr["ema"] > 0 else None
+    # Like iresnetc: the average starts from the parameters after the first update (so it
+    # never averages in the ActNorm parameters from before their data-dependent init).
+    ema = None
     is_toy = not os.path.exists(a.data)
     if is_toy:
         held = torch.tensor(toy(a.data, heldout, np.random.default_rng(a.seed + 1)), dtype=DTYPE)
@@ -420,8 +428,10 @@ def main():
         cur_lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        if ema is not None:
+        if tr["ema"] > 0:
             with torch.no_grad():
+                if ema is None:
+                    ema = [p.detach().clone() for p in params]
                 for p, e in zip(params, ema):
                     e.mul_(tr["ema"]).add_((1 - tr["ema"]) * p)
         rec = {"step": step, "loss": loss.item(), "lr": cur_lr, "grad_norm": gn,

@@ -13,7 +13,7 @@ use iresnetc::ir;
 use iresnetc::spec::{Estimator, ModelKind, ModelSpec};
 use iresnetc::train::data::{self, Data, Fit};
 use iresnetc::train::optim::OptimKind;
-use iresnetc::train::trainer::{evaluate, Config, EvalMetrics, Trainer};
+use iresnetc::train::trainer::{evaluate, init_lipswish_beta, Config, EvalMetrics, Trainer};
 use iresnetc::train::{plots, sample, Backend};
 use iresnetc::weights;
 
@@ -214,7 +214,13 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let graph = ir::build(&spec)?;
     let init = match &a.weights {
         Some(w) => weights::load(&graph, w)?,
-        None => weights::init(&graph, seed),
+        None => {
+            let mut w = weights::init(&graph, seed);
+            if let Some(b) = spec.train.lipswish_beta {
+                init_lipswish_beta(&mut w, b);
+            }
+            w
+        }
     };
     let cfg = Config {
         train: spec.train.clone(),

@@ -92,6 +92,18 @@ pub fn train_logdet(spec: &ModelSpec, dim: usize, override_: Option<Estimator>) 
     }
 }
 
+/// Sets every LipSwish beta of fresh initial weights to `beta` (stored raw,
+/// as the inverse softplus: the activation uses `softplus(raw)`).
+pub fn init_lipswish_beta(raw: &mut Params, beta: f64) {
+    // softplus^-1(b) = ln(e^b - 1) = b + ln(1 - e^-b), stable for large b.
+    let r = beta + (-(-beta).exp()).ln_1p();
+    for (name, t) in raw.iter_mut() {
+        if name.ends_with(".beta") {
+            t.data.iter_mut().for_each(|v| *v = r);
+        }
+    }
+}
+
 fn largest_block_dim(g: &Graph) -> usize {
     g.blocks
         .iter()
