@@ -8,11 +8,13 @@ truncation, for image flows), the same spectral normalization (persistent u, v,
 `power_iters` iterations per step, gradient through sigma = u^T W v), the same
 optimizer, warm-up, clipping and EMA, and the same batch. Random streams differ
 (numpy/torch generators), so compare numbers of the same number of steps, not
-bits.
+bits. float32 by default (iresnetc's CPU engine multiplies in f32), --dtype
+float64 for the f64 reference. examples/train_compare.py runs both and prints
+the comparison table of the README.
 
-    examples/pytorch/.venv/bin/python examples/pytorch/train_ref.py models/toy2d.toml \
+    python3 examples/pytorch/train_ref.py models/toy2d.toml \
         --data 8gaussians --steps 600 --batch 500 --lr 5e-3 --eval-every 100
-    examples/pytorch/.venv/bin/python examples/pytorch/train_ref.py models/fmnist-flow.toml \
+    python3 examples/pytorch/train_ref.py models/fmnist-flow.toml \
         --data /usr/share/datasets/fashion-mnist --steps 1000
 
 Prints one JSON line per step (like RUN/metrics.jsonl) to --metrics, and at the
@@ -340,6 +342,8 @@ def main():
     global DTYPE
     DTYPE = getattr(torch, a.dtype)
     torch.set_num_threads(a.threads)
+    # Subnormal floats take a slow path on x86; flush them like an accelerator would.
+    torch.set_flush_denormal(True)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     spec = tomllib.load(open(a.model, "rb"))
