@@ -244,6 +244,11 @@ pub struct TrainSpec {
     pub power_iters: usize,
     /// ActNorm initialized from the first batch (zero mean, unit variance).
     pub actnorm_init: bool,
+    /// Initial LipSwish beta of a fresh run (default: the initialization's,
+    /// softplus(1) = 1.31). Wide spectrally normalized layers feed each unit
+    /// only about `c / sqrt(width)` of the input, where a small beta leaves the
+    /// activation nearly linear and the flow stuck at its Gaussian fit.
+    pub lipswish_beta: Option<f64>,
     /// Held-out evaluation every this many steps (0: only at the end).
     pub eval_every: u64,
     /// Checkpoint every this many steps (0: only at the end).
@@ -277,6 +282,7 @@ impl Default for TrainSpec {
             estimator: None,
             power_iters: 5,
             actnorm_init: true,
+            lipswish_beta: None,
             eval_every: 0,
             checkpoint_every: 0,
             heldout: 10_000,
@@ -322,6 +328,14 @@ impl TrainSpec {
         }
         if !(self.bn_momentum > 0.0 && self.bn_momentum <= 1.0) {
             return Err(("train.bn_momentum", "must be in (0, 1]".into()));
+        }
+        if let Some(b) = self.lipswish_beta {
+            if !(b > 0.0 && b <= 100.0) {
+                return Err((
+                    "train.lipswish_beta",
+                    format!("must be in (0, 100], got {b}"),
+                ));
+            }
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use iresnetc::ir::Graph;
 use iresnetc::reference::{LogDetMethod, Reference};
 use iresnetc::spec::{ProbeKind, RouletteDist};
 use iresnetc::train::specnorm::SpecNorm;
-use iresnetc::train::{loss_grad, LogDetGrad, Mat, Noise, Options};
+use iresnetc::train::{loss_grad, Backend, LogDetGrad, Mat, Noise, Options};
 
 const VEC_FLOW: &str = r#"
 name = "vec"
@@ -61,6 +61,7 @@ fn opts(est: LogDetGrad, total: usize) -> Options {
         bn_train: true,
         total,
         first: 0,
+        backend: Backend::Reference,
     }
 }
 

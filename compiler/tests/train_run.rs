@@ -11,6 +11,7 @@ use iresnetc::spec::ModelSpec;
 use iresnetc::train::checkpoint;
 use iresnetc::train::data::{self, Fit};
 use iresnetc::train::trainer::{Config, Trainer};
+use iresnetc::train::Backend;
 use iresnetc::weights;
 use npyz::WriterBuilder;
 
@@ -47,6 +48,7 @@ fn trainer(text: &str, seed: u64) -> (Trainer, data::Data) {
         train: spec.train.clone(),
         seed,
         threads: 2,
+        backend: Backend::Cpu,
     };
     (Trainer::new(spec, init, cfg).unwrap(), d)
 }
@@ -451,6 +453,7 @@ lr = 0.01
         train: spec.train.clone(),
         seed: 2,
         threads: 2,
+        backend: Backend::Cpu,
     };
     let mut tr = Trainer::new(spec, weights::init(&g, 2), cfg).unwrap();
     let rv0 = tr.raw["head.bn.running_var"].data.clone();
@@ -578,4 +581,28 @@ fn data_loaders_read_what_was_written() {
     e1.sort();
     assert_eq!((e0, e1), (vec![0, 1, 2], vec![0, 1, 2]));
     assert_eq!(b.rows, 6);
+}
+
+/// `train.lipswish_beta` starts every LipSwish at that beta (stored raw as the
+/// inverse softplus), and an out-of-range value is an error naming the field.
+#[test]
+fn lipswish_beta_init() {
+    let spec = ModelSpec::from_toml(TOY, Path::new("inline.toml")).unwrap();
+    let g = ir::build(&spec).unwrap();
+    let mut w = weights::init(&g, 1);
+    iresnetc::train::trainer::init_lipswish_beta(&mut w, 4.0);
+    let mut seen = 0;
+    for (name, t) in &w {
+        if name.ends_with(".beta") {
+            let b = t.data[0].exp().ln_1p();
+            assert!((b - 4.0).abs() < 1e-12, "{name}: softplus(raw) = {b}");
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "no LipSwish beta in the model");
+    let bad = format!("{TOY}lipswish_beta = -1.0\n");
+    let err = ModelSpec::from_toml(&bad, Path::new("inline.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.lipswish_beta"), "{err}");
 }

@@ -8,11 +8,13 @@ truncation, for image flows), the same spectral normalization (persistent u, v,
 `power_iters` iterations per step, gradient through sigma = u^T W v), the same
 optimizer, warm-up, clipping and EMA, and the same batch. Random streams differ
 (numpy/torch generators), so compare numbers of the same number of steps, not
-bits.
+bits. float32 by default (iresnetc's CPU engine multiplies in f32), --dtype
+float64 for the f64 reference. examples/train_compare.py runs both and prints
+the comparison table of the README.
 
-    examples/pytorch/.venv/bin/python examples/pytorch/train_ref.py models/toy2d.toml \
+    python3 examples/pytorch/train_ref.py models/toy2d.toml \
         --data 8gaussians --steps 600 --batch 500 --lr 5e-3 --eval-every 100
-    examples/pytorch/.venv/bin/python examples/pytorch/train_ref.py models/fmnist-flow.toml \
+    python3 examples/pytorch/train_ref.py models/fmnist-flow.toml \
         --data /usr/share/datasets/fashion-mnist --steps 1000
 
 Prints one JSON line per step (like RUN/metrics.jsonl) to --metrics, and at the
@@ -40,6 +42,10 @@ except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 LIPSWISH_DIV = 1.1
+# Set from --dtype in main(): float32 matches iresnetc's CPU engine (f32 GEMMs).
+DTYPE = torch.float32
+# Raw (pre-softplus) initial LipSwish beta; main() sets it from train.lipswish_beta.
+BETA_RAW = 1.0
 
 
 # ---------------------------------------------------------------- data
@@ -120,12 +126,12 @@ class SNLinear(torch.nn.Module):
         fan = cin * k * k if conv else cin
         b = 1 / math.sqrt(fan)
         wshape = (cout, cin, k, k) if conv else (cout, cin)
-        self.weight = torch.nn.Parameter(torch.empty(wshape, dtype=torch.float64).uniform_(-b, b))
-        self.bias = torch.nn.Parameter(torch.empty(cout, dtype=torch.float64).uniform_(-b, b))
+        self.weight = torch.nn.Parameter(torch.empty(wshape, dtype=DTYPE).uniform_(-b, b))
+        self.bias = torch.nn.Parameter(torch.empty(cout, dtype=DTYPE).uniform_(-b, b))
         ishape = (1, cin, *shape[1:]) if conv else (1, cin)
         oshape = (1, cout, *shape[1:]) if conv else (1, cout)
-        self.register_buffer("v", F.normalize(torch.randn(ishape, dtype=torch.float64).flatten(), dim=0).view(ishape))
-        self.register_buffer("u", F.normalize(torch.randn(oshape, dtype=torch.float64).flatten(), dim=0).view(oshape))
+        self.register_buffer("v", F.normalize(torch.randn(ishape, dtype=DTYPE).flatten(), dim=0).view(ishape))
+        self.register_buffer("u", F.normalize(torch.randn(oshape, dtype=DTYPE).flatten(), dim=0).view(oshape))
 
     def op(self, w, x):
         return F.conv2d(x, w, padding=self.k // 2) if self.conv else x @ w.t()
@@ -153,7 +159,7 @@ class Act(torch.nn.Module):
         super().__init__()
         self.kind = kind
         if kind == "lipswish":
-            self.beta = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+            self.beta = torch.nn.Parameter(torch.full((1,), BETA_RAW, dtype=DTYPE))
 
     def forward(self, x):
         if self.kind == "elu":
@@ -167,8 +173,8 @@ class ActNorm(torch.nn.Module):
     def __init__(self, c, image):
         super().__init__()
         self.image = image
-        self.log_scale = torch.nn.Parameter(torch.zeros(c, dtype=torch.float64))
-        self.bias = torch.nn.Parameter(torch.zeros(c, dtype=torch.float64))
+        self.log_scale = torch.nn.Parameter(torch.zeros(c, dtype=DTYPE))
+        self.bias = torch.nn.Parameter(torch.zeros(c, dtype=DTYPE))
         self.initialized = False
 
     def forward(self, x):
@@ -240,8 +246,8 @@ class Flow(torch.nn.Module):
             if st.get("factor_out"):
                 shape[0] //= 2
         d = int(np.prod(spec["input"]))
-        self.prior_mean = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
-        self.prior_log_std = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
+        self.prior_mean = torch.nn.Parameter(torch.zeros(d, dtype=DTYPE))
+        self.prior_log_std = torch.nn.Parameter(torch.zeros(d, dtype=DTYPE))
 
     def linears(self):
         return [m for m in self.modules() if isinstance(m, SNLinear)]
@@ -331,14 +337,19 @@ def main():
     ap.add_argument("--heldout", type=int)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--metrics", default="train_ref_metrics.jsonl")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     a = ap.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, a.dtype)
     torch.set_num_threads(a.threads)
+    # Subnormal floats take a slow path on x86; flush them like an accelerator would.
+    torch.set_flush_denormal(True)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     spec = tomllib.load(open(a.model, "rb"))
     tr = {"optimizer": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "momentum": 0.9,
           "weight_decay": 0.0, "warmup": 0, "clip": 0.0, "ema": 0.0, "batch": 64, "steps": 1000,
-          "power_iters": 5, "heldout": 10000, "estimator": None}
+          "power_iters": 5, "heldout": 10000, "estimator": None, "lipswish_beta": None}
     tr.update(spec.get("train", {}))
     est = {"estimator": "series", "terms": 5, "roulette": "geometric", "roulette_param": 0.5}
     est.update(spec.get("logdet", {}))
@@ -346,6 +357,10 @@ def main():
     if tr["estimator"]:
         est["estimator"] = tr["estimator"]
     steps, batch, lr = a.steps or tr["steps"], a.batch or tr["batch"], a.lr or tr["lr"]
+    global BETA_RAW
+    if tr["lipswish_beta"]:
+        b = tr["lipswish_beta"]
+        BETA_RAW = b + math.log1p(-math.exp(-b))  # softplus(BETA_RAW) = b
     heldout = a.heldout or tr["heldout"]
     deq = spec.get("data", {}).get("dequantize", False)
     model = Flow(spec)
@@ -358,13 +373,15 @@ def main():
            "sgd": lambda: torch.optim.SGD(params, lr, tr["momentum"], weight_decay=tr["weight_decay"])}[tr["optimizer"]]()
     warm = tr["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warm) if warm else 1.0)
-    ema = [p.detach().clone() for p in params] if tr["ema"] > 0 else None
+    # Like iresnetc: the average starts from the parameters after the first update (so it
+    # never averages in the ActNorm parameters from before their data-dependent init).
+    ema = None
     is_toy = not os.path.exists(a.data)
     if is_toy:
-        held = torch.tensor(toy(a.data, heldout, np.random.default_rng(a.seed + 1)))
+        held = torch.tensor(toy(a.data, heldout, np.random.default_rng(a.seed + 1)), dtype=DTYPE)
     else:
         train_x = image_set(a.data, False)
-        held = torch.tensor(image_set(a.data, True)[:heldout])
+        held = torch.tensor(image_set(a.data, True)[:heldout], dtype=DTYPE)
     dim = int(np.prod(spec["input"]))
 
     def prep(x):
@@ -393,7 +410,7 @@ def main():
     for step in range(1, steps + 1):
         t0 = time.time()
         if is_toy:
-            x = torch.tensor(toy(a.data, batch, rng))
+            x = torch.tensor(toy(a.data, batch, rng), dtype=DTYPE)
         else:
             idx = []
             while len(idx) < batch:
@@ -402,7 +419,7 @@ def main():
                 take = perm[pos:pos + batch - len(idx)]
                 idx.extend(take)
                 pos += len(take)
-            x = torch.tensor(train_x[idx])
+            x = torch.tensor(train_x[idx], dtype=DTYPE)
         x = prep(x)
         for m in lin:
             m.power(tr["power_iters"])
@@ -415,8 +432,10 @@ def main():
         cur_lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        if ema is not None:
+        if tr["ema"] > 0:
             with torch.no_grad():
+                if ema is None:
+                    ema = [p.detach().clone() for p in params]
                 for p, e in zip(params, ema):
                     e.mul_(tr["ema"]).add_((1 - tr["ema"]) * p)
         rec = {"step": step, "loss": loss.item(), "lr": cur_lr, "grad_norm": gn,

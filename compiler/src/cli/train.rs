@@ -13,8 +13,8 @@ use iresnetc::ir;
 use iresnetc::spec::{Estimator, ModelKind, ModelSpec};
 use iresnetc::train::data::{self, Data, Fit};
 use iresnetc::train::optim::OptimKind;
-use iresnetc::train::trainer::{evaluate, Config, EvalMetrics, Trainer};
-use iresnetc::train::{plots, sample};
+use iresnetc::train::trainer::{evaluate, init_lipswish_beta, Config, EvalMetrics, Trainer};
+use iresnetc::train::{plots, sample, Backend};
 use iresnetc::weights;
 
 #[derive(clap::Args, Debug)]
@@ -59,6 +59,9 @@ pub struct TrainArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the matrix products run: the native CPU engine (f32 GEMMs) or the f64 reference.
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    pub backend: BackendArg,
     #[arg(long)]
     pub eval_every: Option<u64>,
     #[arg(long)]
@@ -105,6 +108,23 @@ pub struct EvalArgs {
     pub num: Option<usize>,
     #[arg(long)]
     pub threads: Option<usize>,
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    pub backend: BackendArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Cpu,
+    Reference,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Cpu => Backend::Cpu,
+            BackendArg::Reference => Backend::Reference,
+        }
+    }
 }
 
 fn threads(t: Option<usize>) -> usize {
@@ -133,7 +153,31 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
     Ok(())
 }
 
+/// A training step allocates and frees the same large batch matrices every step. glibc hands
+/// blocks above its (adaptive) mmap threshold back to the kernel on free, so every step would
+/// fault them in and zero them again (measured: about a third of a step of the image flow).
+/// Fixing the threshold at its 32 MiB maximum and never trimming keeps freed memory for reuse.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    use std::ffi::c_int;
+    extern "C" {
+        fn mallopt(param: c_int, value: c_int) -> c_int;
+    }
+    const M_TRIM_THRESHOLD: c_int = -1;
+    const M_MMAP_THRESHOLD: c_int = -3;
+    // SAFETY: mallopt only sets two of glibc's allocator tunables (documented parameters and
+    // in-range values); it is called before any worker thread exists.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, c_int::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 pub fn train(a: &TrainArgs) -> Result<()> {
+    keep_freed_memory();
     let mut spec = ModelSpec::from_file(&a.model)?;
     // Flags override the [train] table; the result is checked like the file.
     let t = &mut spec.train;
@@ -194,12 +238,19 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let graph = ir::build(&spec)?;
     let init = match &a.weights {
         Some(w) => weights::load(&graph, w)?,
-        None => weights::init(&graph, seed),
+        None => {
+            let mut w = weights::init(&graph, seed);
+            if let Some(b) = spec.train.lipswish_beta {
+                init_lipswish_beta(&mut w, b);
+            }
+            w
+        }
     };
     let cfg = Config {
         train: spec.train.clone(),
         seed,
         threads: threads(a.threads),
+        backend: a.backend.into(),
     };
     let mut tr = Trainer::new(spec.clone(), init, cfg)?;
     let mut kept = String::new();
@@ -227,7 +278,13 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     iresnetc::fsutil::write_atomic(&metrics_path, kept.as_bytes())?;
     let model_text = toml::to_string(&spec).context("model spec")?;
     iresnetc::fsutil::write_atomic(&out.join("model.toml"), model_text.as_bytes())?;
-    let run_info = serde_json::json!({"seed": seed, "data": a.data, "steps": steps});
+    let run_info = serde_json::json!({
+        "seed": seed,
+        "data": a.data,
+        "steps": steps,
+        "backend": Backend::from(a.backend).name(),
+        "threads": threads(a.threads),
+    });
     iresnetc::fsutil::write_atomic(&out.join("run.json"), run_info.to_string().as_bytes())?;
 
     let (held_x, held_y) = test_data.eval_set(seed, spec.train.heldout);
@@ -284,6 +341,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         held_y.as_deref(),
         seed,
         threads(a.threads),
+        a.backend.into(),
     )?;
     iresnetc::fsutil::write_atomic(
         &out.join("eval.json"),
@@ -379,6 +437,7 @@ fn pictures(
 }
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
+    keep_freed_memory();
     let (model_file, weights_file, run_seed) = if a.model.is_dir() {
         let seed = std::fs::read_to_string(a.model.join("run.json"))
             .ok()
@@ -402,7 +461,14 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         Data::Set { .. } => usize::MAX,
     });
     let (xs, ys) = d.eval_set(seed, n);
-    let e = evaluate(&m.graph, &xs, ys.as_deref(), seed, threads(a.threads))?;
+    let e = evaluate(
+        &m.graph,
+        &xs,
+        ys.as_deref(),
+        seed,
+        threads(a.threads),
+        a.backend.into(),
+    )?;
     println!("{}", serde_json::to_string(&e)?);
     eprintln!("{}: {}", spec.name, describe(&e, &spec));
     Ok(())

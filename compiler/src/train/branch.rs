@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 
+use super::kernels::LinearKernels;
 use super::linear;
 use super::mat::{add_col_sums, Mat};
 use crate::ir::Graph;
@@ -57,7 +58,7 @@ pub struct Cache {
     pub derivs: Vec<Option<[Vec<f64>; 4]>>,
 }
 
-pub fn forward(g: &Graph, b: usize, a: &Mat) -> Cache {
+pub fn forward(kern: &dyn LinearKernels, g: &Graph, b: usize, a: &Mat) -> Cache {
     let body = &g.blocks[b].body;
     let mut inputs = Vec::with_capacity(body.len());
     let mut derivs = Vec::with_capacity(body.len());
@@ -66,7 +67,7 @@ pub fn forward(g: &Graph, b: usize, a: &Mat) -> Cache {
         let n = g.node(ix);
         let out = match &n.op {
             Op::Dense { .. } | Op::Conv2d { .. } => {
-                let mut y = linear::apply(&n.op, weight(g, &n.name), &h);
+                let mut y = kern.apply(&n.op, weight(g, &n.name), &h);
                 let bias = g
                     .params
                     .get(&param_name(&n.name, "bias"))
@@ -110,7 +111,13 @@ pub fn forward(g: &Graph, b: usize, a: &Mat) -> Cache {
 }
 
 /// `J t` for every tangent row, keeping the tangent input of every node.
-pub fn tangents(g: &Graph, b: usize, cache: &Cache, t: &Mat) -> (Vec<Mat>, Mat) {
+pub fn tangents(
+    kern: &dyn LinearKernels,
+    g: &Graph,
+    b: usize,
+    cache: &Cache,
+    t: &Mat,
+) -> (Vec<Mat>, Mat) {
     let body = &g.blocks[b].body;
     let batch = cache.inputs[0].rows;
     let mut tins = Vec::with_capacity(body.len());
@@ -123,7 +130,7 @@ pub fn tangents(g: &Graph, b: usize, cache: &Cache, t: &Mat) -> (Vec<Mat>, Mat) 
                 scale_rows(&mut o, d1(cache, k), batch);
                 o
             }
-            _ => linear::apply(&n.op, weight(g, &n.name), &cur),
+            _ => kern.apply(&n.op, weight(g, &n.name), &cur),
         };
         tins.push(std::mem::replace(&mut cur, next));
     }
@@ -131,7 +138,7 @@ pub fn tangents(g: &Graph, b: usize, cache: &Cache, t: &Mat) -> (Vec<Mat>, Mat) 
 }
 
 /// `u^T J` for every row of `u` (rows map to samples as `r % B`).
-pub fn vjp(g: &Graph, b: usize, cache: &Cache, u: &Mat) -> Mat {
+pub fn vjp(kern: &dyn LinearKernels, g: &Graph, b: usize, cache: &Cache, u: &Mat) -> Mat {
     let body = &g.blocks[b].body;
     let batch = cache.inputs[0].rows;
     let mut cur = u.clone();
@@ -142,7 +149,7 @@ pub fn vjp(g: &Graph, b: usize, cache: &Cache, u: &Mat) -> Mat {
                 scale_rows(&mut cur, d1(cache, k), batch);
                 cur
             }
-            _ => linear::adjoint(&n.op, weight(g, &n.name), &cur),
+            _ => kern.adjoint(&n.op, weight(g, &n.name), &cur),
         };
     }
     cur
@@ -178,7 +185,14 @@ pub struct Seed<'a> {
 
 /// The combined reverse pass: accumulates every parameter gradient of the
 /// branch into `grads` and returns the adjoint of the branch input `a`.
-pub fn reverse(g: &Graph, b: usize, cache: &Cache, seed: Seed<'_>, grads: &mut Grads) -> Mat {
+pub fn reverse(
+    kern: &dyn LinearKernels,
+    g: &Graph,
+    b: usize,
+    cache: &Cache,
+    seed: Seed<'_>,
+    grads: &mut Grads,
+) -> Mat {
     let body = &g.blocks[b].body;
     let batch = cache.inputs[0].rows;
     let mut mu = seed.mu.unwrap_or_else(|| Mat::zeros(batch, cache.out.cols));
@@ -232,9 +246,9 @@ pub fn reverse(g: &Graph, b: usize, cache: &Cache, seed: Seed<'_>, grads: &mut G
                 let w = weight(g, &n.name);
                 let (_, out_len) = linear::dims(&n.op);
                 let dw = grad_slot(grads, param_name(&n.name, "weight"), w.len());
-                linear::add_weight_grad(&n.op, dw, &mu, h);
+                kern.add_weight_grad(&n.op, dw, &mu, h);
                 if let (Some(tins), Some(l)) = (tins, lam.as_ref()) {
-                    linear::add_weight_grad(&n.op, dw, l, &tins[k]);
+                    kern.add_weight_grad(&n.op, dw, l, &tins[k]);
                 }
                 let nb = g
                     .params
@@ -250,9 +264,9 @@ pub fn reverse(g: &Graph, b: usize, cache: &Cache, seed: Seed<'_>, grads: &mut G
                         *d += v;
                     }
                 }
-                mu = linear::adjoint(&n.op, w, &mu);
+                mu = kern.adjoint(&n.op, w, &mu);
                 if let Some(l) = lam.as_mut() {
-                    *l = linear::adjoint(&n.op, w, l);
+                    *l = kern.adjoint(&n.op, w, l);
                 }
             }
         }

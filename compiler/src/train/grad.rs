@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use petgraph::stable_graph::NodeIndex;
 
 use super::branch::{self, grad_slot, Cache, Grads, Seed};
+use super::kernels::Backend;
 use super::logdet::{block_logdet, LogDetGrad, Noise};
 use super::mat::Mat;
 use crate::error::{Error, Result};
@@ -48,6 +49,8 @@ pub struct Options {
     pub total: usize,
     /// Index of this chunk's first sample within the batch.
     pub first: usize,
+    /// Where the branches' matrix products run.
+    pub backend: Backend,
 }
 
 fn param<'g>(g: &'g Graph, node: &str, suffix: &str) -> &'g [f64] {
@@ -107,6 +110,7 @@ pub fn loss_grad(g: &Graph, x: &Mat, labels: Option<&[usize]>, opt: &Options) ->
     let flow = g.spec.kind == ModelKind::Flow;
     let scale = 1.0 / opt.total as f64;
     let order = g.topo_order()?;
+    let kern = opt.backend.kernels();
     let residual_of = g.block_of_residual();
     let mut vals: HashMap<NodeIndex, Mat> = HashMap::new();
     vals.insert(g.input, x.clone());
@@ -125,14 +129,13 @@ pub fn loss_grad(g: &Graph, x: &Mat, labels: Option<&[usize]>, opt: &Options) ->
         let cols: usize = n.shape.iter().product();
         let y = if let Some(&b) = residual_of.get(&ix) {
             let a = &vals[&ins[0]];
-            let cache = branch::forward(g, b, a);
+            let cache = branch::forward(kern, g, b, a);
             let ld = if flow {
-                let ld = block_logdet(g, b, &cache, &opt.logdet, opt.noise, opt.first).map_err(
-                    |reason| Error::Graph {
+                let ld = block_logdet(kern, g, b, &cache, &opt.logdet, opt.noise, opt.first)
+                    .map_err(|reason| Error::Graph {
                         node: g.blocks[b].name.clone(),
                         reason,
-                    },
-                )?;
+                    })?;
                 logdet.iter_mut().zip(&ld.value).for_each(|(l, v)| *l += v);
                 Some(ld)
             } else {
@@ -273,6 +276,7 @@ pub fn loss_grad(g: &Graph, x: &Mat, labels: Option<&[usize]>, opt: &Options) ->
                     (ld.tins.as_slice(), w)
                 });
                 let mu = branch::reverse(
+                    kern,
                     g,
                     b,
                     cache,

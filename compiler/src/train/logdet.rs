@@ -13,6 +13,7 @@
 use nalgebra::DMatrix;
 
 use super::branch::{self, Cache};
+use super::kernels::LinearKernels;
 use super::mat::Mat;
 use crate::ir::Graph;
 use crate::reference::{draw, survival};
@@ -80,6 +81,7 @@ pub fn term_weights(est: &LogDetGrad, noise: Noise, b: usize) -> Vec<f64> {
 
 /// `first`: index of the chunk's first sample within the whole batch.
 pub fn block_logdet(
+    kern: &dyn LinearKernels,
     g: &Graph,
     b: usize,
     cache: &Cache,
@@ -97,7 +99,7 @@ pub fn block_logdet(
                     v.data[(j * bs + i) * d + j] = 1.0;
                 }
             }
-            let (tins, jv) = branch::tangents(g, b, cache, &v);
+            let (tins, jv) = branch::tangents(kern, g, b, cache, &v);
             let mut value = vec![0.0; bs];
             let mut w = Mat::zeros(d * bs, d);
             for i in 0..bs {
@@ -146,7 +148,7 @@ pub fn block_logdet(
                     }
                 }
             }
-            let (tins, _) = branch::tangents(g, b, cache, &v);
+            let (tins, _) = branch::tangents(kern, g, b, cache, &v);
             let mut value = vec![0.0; bs];
             let mut w = Mat::zeros(p * bs, d);
             let mut u = v.clone();
@@ -157,7 +159,7 @@ pub fn block_logdet(
                 for (wv, uv) in w.data.iter_mut().zip(&u.data) {
                     *wv += sw * uv;
                 }
-                u = branch::vjp(g, b, cache, &u);
+                u = branch::vjp(kern, g, b, cache, &u);
                 let sv = if k % 2 == 1 { c } else { -c } / k as f64;
                 for r in 0..p * bs {
                     let t: f64 = u.row(r).iter().zip(v.row(r)).map(|(a, b)| a * b).sum();

@@ -8,6 +8,7 @@
 use super::checkpoint::Checkpoint;
 use super::data::Data;
 use super::grad::{loss_grad, loss_grad_parallel, Options};
+use super::kernels::Backend;
 use super::logdet::{LogDetGrad, Noise};
 use super::mat::Mat;
 use super::optim::{OptimConfig, Optimizer};
@@ -30,6 +31,8 @@ pub struct Config {
     pub train: TrainSpec,
     pub seed: u64,
     pub threads: usize,
+    /// Where the matrix products of a step run.
+    pub backend: Backend,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -86,6 +89,18 @@ pub fn train_logdet(spec: &ModelSpec, dim: usize, override_: Option<Estimator>) 
             kind: ld.probe,
             roulette: None,
         },
+    }
+}
+
+/// Sets every LipSwish beta of fresh initial weights to `beta` (stored raw,
+/// as the inverse softplus: the activation uses `softplus(raw)`).
+pub fn init_lipswish_beta(raw: &mut Params, beta: f64) {
+    // softplus^-1(b) = ln(e^b - 1) = b + ln(1 - e^-b), stable for large b.
+    let r = beta + (-(-beta).exp()).ln_1p();
+    for (name, t) in raw.iter_mut() {
+        if name.ends_with(".beta") {
+            t.data.iter_mut().for_each(|v| *v = r);
+        }
     }
 }
 
@@ -210,7 +225,7 @@ impl Trainer {
             }
             let y = if let Some(&b) = residual_of.get(&ix) {
                 let a: &Mat = &vals[&ins[0]];
-                let cache = super::branch::forward(&self.graph, b, a);
+                let cache = super::branch::forward(self.cfg.backend.kernels(), &self.graph, b, a);
                 let mut y = a.clone();
                 y.add_assign(&cache.out);
                 y
@@ -252,6 +267,7 @@ impl Trainer {
             bn_train: true,
             total: bs,
             first: 0,
+            backend: self.cfg.backend,
         };
         let mut out =
             loss_grad_parallel(&self.graph, &x, labels.as_deref(), &opt, self.cfg.threads)?;
@@ -331,7 +347,14 @@ impl Trainer {
     pub fn evaluate(&self, xs: &[Vec<f64>], labels: Option<&[usize]>) -> Result<EvalMetrics> {
         let mut g = self.graph.clone();
         g.params = self.effective();
-        evaluate(&g, xs, labels, self.cfg.seed, self.cfg.threads)
+        evaluate(
+            &g,
+            xs,
+            labels,
+            self.cfg.seed,
+            self.cfg.threads,
+            self.cfg.backend,
+        )
     }
 
     /// The final model: effective weights, normalized once more to a converged
@@ -354,6 +377,7 @@ pub fn evaluate(
     labels: Option<&[usize]>,
     seed: u64,
     threads: usize,
+    backend: Backend,
 ) -> Result<EvalMetrics> {
     let dim = g.input_dim();
     let spec = &g.spec;
@@ -395,6 +419,7 @@ pub fn evaluate(
             bn_train: false,
             total: rows.len(),
             first: 0,
+            backend,
         };
         let out = if threads > 1 {
             loss_grad_parallel(g, &x, lab, &opt, threads)?

@@ -9,6 +9,7 @@ use petgraph::stable_graph::NodeIndex;
 
 use super::branch;
 use super::grad::{loss_grad, Options};
+use super::kernels::{Backend, ReferenceKernels};
 use super::logdet::Noise;
 use super::mat::Mat;
 use super::trainer::train_logdet;
@@ -39,6 +40,8 @@ pub fn log_density(g: &Graph, xs: &[Vec<f64>]) -> Result<Vec<f64>> {
                 bn_train: false,
                 total: rows.len(),
                 first: 0,
+                // The picture's oracle precision; the 2-D branches are dense GEMMs either way.
+                backend: Backend::Reference,
             },
         )?;
         out.extend(o.loss.iter().map(|l| -l));
@@ -71,7 +74,8 @@ pub fn inverse(g: &Graph, z: &Mat) -> Result<Mat> {
                 let b = residual_of[&ix];
                 let mut x = y.clone();
                 for _ in 0..max_iters {
-                    let gx = branch::forward(g, b, &x).out;
+                    // f64: the fixed point is iterated to the model's tolerance (1e-10 for 2-D).
+                    let gx = branch::forward(&ReferenceKernels, g, b, &x).out;
                     let mut step = 0.0f64;
                     for ((xv, yv), gv) in x.data.iter_mut().zip(&y.data).zip(&gx.data) {
                         let next = yv - gv;

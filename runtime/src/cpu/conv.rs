@@ -297,7 +297,7 @@ fn valid_range(len: usize, d: isize) -> (usize, usize) {
 /// `cols[(c*k + ky)*k + kx][img][y][x] = src[c][img][y + dy][x + dx]` (0 outside), with
 /// `(dy, dx) = sign * (ky - k/2, kx - k/2)`.
 #[allow(clippy::too_many_arguments)]
-fn im2col(
+pub fn im2col(
     src: &[f32],
     cols: &mut [f32],
     c: usize,

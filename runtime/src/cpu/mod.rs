@@ -4,6 +4,7 @@
 //! - [`net`]: the network description, the contract with the compiler.
 //! - [`engine`]: [`CpuEngine`], resolving the description into steps with packed weights.
 //! - [`conv`]: convolutions and dense layers as GEMMs (im2col or shifted accumulation), adjoints.
+//! - [`grad`]: training kernels: a linear layer, its adjoint and its weight gradient on a batch.
 //! - [`act`]: activations and their derivative masks.
 //! - [`layout`]: squeeze, factor-out and the batch-major <-> channel-major transposes.
 //! - `forward` / `logdet` / `inverse`: encode and classify, the log-det estimators, decode.
@@ -14,6 +15,7 @@ pub mod act;
 pub mod conv;
 pub mod engine;
 mod forward;
+pub mod grad;
 mod inverse;
 pub mod layout;
 pub mod logdet;
