@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,19 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parity import IResNet, load_spec, squeeze2x2  # noqa: E402
+from parity import IResNet, load_spec, median_time, squeeze2x2  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-
-
-def median_time(fn, warmup: int, reps: int):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), ts
 
 
 def forward_logdet(model: IResNet, x: torch.Tensor, terms: int, probes: int, gen: torch.Generator):

@@ -53,11 +53,49 @@ pub fn matmul_lhs(
     beta: f32,
     threads: usize,
 ) {
-    assert!(dst.len() >= m * n && a.len() >= m * kk && b.len() >= kk * n);
+    // Row and column strides of the m x kk left factor.
+    let a_strides = if a_transposed { (1, m) } else { (kk, 1) };
+    gemm_strided(
+        m,
+        n,
+        kk,
+        dst,
+        accumulate,
+        a,
+        a_strides,
+        b,
+        (n, 1),
+        beta,
+        threads,
+    );
+}
+
+/// `dst[m x n] (row-major) = (accumulate ? dst : 0) + beta * A B`, with A `m x k` and B `k x n` given
+/// as slices and their (row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    threads: usize,
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs + 1
+    };
+    assert!(
+        dst.len() >= m * n && a.len() >= last(m, k, rsa, csa) && b.len() >= last(k, n, rsb, csb)
+    );
     if m == 0 || n == 0 {
         return;
     }
-    if kk == 0 {
+    if k == 0 {
         if !accumulate {
             dst[..m * n].fill(0.0);
         }
@@ -68,30 +106,23 @@ pub fn matmul_lhs(
     } else {
         Parallelism::None
     };
-    // Column and row strides of the m x kk left factor.
-    let (a_cs, a_rs) = if a_transposed {
-        (m as isize, 1)
-    } else {
-        (1, kk as isize)
-    };
-    // SAFETY: the asserts above keep every access of an m x n / m x kk (or its transpose, kk x m)
-    // / kk x n row-major matrix inside the three slices, and `dst` is a unique borrow that
-    // aliases neither input.
+    // SAFETY: the assert above bounds the last element each stride pattern reaches (the largest
+    // offset of a matrix with non-negative strides), dst is a unique borrow aliasing neither input.
     unsafe {
         gemm::gemm(
             m,
             n,
-            kk,
+            k,
             dst.as_mut_ptr(),
             1,
             n as isize,
             accumulate,
             a.as_ptr(),
-            a_cs,
-            a_rs,
+            csa as isize,
+            rsa as isize,
             b.as_ptr(),
-            1,
-            n as isize,
+            csb as isize,
+            rsb as isize,
             1.0,
             beta,
             false,

@@ -9,8 +9,7 @@
 //! trainer calls these through its backend-generic kernel trait; nothing here holds state
 //! between calls, so results depend only on the inputs and the thread count.
 
-use super::conv::{grow, im2col, ConvOp};
-use gemm::Parallelism;
+use super::conv::{gemm_strided, grow, im2col, ConvOp};
 
 /// `(cin, cout, k, h, w)`: a stride-1, zero-padded (`k / 2`, `k` odd) convolution with weight
 /// `[cout, cin, k, k]` (row-major) on `h x w` images, or a dense layer `[cout, cin]` as the case
@@ -68,7 +67,19 @@ pub fn dense_rows(
     let mut y = vec![0f32; rows * n];
     // B is W^T (element (i, j) = w[j * fin + i]) for the forward, W itself for the adjoint.
     let b = if adjoint { (fin, 1) } else { (1, fin) };
-    gemm_strided(rows, n, kdim, &mut y, false, x, (kdim, 1), w, b, threads);
+    gemm_strided(
+        rows,
+        n,
+        kdim,
+        &mut y,
+        false,
+        x,
+        (kdim, 1),
+        w,
+        b,
+        1.0,
+        threads,
+    );
     y
 }
 
@@ -93,6 +104,7 @@ pub fn dense_weight_grad(
         (1, fout),
         x,
         (fin, 1),
+        1.0,
         threads,
     );
 }
@@ -120,69 +132,19 @@ pub fn add_weight_grad(
         &scratch[..kk * n]
     };
     // B is the transpose of the [kk, n] patches: element (i, j) at patches[j * n + i].
-    gemm_strided(cout, kk, n, acc, true, dy, (n, 1), patches, (1, n), threads);
-}
-
-/// `dst[m x n] (row-major) = (accumulate ? dst : 0) + A B`, with A `m x k` and B `k x n` given
-/// as slices and their (row stride, column stride).
-#[allow(clippy::too_many_arguments)]
-fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    a: &[f32],
-    (rsa, csa): (usize, usize),
-    b: &[f32],
-    (rsb, csb): (usize, usize),
-    threads: usize,
-) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs + 1
-    };
-    assert!(
-        dst.len() >= m * n && a.len() >= last(m, k, rsa, csa) && b.len() >= last(k, n, rsb, csb)
+    gemm_strided(
+        cout,
+        kk,
+        n,
+        acc,
+        true,
+        dy,
+        (n, 1),
+        patches,
+        (1, n),
+        1.0,
+        threads,
     );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the assert above bounds the last element each stride pattern reaches (the largest
-    // offset of a matrix with non-negative strides), dst is a unique borrow aliasing neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            csa as isize,
-            rsa as isize,
-            b.as_ptr(),
-            csb as isize,
-            rsb as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
 }
 
 #[cfg(test)]
