@@ -38,8 +38,9 @@ struct Json<'a> {
 }
 
 pub fn print(m: &Model, a: &CostArgs, json: bool) -> Result<()> {
-    if a.batch == 0 {
-        bail!("--batch must be >= 1");
+    // Bounded so that no figure of the report can overflow.
+    if a.batch == 0 || a.batch > 1_000_000 {
+        bail!("--batch must be in 1..=1000000");
     }
     let opts = CodegenOptions {
         fuse: !a.no_fuse,
