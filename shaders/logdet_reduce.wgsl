@@ -1,6 +1,6 @@
 // Ends one block's log-det: sums the block's accumulated `coef_k <w_k, v>` terms of one sample
 // (one workgroup per sample), adds ActNorm's H*W*sum(log_scale), adds both to the sample's
-// log-det and resets the accumulator and the term counters for the next block. One barrier
+// log-det and resets the accumulator and the term counter for the next block. One barrier
 // tree per block and sample; the per-term work has no reduction at all.
 //
 // Specialized by iresnetc codegen: every double-braced placeholder is replaced before naga validates it.
@@ -33,7 +33,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             scales += log_scale[c];
         }
         logdet[sample] += partial[0] + SPATIAL * scales;
-        counter[sample * 2u] = 0.0;
-        counter[sample * 2u + 1u] = 0.0;
+        counter[sample] = 0.0;
     }
 }

@@ -46,6 +46,10 @@ fn executor(dev: &GpuDevice, model: &Model, fuse: bool) -> GpuExecutor {
     GpuExecutor::new(dev, &bundle(model, fuse)).expect("executor")
 }
 
+fn executor_tiled(dev: &GpuDevice, model: &Model, fuse: bool, tiling: Tiling) -> GpuExecutor {
+    GpuExecutor::new(dev, &bundle_tiled(model, fuse, tiling)).expect("executor")
+}
+
 fn flat(xs: &[Vec<f64>]) -> Vec<f32> {
     xs.iter().flatten().map(|&v| v as f32).collect()
 }
@@ -120,8 +124,10 @@ fn gpu_forward(
 /// the GPU's own z, the inverse against the reference's, and fused = unfused.
 fn check_flow(model: &Model, batch: usize, check_unfused: bool) {
     check_flow_tiled(model, batch, check_unfused, Tiling::CPU);
-    // The tiling chosen for hardware GPUs, checked numerically on lavapipe too.
-    check_flow_tiled(model, batch, false, Tiling::GPU);
+    // The tiling chosen for hardware GPUs, checked numerically on lavapipe too, fused and
+    // unfused; two samples exercise its per-sample indexing, and keep lavapipe's time (it
+    // runs the split-K kernels' barriers slowly) and CI's within bounds.
+    check_flow_tiled(model, batch.min(2), check_unfused, Tiling::GPU);
 }
 
 fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Tiling) {
@@ -137,7 +143,7 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
     let x = flat(&xs);
-    let mut fused = GpuExecutor::new(dev, &bundle_tiled(model, true, tiling)).expect("executor");
+    let mut fused = executor_tiled(dev, model, true, tiling);
     let (z, ld) = gpu_forward(&mut fused, &method, &x, batch);
     let (ez, eld) = (rel_err(&z, &z_ref), logdet_err(&ld, &fwd.logdet));
     let x_back = fused
@@ -152,6 +158,12 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
         .remove("x")
         .expect("x");
     let (e_round, e_inv) = (rel_err(&x_back, &flat64(&x)), rel_err(&x_inv, &x_ref));
+    // The other entry points: encode (z alone) and logdet (the log-det alone).
+    let (e_enc, e_ld) = other_entries(&mut fused, &method, &x, batch, &z_ref, &fwd.logdet);
+    assert!(
+        e_enc < TOL && e_ld < TOL,
+        "encode {e_enc}, logdet entry {e_ld}"
+    );
     eprintln!(
         "{} {tiling:?} batch {batch}: z {ez:.1e}, logdet {eld:.1e}, inverse(gpu z) vs x {e_round:.1e}, inverse vs reference {e_inv:.1e} ({} forward / {} inverse dispatches)",
         g.spec.name,
@@ -168,13 +180,18 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
     assert!(e_inv < TOL, "{}: inverse vs reference {e_inv}", g.spec.name);
 
     if check_unfused {
-        let mut unfused = executor(dev, model, false);
+        let mut unfused = executor_tiled(dev, model, false, tiling);
         let (z2, ld2) = gpu_forward(&mut unfused, &method, &x, batch);
         let x2 = unfused
             .run(entries::INVERSE, batch, &[("z", &zin)])
             .expect("unfused inverse")
             .remove("x")
             .expect("x");
+        let (e_enc, e_ld) = other_entries(&mut unfused, &method, &x, batch, &z_ref, &fwd.logdet);
+        assert!(
+            e_enc < TOL && e_ld < TOL,
+            "unfused: encode {e_enc}, logdet entry {e_ld}"
+        );
         let (a, b, c) = (
             rel_err32(&z2, &z),
             rel_err32(&ld2, &ld),
@@ -191,6 +208,38 @@ fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Ti
     }
 }
 
+/// Errors of the `encode` and `logdet` entry points against the reference's z and log-det.
+fn other_entries(
+    ex: &mut GpuExecutor,
+    method: &LogDetMethod,
+    x: &[f32],
+    batch: usize,
+    z_ref: &[f64],
+    ld_ref: &[f64],
+) -> (f64, f64) {
+    let z = ex
+        .run(entries::ENCODE, batch, &[("x", x)])
+        .expect("encode")
+        .remove("z")
+        .expect("z");
+    let layout = layout(ex);
+    let (_, coef) = layout
+        .coefs_for(method, 0, batch)
+        .expect("coefficients")
+        .expect("a GPU estimator");
+    let probes = layout.probes_for(method, 0, batch);
+    let ld = ex
+        .run(
+            entries::LOGDET,
+            batch,
+            &[("x", x), ("probes", &probes), ("coef", &coef)],
+        )
+        .expect("logdet")
+        .remove("logdet")
+        .expect("logdet");
+    (rel_err(&z, z_ref), logdet_err(&ld, ld_ref))
+}
+
 fn flat64(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| f64::from(v)).collect()
 }
@@ -198,6 +247,22 @@ fn flat64(x: &[f32]) -> Vec<f64> {
 #[test]
 fn toy2d_matches_reference() {
     check_flow(&model_file("toy2d.toml"), 8, true);
+}
+
+/// Two probes and three terms: the probe and term indices the kernels derive from the
+/// one counter of terms started; branches of two layers (the shortest the WGSL codegen
+/// takes), where the kernel that advances the counter directly precedes the one reading it.
+#[test]
+fn two_probes_short_branches_match_reference() {
+    for body in [
+        "input = [2, 4, 4]\n[[stages]]\nblocks = 2\nwidth = 4\nkernels = [3, 1]",
+        "input = [3]\n[[stages]]\nblocks = 2\nhidden = [5]",
+    ] {
+        let m = common::model_from_toml(&format!(
+            "name = \"short\"\nkind = \"flow\"\n{body}\n[logdet]\nterms = 3\nprobes = 2\n"
+        ));
+        check_flow(&m, 3, true);
+    }
 }
 
 #[test]
@@ -230,7 +295,10 @@ fn check_big_flow(name: &str) {
     let (x_ref, _) = r.inverse(&fwd.outputs).expect("reference inverse");
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
-    let mut ex = executor(dev, &m, true);
+    // The adapter's own tiling: register blocks on lavapipe, split-K on a real GPU (where
+    // examples/gpu/device_check.sh runs this test).
+    let tiling = Tiling::for_adapter(dev.adapter());
+    let mut ex = executor_tiled(dev, &m, true, tiling);
     let (z, ld) = gpu_forward(&mut ex, &method, &flat(&xs), 1);
     let z_ref: Vec<f64> = fwd.outputs.iter().flatten().copied().collect();
     let x = ex
@@ -244,7 +312,7 @@ fn check_big_flow(name: &str) {
         logdet_err(&ld, &fwd.logdet),
         rel_err(&x, &x_ref),
     );
-    eprintln!("{name} batch 1: z {ez:.1e}, logdet {eld:.1e}, 2-step inverse {ex_:.1e}");
+    eprintln!("{name} {tiling:?} batch 1: z {ez:.1e}, logdet {eld:.1e}, 2-step inverse {ex_:.1e}");
     assert!(ez < TOL && eld < TOL && ex_ < TOL);
 }
 
@@ -270,23 +338,25 @@ fn classifier_matches_reference() {
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
     let x = flat(&xs);
-    let mut outs = Vec::new();
-    for fuse in [true, false] {
-        let mut ex = executor(dev, &m, fuse);
-        let l = ex
-            .run(entries::CLASSIFY, batch, &[("x", &x)])
-            .expect("classify")
-            .remove("logits")
-            .expect("logits");
-        let e = rel_err(&l, &logits_ref);
-        eprintln!(
-            "cifar-classifier fused={fuse}: logits {e:.1e} ({} dispatches)",
-            ex.dispatch_count(entries::CLASSIFY)
-        );
-        assert!(e < TOL, "logits rel err {e}");
-        outs.push(l);
+    for tiling in [Tiling::CPU, Tiling::GPU] {
+        let mut outs = Vec::new();
+        for fuse in [true, false] {
+            let mut ex = executor_tiled(dev, &m, fuse, tiling);
+            let l = ex
+                .run(entries::CLASSIFY, batch, &[("x", &x)])
+                .expect("classify")
+                .remove("logits")
+                .expect("logits");
+            let e = rel_err(&l, &logits_ref);
+            eprintln!(
+                "cifar-classifier {tiling:?} fused={fuse}: logits {e:.1e} ({} dispatches)",
+                ex.dispatch_count(entries::CLASSIFY)
+            );
+            assert!(e < TOL, "logits rel err {e}");
+            outs.push(l);
+        }
+        assert!(rel_err32(&outs[0], &outs[1]) < FUSION_TOL);
     }
-    assert!(rel_err32(&outs[0], &outs[1]) < FUSION_TOL);
 }
 
 #[test]
@@ -308,11 +378,15 @@ fn roulette_matches_reference() {
         .expect("reference");
     let _l = gpu_lock();
     let Some(dev) = device() else { return };
-    let mut ex = executor(dev, &m, true);
-    let (_, ld) = gpu_forward(&mut ex, &method, &flat(&xs), batch);
-    let e = logdet_err(&ld, &r.logdet);
-    eprintln!("cifar-tiny roulette: logdet {e:.1e}");
-    assert!(e < TOL);
+    for tiling in [Tiling::CPU, Tiling::GPU] {
+        for fuse in [true, false] {
+            let mut ex = executor_tiled(dev, &m, fuse, tiling);
+            let (_, ld) = gpu_forward(&mut ex, &method, &flat(&xs), batch);
+            let e = logdet_err(&ld, &r.logdet);
+            eprintln!("cifar-tiny roulette {tiling:?} fused={fuse}: logdet {e:.1e}");
+            assert!(e < TOL);
+        }
+    }
 }
 
 /// Batches larger than the limits allow are split into chunks with the same results; a

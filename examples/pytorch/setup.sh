@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-command setup of the PyTorch parity check: a venv at examples/pytorch/.venv
-# with torch, numpy and safetensors, then a smoke import.
+# One-command setup of the PyTorch parity check and of examples/results.sh: a venv at
+# examples/pytorch/.venv with torch, numpy, safetensors and onnxruntime, then a smoke import.
 #
 # Why the full torch wheel: PyPI (the only index reachable from our machines) has
 # no CPU-only torch build for Linux x86_64 (the `+cpu` wheels live on PyTorch's own
@@ -30,7 +30,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 # tomli only matters on Python 3.10 (3.11+ has tomllib).
-"$venv/bin/python" -m pip install -q "$torch_spec" numpy safetensors 'tomli; python_version < "3.11"'
+"$venv/bin/python" -m pip install -q "$torch_spec" numpy safetensors onnxruntime 'tomli; python_version < "3.11"'
 "$venv/bin/python" - <<'EOF'
 import torch, numpy, safetensors
 torch.set_num_threads(2)

@@ -213,7 +213,9 @@ impl GpuDevice {
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<GpuDevice> {
         let info = adapter.get_info();
         let summary = AdapterSummary::from_info(&info);
-        let wanted_features = wgpu::Features::TIMESTAMP_QUERY;
+        // Timestamps for `run_timed`; inside passes for the per-dispatch profile.
+        let wanted_features =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         let descriptor = wgpu::DeviceDescriptor {
             label: Some("iresnetc"),
             required_features: adapter.features() & wanted_features,
@@ -278,6 +280,13 @@ impl GpuDevice {
         self.device
             .features()
             .contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Timestamps can be written between the dispatches of one compute pass.
+    pub fn has_timestamps_inside_passes(&self) -> bool {
+        self.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+        )
     }
 
     /// Returns (and clears) what wgpu reported outside error scopes since the last call.

@@ -121,17 +121,29 @@ pub fn probe_vector(
     dim: usize,
     rademacher: bool,
 ) -> Vec<f64> {
+    probe_values(seed, block, sample, probe, rademacher)
+        .take(dim)
+        .collect()
+}
+
+/// The values of [`probe_vector`] as an endless stream, for callers that write them straight
+/// into their own layout (no vector allocated per block and sample).
+pub fn probe_values(
+    seed: u64,
+    block: usize,
+    sample: usize,
+    probe: usize,
+    rademacher: bool,
+) -> impl Iterator<Item = f64> {
     let mut r = Rng::for_stream(
         seed,
         &[streams::PROBE, block as u64, sample as u64, probe as u64],
     );
-    (0..dim)
-        .map(|_| {
-            if rademacher {
-                r.rademacher()
-            } else {
-                r.normal()
-            }
-        })
-        .collect()
+    std::iter::repeat_with(move || {
+        if rademacher {
+            r.rademacher()
+        } else {
+            r.normal()
+        }
+    })
 }

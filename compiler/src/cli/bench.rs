@@ -20,9 +20,21 @@ use iresnetc_runtime::{GpuDevice, GpuExecutor};
 pub struct BenchArgs {
     /// Model files; default: the single CIFAR block (batch 8) and models/cifar.toml (batch 1).
     pub model: Vec<PathBuf>,
-    /// Batch size (default: 8 for the block and small models, 1 for the 25M-parameter flows).
+    /// Batch sizes, comma-separated (default: 8 for the block and small models, 1 for the
+    /// 25M-parameter flows).
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Kernel tiling of the wgpu plans (default: from the adapter, `cpu` on software ones).
+    #[arg(long, value_enum)]
+    pub tiling: Option<super::backend::TilingArg>,
+    /// Fixed-point steps per block of the inverse (default: the certified count for the
+    /// model's tolerance, within its max_iters).
     #[arg(long)]
-    pub batch: Option<usize>,
+    pub inverse_steps: Option<usize>,
+    /// Per-kernel GPU times of one run of every wgpu measurement, written to this JSON file
+    /// (needs timestamp queries; adapters without them are reported and skipped).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
     /// Timed runs per measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub samples: usize,
@@ -39,6 +51,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the rows as JSON to this file (the table is still printed).
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -48,9 +63,15 @@ struct Row {
     backend: String,
     batch: usize,
     dispatches: Option<usize>,
+    /// Wall time: upload, recording, submission, device sync and read-back.
     median_ms: f64,
     ms_per_image: f64,
     gflops: f64,
+    /// wgpu: GPU time from the first pass's start to the last one's end (timestamp queries;
+    /// absent where the adapter has none).
+    gpu_ms: Option<f64>,
+    /// wgpu: CPU time recording the command buffer.
+    record_ms: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -119,8 +140,11 @@ pub fn check_args(a: &BenchArgs) -> Result<()> {
             );
         }
     }
-    if a.batch.is_some_and(|b| b == 0 || b > 4096) {
+    if a.batch.iter().any(|&b| b == 0 || b > 4096) {
         anyhow::bail!("--batch must be in 1..=4096");
+    }
+    if a.inverse_steps.is_some_and(|n| n == 0 || n > 1000) {
+        anyhow::bail!("--inverse-steps must be in 1..=1000");
     }
     if a.samples == 0 || a.samples > 10_000 {
         anyhow::bail!("--samples must be in 1..=10000");
@@ -144,34 +168,65 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let mut profiles = Vec::new();
     for path in &models {
         eprintln!("loading {}", path.display());
-        let m = pipeline::load_model(path, &LoadOptions::default(), &|_, _| {})?;
+        let mut m = pipeline::load_model(path, &LoadOptions::default(), &|_, _| {})?;
+        if let Some(n) = a.inverse_steps {
+            // Exactly n steps: a tolerance no certificate reaches, capped at n.
+            m.graph.spec.inverse.max_iters = n;
+            m.graph.spec.inverse.tol = 1e-30;
+        }
+        let batches = if a.batch.is_empty() {
+            vec![if m.graph.param_count() > 5_000_000 {
+                1
+            } else {
+                8
+            }]
+        } else {
+            a.batch.clone()
+        };
+        for batch in batches {
+            bench_model(&m, batch, a, dev.as_ref(), &mut rows, &mut profiles)?;
+        }
+    }
+    finish(a, &rows, &profiles)
+}
+
+fn bench_model(
+    m: &Model,
+    batch: usize,
+    a: &BenchArgs,
+    dev: Option<&GpuDevice>,
+    rows: &mut Vec<Row>,
+    profiles: &mut Vec<super::profile::KernelProfile>,
+) -> Result<()> {
+    {
         let g = &m.graph;
-        let batch = a
-            .batch
-            .unwrap_or(if g.param_count() > 5_000_000 { 1 } else { 8 });
         let name = g.spec.name.clone();
         let flow = g.spec.kind == ModelKind::Flow;
-        let iters: Vec<usize> = m
-            .lipschitz
-            .blocks
-            .iter()
-            .map(|b| b.inverse_iters.min(g.spec.inverse.max_iters))
-            .collect();
-        let f = flops(&m, &iters);
-        let mut push =
-            |entry: &str, backend: &str, dispatches: Option<usize>, secs: f64, flops: f64| {
-                rows.push(Row {
-                    model: name.clone(),
-                    entry: entry.to_string(),
-                    backend: backend.to_string(),
-                    batch,
-                    dispatches,
-                    median_ms: secs * 1e3,
-                    ms_per_image: secs * 1e3 / batch as f64,
-                    gflops: flops * batch as f64 / secs / 1e9,
-                });
+        let iters: Vec<usize> = match a.inverse_steps {
+            Some(n) => vec![n; g.blocks.len()],
+            None => m
+                .lipschitz
+                .blocks
+                .iter()
+                .map(|b| b.inverse_iters.min(g.spec.inverse.max_iters))
+                .collect(),
+        };
+        let f = flops(m, &iters);
+        let row =
+            |entry: &str, backend: &str, dispatches: Option<usize>, secs: f64, flops: f64| Row {
+                model: name.clone(),
+                entry: entry.to_string(),
+                backend: backend.to_string(),
+                batch,
+                dispatches,
+                median_ms: secs * 1e3,
+                ms_per_image: secs * 1e3 / batch as f64,
+                gflops: flops * batch as f64 / secs / 1e9,
+                gpu_ms: None,
+                record_ms: None,
             };
         let wanted = |e: &str| a.entries.iter().any(|w| w == e);
         let entries: Vec<(&str, f64)> = if flow {
@@ -187,15 +242,21 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .filter(|(e, _)| wanted(e))
         .collect();
 
-        if let Some(dev) = &dev {
-            let tiling = if dev.adapter().is_software {
-                Tiling::CPU
-            } else {
-                Tiling::GPU
+        if let Some(dev) = dev {
+            let tiling = match a.tiling {
+                Some(t) => t.into(),
+                None if dev.adapter().is_software => Tiling::CPU,
+                None => Tiling::GPU,
             };
             for fuse in [true, false] {
                 let label = if fuse { "wgpu fused" } else { "wgpu unfused" };
-                let (bundle, _) = codegen::compile_in_memory(&m, &CodegenOptions { fuse, tiling })?;
+                let gen = codegen::generate(m, &CodegenOptions { fuse, tiling })?;
+                let costs = codegen::cost::report(&gen.plan, &gen.costs, batch);
+                let bundle = iresnetc_runtime::Bundle::from_parts(
+                    gen.plan,
+                    gen.shaders,
+                    iresnetc::netdesc::weights_f32(&g.params),
+                )?;
                 let mut ex = GpuExecutor::new(dev, &bundle)?;
                 for (entry, fl) in &entries {
                     let plan_entry = match *entry {
@@ -227,16 +288,43 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                         .iter()
                         .map(|(n, v)| (n.as_str(), v.as_slice()))
                         .collect();
-                    let secs = time(a.samples, || {
-                        ex.run(plan_entry, batch, &inputs)?;
-                        Ok(())
-                    })?;
+                    ex.run(plan_entry, batch, &inputs)?;
+                    let (mut wall, mut gpu, mut record) = (vec![], vec![], vec![]);
+                    for _ in 0..a.samples.max(1) {
+                        let t = ex.run_timed(plan_entry, batch, &inputs)?;
+                        wall.push(t.wall.as_secs_f64());
+                        record.push(t.record.as_secs_f64());
+                        if let Some(g) = t.gpu {
+                            gpu.push(g.as_secs_f64());
+                        }
+                    }
                     let d = ex.dispatch_count(plan_entry);
-                    push(entry, label, Some(d), secs, *fl);
+                    let mut r = row(entry, label, Some(d), median(wall), *fl);
+                    r.record_ms = Some(median(record) * 1e3);
+                    r.gpu_ms = (!gpu.is_empty()).then(|| median(gpu) * 1e3);
+                    rows.push(r);
+                    if a.profile.is_some() {
+                        profiles.extend(super::profile::profile(
+                            &mut ex,
+                            &costs,
+                            super::profile::Measured {
+                                model: &name,
+                                entry,
+                                plan_entry,
+                                variant: label,
+                                batch,
+                            },
+                            &inputs,
+                        )?);
+                    }
                 }
             }
         }
 
+        let mut push =
+            |entry: &str, backend: &str, dispatches: Option<usize>, secs: f64, flops: f64| {
+                rows.push(row(entry, backend, dispatches, secs, flops));
+            };
         if a.backends.iter().any(|b| b == "tract") {
             // Export only the graphs being measured: the unrolled inverse of a
             // big model is large, and tract's load time grows with its size.
@@ -288,7 +376,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
 
         if a.backends.iter().any(|b| b == "cpu") {
-            bench_cpu(&m, batch, a.samples, &wanted, &mut push)?;
+            bench_cpu(m, batch, a.samples, &wanted, &mut push)?;
         }
 
         if a.backends.iter().any(|b| b == "reference") {
@@ -331,7 +419,18 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn finish(a: &BenchArgs, rows: &[Row], profiles: &[super::profile::KernelProfile]) -> Result<()> {
     eprintln!("peak resident memory {:.0} MiB", peak_rss_mib());
+    if let Some(path) = &a.profile {
+        super::profile::write(path, profiles)?;
+    }
+    if let Some(path) = &a.json_out {
+        let json = serde_json::to_string_pretty(&rows).context("serializing")?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
     if a.json {
         println!(
             "{}",
@@ -340,12 +439,22 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<12} {:<15} {:<20} {:>5} {:>10} {:>12} {:>12} {:>9}",
-        "model", "entry", "backend", "batch", "dispatch", "median ms", "ms/image", "GFLOP/s"
+        "{:<12} {:<15} {:<20} {:>5} {:>9} {:>11} {:>10} {:>10} {:>10} {:>9}",
+        "model",
+        "entry",
+        "backend",
+        "batch",
+        "dispatch",
+        "wall ms",
+        "gpu ms",
+        "record ms",
+        "ms/image",
+        "GFLOP/s"
     );
-    for r in &rows {
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
+    for r in rows {
         println!(
-            "{:<12} {:<15} {:<20} {:>5} {:>10} {:>12.2} {:>12.2} {:>9.2}",
+            "{:<12} {:<15} {:<20} {:>5} {:>9} {:>11.2} {:>10} {:>10} {:>10.2} {:>9.2}",
             r.model,
             r.entry,
             r.backend,
@@ -354,10 +463,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 .map(|d| d.to_string())
                 .unwrap_or_else(|| "-".into()),
             r.median_ms,
+            opt(r.gpu_ms),
+            opt(r.record_ms),
             r.ms_per_image,
             r.gflops
         );
     }
+    println!("wall: upload, recording, submission, device sync and read-back (median); gpu: first pass start to last pass end (timestamp queries, '-' where the adapter has none); record: CPU time encoding the commands");
     Ok(())
 }
 

@@ -3,9 +3,11 @@
 mod backend;
 mod bench;
 mod compile;
+mod cost;
 mod devices;
 mod export;
 mod guard;
+mod profile;
 mod run;
 mod train;
 
@@ -39,6 +41,8 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        cost: cost::CostArgs,
     },
     /// Print the IR (Graphviz DOT with --dot, else one line per node).
     Graph {
@@ -84,7 +88,15 @@ pub fn run(cli: Cli) -> Result<()> {
             model,
             weights,
             json,
-        } => inspect(&model, weights.weights.as_deref(), weights.seed, json),
+            cost,
+        } => {
+            if cost.cost {
+                let m = load(&model, weights.weights.as_deref(), weights.seed)?;
+                cost::print(&m, &cost, json)
+            } else {
+                inspect(&model, weights.weights.as_deref(), weights.seed, json)
+            }
+        }
         Cmd::Graph { model, dot } => graph(&model, dot),
         Cmd::Run(args) => run::run(&args),
         Cmd::Compile(args) => compile::run(&args),

@@ -20,6 +20,19 @@ pub struct PlanBuilder {
     file_of_source: HashMap<String, String>,
     /// FLOPs per sample of one dispatch of each kernel.
     pub flops: HashMap<String, u64>,
+    /// The cost figures of each kernel that do not depend on the batch.
+    pub costs: HashMap<String, KernelCost>,
+}
+
+/// What one dispatch of a kernel costs, apart from its grid (which the plan holds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCost {
+    pub flops_per_sample: u64,
+    /// Longest serial chain of one invocation (see `kernels::Generated::chain`).
+    pub chain: u64,
+    pub bytes_per_sample: u64,
+    pub bytes_shared: u64,
+    pub kind: super::kernels::KernelKind,
 }
 
 impl PlanBuilder {
@@ -82,7 +95,7 @@ impl PlanBuilder {
         bindings: &[Binding],
         workgroup_size: u32,
         workgroups: [u32; 2],
-        flops_per_sample: u64,
+        cost: KernelCost,
     ) -> Result<Step> {
         let step = Step::Dispatch {
             kernel: name.to_string(),
@@ -119,7 +132,8 @@ impl PlanBuilder {
         self.kernel_index
             .insert(name.to_string(), self.kernels.len());
         self.kernels.push(decl);
-        self.flops.insert(name.to_string(), flops_per_sample);
+        self.flops.insert(name.to_string(), cost.flops_per_sample);
+        self.costs.insert(name.to_string(), cost);
         Ok(step)
     }
 }

@@ -12,9 +12,8 @@ use crate::kernels::ConvGeom;
 use crate::passes::fusion::ActRef;
 
 /// How convolution kernels split their work. The register-blocked variant is the one that is
-/// fast on lavapipe (DESIGN.md: barriers are expensive there); a workgroup-memory tiled
-/// variant for real GPUs is not generated yet, so GPUs get smaller register blocks (more
-/// workgroups in flight) from the same template.
+/// fast on lavapipe (DESIGN.md: barriers are expensive there); the split-K variant gives a
+/// real GPU enough invocations at batch 1 and short serial chains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "strategy", rename_all = "snake_case")]
 pub enum Tiling {
@@ -25,6 +24,16 @@ pub enum Tiling {
         channels: u32,
         workgroup: u32,
     },
+    /// For hardware GPUs: one output per invocation in workgroups of `workgroup`, the
+    /// reduction of each output split over its input channels (see
+    /// `shaders/conv_splitk.wgsl`) until a convolution launches at least `target_groups`
+    /// workgroups per sample and no invocation's chain exceeds `max_chain` multiply-adds
+    /// (as far as the channels allow).
+    SplitK {
+        workgroup: u32,
+        target_groups: u32,
+        max_chain: u32,
+    },
 }
 
 impl Tiling {
@@ -34,11 +43,12 @@ impl Tiling {
         channels: 8,
         workgroup: 64,
     };
-    /// For hardware GPUs until a workgroup-memory variant exists: small blocks, many threads.
-    pub const GPU: Tiling = Tiling::RegisterBlocked {
-        pixels: 1,
-        channels: 4,
-        workgroup: 64,
+    /// For hardware GPUs: the goals of the cost report (`codegen::cost`): at least 128
+    /// workgroups of 128 per convolution at batch 1, chains of at most 1,152 multiply-adds.
+    pub const GPU: Tiling = Tiling::SplitK {
+        workgroup: 128,
+        target_groups: 128,
+        max_chain: 1152,
     };
 
     /// The tiling for an adapter: register blocks for CPU (software) adapters, more and
@@ -59,6 +69,27 @@ pub struct Generated {
     pub workgroup_size: u32,
     pub workgroups: [u32; 2],
     pub flops_per_sample: u64,
+    /// Longest chain of dependent floating-point operations one invocation runs (the
+    /// multiply-adds of its accumulator, plus the adds of a split reduction).
+    pub chain: u64,
+    /// Compulsory memory traffic of one dispatch (every array element touched counted
+    /// once, read-modify-write twice): per sample, and shared by the batch (weights).
+    pub bytes_per_sample: u64,
+    pub bytes_shared: u64,
+    pub kind: KernelKind,
+}
+
+/// What a kernel does, for the cost report: the GPU goals are about the convolutions (an
+/// elementwise kernel over a whole tensor, or a block's one-workgroup log-det sum, has no
+/// reduction to split and too few elements to fill a GPU at batch 1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelKind {
+    #[default]
+    Conv,
+    Elementwise,
+    Reduce,
+    Fill,
 }
 
 /// The activation after the epilogue's first value, with the buffer holding a second output.
@@ -94,18 +125,43 @@ pub enum Epilogue {
         lead: Option<ActOut>,
     },
     /// vjp through the activation before this layer: `dst = v * act'(pre)`.
-    VjpMask {
-        pre: String,
-        dst: String,
-        act: ActRef,
-    },
+    VjpMask { mask: Mask, dst: String },
     /// The last vjp of a term: `u = v [* act'(pre)]`, `dst = u`, and `acc += coef_k * u * v_p`
     /// (the `<w_k, v>` product, summed over elements by the block's reduce kernel).
     VjpDot {
-        mask: Option<(String, ActRef)>,
+        mask: Option<Mask>,
         dst: String,
         ld: LogDetBindings,
     },
+}
+
+/// The activation derivative a vjp multiplies by, read from a stored buffer: the
+/// pre-activation, or, for ELU and ReLU, the activation's output (their derivative is a
+/// function of the output, so the forward need not store the pre-activation as well).
+#[derive(Clone, Debug)]
+pub struct Mask {
+    pub buffer: String,
+    pub act: ActRef,
+    pub from_output: bool,
+}
+
+impl Mask {
+    /// `act'` at the stored value `x` (a WGSL expression).
+    pub fn call(&self, x: &str) -> String {
+        if self.from_output {
+            format!("dact_out_{}({x}, beta)", act_suffix(self.act.act))
+        } else {
+            dact_call(&self.act, x)
+        }
+    }
+}
+
+/// True when `act'(x)` is a function of `act(x)` (ELU: `y + 1` below 0; ReLU: `y > 0`).
+pub fn derivative_from_output(act: &ActRef) -> bool {
+    matches!(
+        act.act,
+        crate::spec::Activation::Elu | crate::spec::Activation::Relu
+    )
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +178,8 @@ pub struct LogDetBindings {
     pub coef: String,
     pub probes: String,
     pub counter: String,
+    /// Terms per probe of the entry point (the counter runs over probes x terms).
+    pub terms: usize,
     /// Per-sample elements of `coef` and the offset of this block's terms.
     pub coef_n: usize,
     pub coef_off: usize,
@@ -140,6 +198,9 @@ pub struct Conv {
     pub weight: String,
     pub bias: Option<String>,
     pub epilogue: Epilogue,
+    /// The log-det's term counter, advanced by one invocation per sample (the first vjp
+    /// kernel of each term does it, instead of a one-invocation kernel of its own).
+    pub bump: Option<String>,
 }
 
 /// `let beta = ...;` for the kernel's activation, adding LipSwish's parameter binding.
@@ -161,35 +222,34 @@ fn dact_call(a: &ActRef, x: &str) -> String {
     format!("dact_{}({x}, beta)", act_suffix(a.act))
 }
 
-pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
-    let Tiling::RegisterBlocked {
-        pixels,
-        channels,
-        workgroup,
-    } = tiling;
-    let f = &c.geom;
-    // The map this kernel computes.
-    let (cin, cout, pad) = if c.transposed {
-        (f.cout, f.cin, f.k - 1 - f.pad)
-    } else {
-        (f.cin, f.cout, f.pad)
-    };
-    let (oh, ow) = if c.transposed {
-        (f.h, f.w)
-    } else {
-        (f.out_h(), f.out_w())
-    };
-    let ohw = oh * ow;
-    let wg = (ohw as u32).next_power_of_two().clamp(1, workgroup);
-    let tp = (ohw as u32).div_ceil(wg).clamp(1, pixels);
-    let tc = (cout as u32).clamp(1, channels);
-    let per_group = wg * tp;
-    let weight_expr = if c.transposed {
-        "wgt[((i * COUT + o) * K + (K - 1u - ky)) * K + (K - 1u - kx)]"
-    } else {
-        "wgt[((o * CIN + i) * K + ky) * K + kx]"
-    };
+/// The parts of a convolution kernel that do not depend on the tiling: bindings, the
+/// epilogue statements (in terms of `v` the value, `o` the global index, `li` the index
+/// within the sample, `co` the channel and `sample`), the per-kernel setup before them
+/// (log-det counters, the term counter's bump) and `let beta = ...;`.
+pub(super) struct ConvParts {
+    pub bindings: Vec<Binding>,
+    pub body: String,
+    pub pre_epilogue: String,
+    pub beta: String,
+}
 
+/// The map a convolution kernel computes: `(cin, cout, pad, out_h, out_w)`.
+pub(super) fn conv_map(c: &Conv) -> (usize, usize, usize, usize, usize) {
+    let f = &c.geom;
+    if c.transposed {
+        (f.cout, f.cin, f.k - 1 - f.pad, f.h, f.w)
+    } else {
+        (f.cin, f.cout, f.pad, f.out_h(), f.out_w())
+    }
+}
+
+/// The statement that advances the log-det's term counter once per dispatch and sample;
+/// `first` is the WGSL condition true for exactly one invocation per sample.
+fn bump_statement(first: &str) -> String {
+    format!("    if ({first}) {{\n        counter[sample] += 1.0;\n    }}\n")
+}
+
+pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
     let mut b = vec![
         Binding::read("src", c.src.clone()),
         Binding::read("wgt", c.weight.clone()),
@@ -197,8 +257,6 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
     if let Some(bias) = &c.bias {
         b.push(Binding::read("bias", bias.clone()));
     }
-    // Epilogue statements, in terms of v (the value), o (global index), li (index within
-    // the sample), co (channel) and sample.
     let mut body = String::new();
     let mut pre_epilogue = String::new();
     let mut act: Option<&ActRef> = None;
@@ -244,19 +302,19 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
                 act = Some(&l.act);
             }
         }
-        Epilogue::VjpMask { pre, dst, act: a } => {
-            b.push(Binding::read("pre", pre.clone()));
+        Epilogue::VjpMask { mask, dst } => {
+            b.push(Binding::read("pre", mask.buffer.clone()));
             b.push(Binding::write("dst", dst.clone()));
-            let _ = write!(body, "dst[o] = v * {};", dact_call(a, "pre[o]"));
-            act = Some(a);
+            let _ = write!(body, "dst[o] = v * {};", mask.call("pre[o]"));
+            act = Some(&mask.act);
         }
         Epilogue::VjpDot { mask, dst, ld } => {
             b.push(Binding::write("dst", dst.clone()));
             match mask {
-                Some((pre, a)) => {
-                    b.push(Binding::read("pre", pre.clone()));
-                    let _ = write!(body, "let u = v * {}; ", dact_call(a, "pre[o]"));
-                    act = Some(a);
+                Some(m) => {
+                    b.push(Binding::read("pre", m.buffer.clone()));
+                    let _ = write!(body, "let u = v * {}; ", m.call("pre[o]"));
+                    act = Some(&m.act);
                 }
                 None => body.push_str("let u = v; "),
             }
@@ -268,8 +326,49 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
             );
         }
     }
+    if let Some(counter) = &c.bump {
+        b.push(Binding::write("counter", counter.clone()));
+        pre_epilogue.push_str(&bump_statement(first_invocation));
+    }
     let beta = beta_setup(act, &mut b);
-    if let Some(g) = conv1x1_vec4(c, tiling, cin, cout, ohw, &b, &beta, &pre_epilogue, &body)? {
+    ConvParts {
+        bindings: b,
+        body,
+        pre_epilogue,
+        beta,
+    }
+}
+
+pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
+    let (pixels, channels, workgroup) = match tiling {
+        Tiling::RegisterBlocked {
+            pixels,
+            channels,
+            workgroup,
+        } => (pixels, channels, workgroup),
+        Tiling::SplitK { .. } => return super::splitk::conv(c, tiling),
+    };
+    let f = &c.geom;
+    let (cin, cout, pad, oh, ow) = conv_map(c);
+    let ohw = oh * ow;
+    let wg = (ohw as u32).next_power_of_two().clamp(1, workgroup);
+    let tp = (ohw as u32).div_ceil(wg).clamp(1, pixels);
+    let tc = (cout as u32).clamp(1, channels);
+    let per_group = wg * tp;
+    let weight_expr = if c.transposed {
+        "wgt[((i * COUT + o) * K + (K - 1u - ky)) * K + (K - 1u - kx)]"
+    } else {
+        "wgt[((o * CIN + i) * K + ky) * K + kx]"
+    };
+    let ConvParts {
+        bindings: b,
+        body,
+        pre_epilogue,
+        beta,
+    } = conv_parts(c, "wg.x == 0u && wg.y == 0u && lane == 0u");
+    if let Some(g) =
+        super::vec4::conv1x1_vec4(c, tiling, cin, cout, ohw, &b, &beta, &pre_epilogue, &body)?
+    {
         return Ok(g);
     }
 
@@ -349,13 +448,44 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
             ("EPILOGUE", epilogue),
         ],
     )?;
+    let (bytes_per_sample, bytes_shared) = conv_bytes(c, &b);
     Ok(Generated {
         source,
         bindings: b,
         workgroup_size: wg,
         workgroups: [(ohw as u32).div_ceil(per_group), (cout as u32).div_ceil(tc)],
         flops_per_sample: 2 * (cin * cout * f.k * f.k * ohw) as u64,
+        chain: (cin * f.k * f.k) as u64,
+        bytes_per_sample,
+        bytes_shared,
+        kind: KernelKind::Conv,
     })
+}
+
+/// Compulsory traffic of a convolution kernel, `(per sample, shared)` bytes: the input map
+/// and one pass over each per-output array of the epilogue per sample (the log-det
+/// accumulator read and written), the weights and per-channel parameters once.
+pub(super) fn conv_bytes(c: &Conv, bindings: &[Binding]) -> (u64, u64) {
+    let (cin, cout, _, oh, ow) = conv_map(c);
+    let (inputs, outputs) = (cin * c.geom.h * c.geom.w, cout * oh * ow);
+    let (inputs, outputs) = if c.transposed {
+        (cin * c.geom.out_h() * c.geom.out_w(), outputs)
+    } else {
+        (inputs, outputs)
+    };
+    let (mut per_sample, mut shared) = (0usize, 0usize);
+    for b in bindings {
+        match b.var {
+            "src" => per_sample += inputs,
+            "wgt" => shared += c.geom.weight_len(),
+            "bias" | "an_scale" | "an_bias" => shared += cout,
+            "beta_raw" => shared += 1,
+            "coef" | "counter" => per_sample += 1,
+            "acc" => per_sample += 2 * outputs,
+            _ => per_sample += outputs,
+        }
+    }
+    (4 * per_sample as u64, 4 * shared as u64)
 }
 
 fn push_logdet_bindings(b: &mut Vec<Binding>, ld: &LogDetBindings) {
@@ -365,12 +495,17 @@ fn push_logdet_bindings(b: &mut Vec<Binding>, ld: &LogDetBindings) {
     b.push(Binding::read("counter", ld.counter.clone()));
 }
 
-/// `coef_at` and `probe_at` of the current term and probe (from the per-sample counters:
-/// `[term, probe]`), so one kernel serves every term of the series.
+/// `coef_at` and `probe_at` of the current term and probe, from the per-sample count of terms
+/// started (the term's first kernel has already advanced it), so one kernel serves every term
+/// of the series.
 fn logdet_counters(ld: &LogDetBindings) -> String {
     format!(
-        "    let term = u32(counter[sample * 2u]);\n    let probe = u32(counter[sample * 2u + 1u]);\n    let coef_at = sample * {}u + {}u + term;\n    let probe_at = sample * {}u + {}u + probe * OUT_N;\n",
-        ld.coef_n, ld.coef_off, ld.probe_n, ld.probe_off
+        "    let started = u32(counter[sample]) - 1u;\n    let term = started % {t}u;\n    let probe = started / {t}u;\n    let coef_at = sample * {}u + {}u + term;\n    let probe_at = sample * {}u + {}u + probe * OUT_N;\n",
+        ld.coef_n,
+        ld.coef_off,
+        ld.probe_n,
+        ld.probe_off,
+        t = ld.terms.max(1)
     )
 }
 
@@ -391,12 +526,18 @@ pub fn eltwise(
             ("BODY", format!("{beta}{body}")),
         ],
     )?;
+    // Every binding but LipSwish's parameter is an array of n per sample.
+    let arrays = bindings.iter().filter(|b| b.var != "beta_raw").count();
     Ok(Generated {
         source,
         bindings,
         workgroup_size: 256,
         workgroups: [(n as u32).div_ceil(256), 1],
         flops_per_sample: n as u64,
+        chain: 1,
+        bytes_per_sample: 4 * (n * arrays) as u64,
+        bytes_shared: 0,
+        kind: KernelKind::Elementwise,
     })
 }
 
@@ -431,6 +572,11 @@ pub fn logdet_reduce(
         workgroup_size: 64,
         workgroups: [1, 1],
         flops_per_sample: dim as u64,
+        // Each lane sums D / 64 values, then a 6-level tree, then lane 0 sums the scales.
+        chain: (dim.div_ceil(64) + 6 + channels) as u64,
+        bytes_per_sample: 4 * (2 * dim + 1) as u64,
+        bytes_shared: 4 * channels as u64,
+        kind: KernelKind::Reduce,
     })
 }
 
@@ -446,128 +592,4 @@ pub fn dot_bindings(ld: &LogDetBindings, w: &str) -> Vec<Binding> {
     let mut b = vec![Binding::read("w", w)];
     push_logdet_bindings(&mut b, ld);
     b
-}
-
-/// The vec4 variant of a 1x1 convolution (see `shaders/conv1x1_vec4.wgsl`), when the shapes
-/// allow it: pixels a multiple of 4, and the vector axis of the weights (input channels
-/// forward, output channels transposed) a multiple of 4 and of the channel block.
-#[allow(clippy::too_many_arguments)]
-fn conv1x1_vec4(
-    c: &Conv,
-    tiling: Tiling,
-    cin: usize,
-    cout: usize,
-    ohw: usize,
-    bindings: &[Binding],
-    beta: &str,
-    pre_epilogue: &str,
-    body: &str,
-) -> Result<Option<Generated>> {
-    let Tiling::RegisterBlocked {
-        channels,
-        workgroup,
-        ..
-    } = tiling;
-    let tc = (channels as usize * 2).min(cout);
-    let fits = c.geom.k == 1
-        && c.geom.stride == 1
-        && c.geom.pad == 0
-        && ohw.is_multiple_of(4)
-        && tc.is_multiple_of(4)
-        && cout.is_multiple_of(tc)
-        && cin.is_multiple_of(4);
-    if !fits {
-        return Ok(None);
-    }
-    let hw4 = ohw / 4;
-    let wg = (hw4 as u32).next_power_of_two().clamp(1, workgroup);
-    let mut decl = String::new();
-    for (i, bind) in bindings.iter().enumerate() {
-        let access = if bind.write { "read_write" } else { "read" };
-        let ty = if bind.var == "src" || bind.var == "wgt" {
-            "array<vec4<f32>>"
-        } else {
-            "array<f32>"
-        };
-        let _ = writeln!(
-            decl,
-            "@group(0) @binding({i}) var<storage, {access}> {}: {ty};",
-            bind.var
-        );
-    }
-    let mut setup = beta.to_string();
-    for t in 0..tc {
-        let _ = writeln!(setup, "    var acc{t} = vec4<f32>(0.0);");
-    }
-    let lanes = ["x", "y", "z", "w"];
-    let mut inner = String::new();
-    let looped = if c.transposed {
-        // Weight row i (a forward output channel) holds this kernel's outputs contiguously.
-        for m in 0..tc / 4 {
-            let _ = writeln!(
-                inner,
-                "        let w{m} = wgt[(ci * COUT + co0) / 4u + {m}u];"
-            );
-            for (k, l) in lanes.iter().enumerate() {
-                let t = 4 * m + k;
-                let _ = writeln!(
-                    inner,
-                    "        acc{t} = fma(vec4<f32>(w{m}.{l}), xv, acc{t});"
-                );
-            }
-        }
-        format!(
-            "    for (var ci = 0u; ci < CIN; ci++) {{\n        let xv = src[xb + ci * HW4];\n{inner}    }}"
-        )
-    } else {
-        for t in 0..tc {
-            let _ = writeln!(
-                inner,
-                "        let w{t} = wgt[min(co0 + {t}u, COUT - 1u) * (CIN / 4u) + c4];"
-            );
-            for (k, l) in lanes.iter().enumerate() {
-                let _ = writeln!(
-                    inner,
-                    "        acc{t} = fma(vec4<f32>(w{t}.{l}), x{k}, acc{t});"
-                );
-            }
-        }
-        format!(
-            "    for (var c4 = 0u; c4 < CIN / 4u; c4++) {{\n        let xc = xb + c4 * 4u * HW4;\n        let x0 = src[xc];\n        let x1 = src[xc + HW4];\n        let x2 = src[xc + 2u * HW4];\n        let x3 = src[xc + 3u * HW4];\n{inner}    }}"
-        )
-    };
-    let mut epilogue = pre_epilogue.to_string();
-    let bias = if c.bias.is_some() { " + bias[co]" } else { "" };
-    for t in 0..tc {
-        for (k, l) in lanes.iter().enumerate() {
-            let _ = writeln!(
-                epilogue,
-                "    if (co0 + {t}u < COUT && live) {{\n        let co = co0 + {t}u;\n        let li = co * OHW + 4u * q + {k}u;\n        let o = sample * OUT_N + li;\n        let v = acc{t}.{l}{bias};\n        {body}\n    }}"
-            );
-        }
-    }
-    let source = wgsl::render(
-        wgsl::CONV1X1_VEC4_TEMPLATE,
-        &[
-            ("BINDINGS", decl),
-            ("CIN", cin.to_string()),
-            ("COUT", cout.to_string()),
-            ("OHW", ohw.to_string()),
-            ("HW4", hw4.to_string()),
-            ("OUT_N", (cout * ohw).to_string()),
-            ("TC", tc.to_string()),
-            ("FUNCTIONS", wgsl::activation_functions()),
-            ("WG", wg.to_string()),
-            ("SETUP", setup),
-            ("LOOP", looped),
-            ("EPILOGUE", epilogue),
-        ],
-    )?;
-    Ok(Some(Generated {
-        source,
-        bindings: bindings.to_vec(),
-        workgroup_size: wg,
-        workgroups: [(hw4 as u32).div_ceil(wg), (cout / tc) as u32],
-        flops_per_sample: 2 * (cin * cout * ohw) as u64,
-    }))
 }

@@ -10,8 +10,11 @@
 //! - [`inputs`]: the CPU side of the log-det inputs (probes, series / roulette weights).
 
 pub mod builder;
+pub mod cost;
 pub mod kernels;
 pub mod lower;
+pub mod splitk;
+mod vec4;
 pub mod wgsl;
 
 use std::collections::BTreeMap;
@@ -65,6 +68,9 @@ pub struct CodegenReport {
     pub entry_points: BTreeMap<String, EntryCost>,
     /// Fixed-point iterations per block in the inverse entry point.
     pub inverse_iters: Vec<usize>,
+    /// Per-kernel grid, chain, bytes and FLOPs of every entry point at batch 1
+    /// (`iresnetc inspect --cost` prints it at any batch).
+    pub cost: cost::CostReport,
 }
 
 /// What codegen produces: the plan, the WGSL files by name, the report.
@@ -73,6 +79,8 @@ pub struct Generated {
     pub plan: Plan,
     pub shaders: BTreeMap<String, String>,
     pub report: CodegenReport,
+    /// What each kernel costs apart from its grid (input of [`cost::report`]).
+    pub costs: std::collections::HashMap<String, builder::KernelCost>,
 }
 
 fn io(name: &str, buffer: &str, shape: Vec<usize>) -> IoDecl {
@@ -190,7 +198,8 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
             },
         );
     }
-    let report = CodegenReport {
+    let kernel_costs = builder.costs;
+    let mut report = CodegenReport {
         fused: opts.fuse,
         tiling: opts.tiling,
         kernels: builder.kernels.len(),
@@ -198,6 +207,10 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
         buffers: builder.buffers.len(),
         entry_points: costs,
         inverse_iters,
+        cost: cost::CostReport {
+            batch: 1,
+            entry_points: BTreeMap::new(),
+        },
     };
     let plan = Plan {
         format: BUNDLE_FORMAT.to_string(),
@@ -219,10 +232,12 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
         integrity: Default::default(),
     };
     plan.validate()?;
+    report.cost = cost::report(&plan, &kernel_costs, 1);
     Ok(Generated {
         plan,
         shaders: builder.shaders,
         report,
+        costs: kernel_costs,
     })
 }
 

@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::net::ActKind;
+use super::simd::simd_kernel;
 
 /// LipSwish divides by this so that its Lipschitz constant stays <= 1 for any beta.
 const LIPSWISH_DIV: f32 = 1.1;
@@ -41,7 +42,8 @@ pub fn fast_exp(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in plain SSE2.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -49,59 +51,25 @@ pub fn fast_exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // `t`'s low mantissa bits hold n itself (t = 1.5 * 2^23 + n): reading them instead of
+    // converting `n` keeps the loop free of saturating float -> int conversions, which
+    // would stop it from vectorizing.
+    let n_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let bits = ((n_int + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
 
 impl Act {
-    #[inline(always)]
-    fn value_and_slope(&self, x: f32) -> (f32, f32) {
-        match self.kind {
-            ActKind::Elu => {
-                // exp of min(x, 0) for both branches: no overflow, and a select, not a branch.
-                let e = fast_exp(x.min(0.0));
-                if x > 0.0 {
-                    (x, 1.0)
-                } else {
-                    (e - 1.0, e)
-                }
-            }
-            ActKind::Relu => {
-                if x > 0.0 {
-                    (x, 1.0)
-                } else {
-                    (0.0, 0.0)
-                }
-            }
-            ActKind::LipSwish => {
-                let s = 1.0 / (1.0 + fast_exp(-self.beta * x));
-                (
-                    x * s / LIPSWISH_DIV,
-                    (s + self.beta * x * s * (1.0 - s)) / LIPSWISH_DIV,
-                )
-            }
-        }
-    }
-
     /// `x <- f(x)`, and `mask <- f'(x)` (pre-activation) when given.
     pub fn apply(&self, x: &mut [f32], mask: Option<&mut [f32]>) {
         let len = x.len();
+        let act = *self;
         match mask {
             Some(m) => x
                 .par_chunks_mut(CHUNK)
                 .zip(m[..len].par_chunks_mut(CHUNK))
-                .for_each(|(xs, ms)| {
-                    for (v, d) in xs.iter_mut().zip(ms) {
-                        let (f, s) = self.value_and_slope(*v);
-                        *v = f;
-                        *d = s;
-                    }
-                }),
-            None => x.par_chunks_mut(CHUNK).for_each(|xs| {
-                for v in xs {
-                    *v = self.value_and_slope(*v).0;
-                }
-            }),
+                .for_each(|(xs, ms)| values_and_slopes(act, xs, ms)),
+            None => x.par_chunks_mut(CHUNK).for_each(|xs| values(act, xs)),
         }
     }
 
@@ -112,16 +80,79 @@ impl Act {
     }
 }
 
+simd_kernel! {
+    fn values(act: Act, xs: &mut [f32]) {
+        // One loop per kind, so that each vectorizes without a per-element match.
+        match act.kind {
+            ActKind::Elu => xs.iter_mut().for_each(|v| *v = elu(*v).0),
+            ActKind::Relu => xs.iter_mut().for_each(|v| *v = relu(*v).0),
+            ActKind::LipSwish => xs.iter_mut().for_each(|v| *v = lipswish(act.beta, *v).0),
+        }
+    }
+}
+
+simd_kernel! {
+    fn values_and_slopes(act: Act, xs: &mut [f32], ms: &mut [f32]) {
+        match act.kind {
+            ActKind::Elu => each_value_and_slope(xs, ms, elu),
+            ActKind::Relu => each_value_and_slope(xs, ms, relu),
+            ActKind::LipSwish => each_value_and_slope(xs, ms, |x| lipswish(act.beta, x)),
+        }
+    }
+}
+
+#[inline(always)]
+fn each_value_and_slope(xs: &mut [f32], ms: &mut [f32], f: impl Fn(f32) -> (f32, f32)) {
+    for (v, d) in xs.iter_mut().zip(ms) {
+        let (y, s) = f(*v);
+        *v = y;
+        *d = s;
+    }
+}
+
+#[inline(always)]
+fn elu(x: f32) -> (f32, f32) {
+    // exp of min(x, 0) for both branches: no overflow, and a select, not a branch.
+    let e = fast_exp(x.min(0.0));
+    if x > 0.0 {
+        (x, 1.0)
+    } else {
+        (e - 1.0, e)
+    }
+}
+
+#[inline(always)]
+fn relu(x: f32) -> (f32, f32) {
+    if x > 0.0 {
+        (x, 1.0)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+#[inline(always)]
+fn lipswish(beta: f32, x: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + fast_exp(-beta * x));
+    (
+        x * s / LIPSWISH_DIV,
+        (s + beta * x * s * (1.0 - s)) / LIPSWISH_DIV,
+    )
+}
+
 /// `w <- w * mask`, elementwise.
 pub fn mul_mask(w: &mut [f32], mask: &[f32]) {
     let len = w.len();
     w.par_chunks_mut(CHUNK)
         .zip(mask[..len].par_chunks(CHUNK))
-        .for_each(|(ws, ms)| {
-            for (v, m) in ws.iter_mut().zip(ms) {
-                *v *= m;
-            }
-        });
+        .for_each(|(ws, ms)| mul_chunk(ws, ms));
+}
+
+simd_kernel! {
+    fn mul_chunk(ws: &mut [f32], ms: &[f32]) {
+        for (v, m) in ws.iter_mut().zip(ms) {
+            *v *= m;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,10 +17,6 @@ use gemm::Parallelism;
 /// `k = h = w = 1`.
 pub type Shape = (usize, usize, usize, usize, usize);
 
-fn at(cin: usize, k: usize) -> impl Fn(usize, usize, usize, usize) -> usize {
-    move |co, ci, ky, kx| ((co * cin + ci) * k + ky) * k + kx
-}
-
 /// `y[cout][imgs][h*w] = W x` (no bias) for channel-major `x[cin][imgs][h*w]`.
 pub fn forward(
     (cin, cout, k, h, w): Shape,
@@ -32,8 +28,7 @@ pub fn forward(
 ) -> Vec<f32> {
     assert!(k % 2 == 1, "training kernels take odd, same-padded kernels");
     assert_eq!(weight.len(), cout * cin * k * k, "weight [cout, cin, k, k]");
-    let i = at(cin, k);
-    let op = ConvOp::new(cin, cout, k, 1, |d, s, ky, kx| weight[i(d, s, ky, kx)]);
+    let op = ConvOp::new(cin, cout, k, weight, false);
     let mut y = vec![0f32; cout * imgs * h * w];
     op.apply(x, &mut y, imgs, h, w, 1.0, false, scratch, threads);
     y
@@ -50,8 +45,7 @@ pub fn adjoint(
 ) -> Vec<f32> {
     assert!(k % 2 == 1, "training kernels take odd, same-padded kernels");
     assert_eq!(weight.len(), cout * cin * k * k, "weight [cout, cin, k, k]");
-    let i = at(cin, k);
-    let op = ConvOp::new(cout, cin, k, -1, |d, s, ky, kx| weight[i(s, d, ky, kx)]);
+    let op = ConvOp::new(cin, cout, k, weight, true);
     let mut x = vec![0f32; cin * imgs * h * w];
     op.apply(y, &mut x, imgs, h, w, 1.0, false, scratch, threads);
     x

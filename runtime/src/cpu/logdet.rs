@@ -14,7 +14,7 @@ use super::engine::{BLayer, Block, CpuEngine, LogDetRequest};
 use super::net::{EstimatorKind, ProbeKind};
 use super::pool::Workspace;
 use crate::error::Result;
-use crate::rng::probe_vector;
+use crate::rng::probe_values;
 
 /// Largest block dimension the exact estimator accepts: it keeps a d x d f64 Jacobian per
 /// sample and runs d vjps.
@@ -148,18 +148,18 @@ impl CpuEngine {
         for p in 0..req.probes {
             grow(&mut ws.probe, len);
             for i in 0..batch {
-                let v = probe_vector(
+                // Sample i's probe is [C][HW]; its channel ci goes to row ci of [C][B][HW].
+                let mut v = probe_values(
                     req.seed,
                     b.index,
                     req.first_sample + i,
                     p,
-                    d,
                     req.probe == ProbeKind::Rademacher,
                 );
                 for ci in 0..b.c {
                     let dst = &mut ws.probe[(ci * batch + i) * hw..][..hw];
-                    for (o, s) in dst.iter_mut().zip(&v[ci * hw..(ci + 1) * hw]) {
-                        *o = *s as f32;
+                    for (o, s) in dst.iter_mut().zip(&mut v) {
+                        *o = s as f32;
                     }
                 }
             }

@@ -8,6 +8,7 @@
 //! - [`act`]: activations and their derivative masks.
 //! - [`layout`]: squeeze, factor-out and the batch-major <-> channel-major transposes.
 //! - `forward` / `logdet` / `inverse`: encode and classify, the log-det estimators, decode.
+//! - `simd`: elementwise kernels compiled for the CPU's widest SIMD level, chosen at run time.
 //! - [`pool`]: `IRESNETC_THREADS`, the thread pool and the reusable buffers.
 
 pub mod act;
@@ -20,6 +21,7 @@ pub mod layout;
 pub mod logdet;
 pub mod net;
 pub mod pool;
+mod simd;
 
 pub use engine::{BlockInverse, CpuEngine, InverseReport, LogDetRequest};
 pub use net::NetDesc;

@@ -13,6 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod profile;
+mod resources;
 mod shader;
 mod steps;
 use shader::{check_kernel_limits, create_kernel, parse_wgsl, reflect_bindings};
@@ -50,6 +52,7 @@ const FILL_WORKGROUP: u64 = 256;
 
 /// Outputs of a run by output name.
 pub type Outputs = BTreeMap<String, Vec<f32>>;
+pub use profile::{DispatchTime, Profile, ProfileMode};
 /// Outputs of one batch chunk, in the entry point's order.
 type ChunkOutputs = Vec<(String, Vec<f32>)>;
 /// What each `map_async` callback reported (`None`: not called yet).
@@ -64,6 +67,9 @@ pub struct TimedRun {
     /// GPU time from the start of the first compute pass to the end of the last one, summed
     /// over batch chunks; `None` without `TIMESTAMP_QUERY` or for a plan without dispatches.
     pub gpu: Option<Duration>,
+    /// CPU time spent recording the command buffers (encoder, passes, dispatches), summed
+    /// over batch chunks.
+    pub record: Duration,
 }
 
 /// One GPU operation of a flattened entry point; indices are into `plan.buffers` / kernels.
@@ -301,7 +307,7 @@ impl GpuExecutor {
     /// for shared ones. Returns every output, `batch * prod(shape)` values each.
     pub fn run(&mut self, entry: &str, batch: usize, inputs: &[(&str, &[f32])]) -> Result<Outputs> {
         self.run_inner(entry, batch, inputs, false)
-            .map(|(outputs, _)| outputs)
+            .map(|(outputs, _, _)| outputs)
     }
 
     /// [`run`](Self::run), timed: wall time includes upload, the device sync and read-back.
@@ -312,11 +318,12 @@ impl GpuExecutor {
         inputs: &[(&str, &[f32])],
     ) -> Result<TimedRun> {
         let start = Instant::now();
-        let (outputs, gpu) = self.run_inner(entry, batch, inputs, true)?;
+        let (outputs, gpu, record) = self.run_inner(entry, batch, inputs, true)?;
         Ok(TimedRun {
             outputs,
             wall: start.elapsed(),
             gpu,
+            record,
         })
     }
 
@@ -326,7 +333,7 @@ impl GpuExecutor {
         batch: usize,
         inputs: &[(&str, &[f32])],
         timed: bool,
-    ) -> Result<(Outputs, Option<Duration>)> {
+    ) -> Result<(Outputs, Option<Duration>, Duration)> {
         let program = self
             .programs
             .get(entry)
@@ -404,6 +411,7 @@ impl GpuExecutor {
             })
             .collect();
         let mut gpu_time: Option<Duration> = None;
+        let mut record = Duration::ZERO;
         let mut start = 0;
         while start < batch {
             let chunk = (batch - start).min(self.max_batch);
@@ -420,7 +428,9 @@ impl GpuExecutor {
                     }
                 })
                 .collect();
-            let (chunk_out, chunk_time) = self.run_chunk(entry, chunk, &chunk_inputs, timed)?;
+            let (chunk_out, chunk_time, chunk_record) =
+                self.run_chunk(entry, chunk, &chunk_inputs, timed)?;
+            record += chunk_record;
             for (name, values) in chunk_out {
                 outputs
                     .get_mut(&name)
@@ -432,7 +442,7 @@ impl GpuExecutor {
             }
             start += chunk;
         }
-        Ok((outputs, gpu_time))
+        Ok((outputs, gpu_time, record))
     }
 
     /// One submission: upload, record every op, read back.
@@ -442,7 +452,7 @@ impl GpuExecutor {
         batch: usize,
         inputs: &[&[f32]],
         timed: bool,
-    ) -> Result<(ChunkOutputs, Option<Duration>)> {
+    ) -> Result<(ChunkOutputs, Option<Duration>, Duration)> {
         let slot = self.resources(batch)?;
         let res = &self.cache[slot];
         let program = &self.programs[entry];
@@ -457,6 +467,7 @@ impl GpuExecutor {
         for ((_, buffer), values) in program.inputs.iter().zip(inputs) {
             queue.write_buffer(&res.set.buffers[*buffer], 0, bytemuck::cast_slice(values));
         }
+        let recording = Instant::now();
         let mut encoder =
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(entry) });
         for &b in &self.zeroed {
@@ -551,7 +562,9 @@ impl GpuExecutor {
             encoder.resolve_query_set(&ts.queries, 0..2, &ts.resolve, 0);
             encoder.copy_buffer_to_buffer(&ts.resolve, 0, &ts.readback, 0, 16);
         }
-        queue.submit([encoder.finish()]);
+        let commands = encoder.finish();
+        let record = recording.elapsed();
+        queue.submit([commands]);
 
         let oom = pollster::block_on(oom.pop());
         let validation = pollster::block_on(validation.pop());
@@ -618,85 +631,7 @@ impl GpuExecutor {
             }
             None => None,
         };
-        Ok((outputs, gpu_time))
-    }
-
-    /// Index into `self.cache` of the buffers for `batch`, allocating (and evicting the least
-    /// recently used set) when needed.
-    fn resources(&mut self, batch: usize) -> Result<usize> {
-        self.use_counter += 1;
-        if let Some(i) = self.cache.iter().position(|r| r.set.batch == batch) {
-            self.cache[i].last_used = self.use_counter;
-            return Ok(i);
-        }
-        if self.cache.len() >= CACHED_BATCH_SIZES {
-            let oldest = (0..self.cache.len())
-                .min_by_key(|&i| self.cache[i].last_used)
-                .expect("cache is not empty");
-            self.cache.swap_remove(oldest);
-        }
-        let device = &self.gpu.device;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let set = BufferSet::allocate(&self.gpu, &self.plan, batch, &self.weights)?;
-        let kernel_groups = self
-            .plan
-            .kernels
-            .iter()
-            .zip(&self.kernels)
-            .map(|(decl, kernel)| {
-                let buffers: Vec<&wgpu::Buffer> = decl
-                    .bindings
-                    .iter()
-                    .map(|name| &set.buffers[self.buffer_index(name)])
-                    .collect();
-                device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(&decl.name),
-                    layout: &kernel.layout,
-                    entries: &entries(&buffers),
-                })
-            })
-            .collect();
-        let mut fill_groups = HashMap::new();
-        let mut staging = HashMap::new();
-        for program in self.programs.values() {
-            for op in &program.ops {
-                if let Op::Fill { buffer, value } = *op {
-                    let key = (buffer, value.to_bits());
-                    fill_groups.entry(key).or_insert_with(|| {
-                        device.create_bind_group(&wgpu::BindGroupDescriptor {
-                            label: Some("fill"),
-                            layout: &self.fill_kernel.layout,
-                            entries: &entries(&[&set.buffers[buffer], &self.fill_values[&key.1]]),
-                        })
-                    });
-                }
-            }
-            for (_, buffer) in &program.outputs {
-                staging.entry(*buffer).or_insert_with(|| {
-                    device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("read-back"),
-                        size: set.buffers[*buffer].size(),
-                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                        mapped_at_creation: false,
-                    })
-                });
-            }
-        }
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(RuntimeError::Gpu(format!(
-                "allocating buffers for batch {batch}: {}",
-                wgpu_error(&e)
-            )));
-        }
-        self.gpu.take_errors()?;
-        self.cache.push(BatchResources {
-            set,
-            kernel_groups,
-            fill_groups,
-            staging,
-            last_used: self.use_counter,
-        });
-        Ok(self.cache.len() - 1)
+        Ok((outputs, gpu_time, record))
     }
 
     fn buffer_index(&self, name: &str) -> usize {

@@ -4,7 +4,7 @@
 use super::*;
 
 impl Lowering<'_> {
-    pub(super) fn ld_bindings(&mut self, b: usize) -> Result<LogDetBindings> {
+    pub(super) fn ld_bindings(&mut self, b: usize, terms: usize) -> Result<LogDetBindings> {
         let fb = &self.fusion.blocks[b];
         let dim = self.layout.block_dims[b];
         let acc = self
@@ -22,12 +22,15 @@ impl Lowering<'_> {
             true,
             BufferInit::Input,
         )?;
-        let counter = self.b.buffer(names::COUNTER, 2, true, BufferInit::Zero)?;
+        // Terms started in this block, over all probes (advanced by the first vjp kernel of
+        // each term, reset by the block's reduce kernel).
+        let counter = self.b.buffer(names::COUNTER, 1, true, BufferInit::Zero)?;
         Ok(LogDetBindings {
             acc,
             coef,
             probes,
             counter,
+            terms,
             coef_n: self.layout.coef_elems(),
             coef_off: b * self.layout.coef_stride,
             probe_n: self.layout.probe_elems(),
@@ -45,14 +48,14 @@ impl Lowering<'_> {
         let blk = &g.blocks[b];
         let s = fb.stage;
         let d: usize = fb.shape.iter().product();
-        let ld = self.ld_bindings(b)?;
+        let ld = self.ld_bindings(b, terms)?;
         let a = self.val(blk.actnorm)?;
         let w = self.stage_buf(s, "w", d)?;
         let prefix = format!("{tag}.{}", fb.name);
 
-        // w = v_p (the current probe).
+        // w = v_p (the current probe; no term of it has started yet).
         let init_body = format!(
-            "    let probe = u32(counter[sample * 2u + 1u]);\n    w[sample * {d}u + i] = probes[sample * {}u + {}u + probe * {d}u + i];",
+            "    let probe = u32(counter[sample]) / {terms}u;\n    w[sample * {d}u + i] = probes[sample * {}u + {}u + probe * {d}u + i];",
             ld.probe_n, ld.probe_off
         );
         let init = self.eltwise(
@@ -66,21 +69,6 @@ impl Lowering<'_> {
             None,
             &init_body,
         )?;
-        let counter_bind = vec![Binding::write("counter", ld.counter.clone())];
-        let next_term = self.eltwise(
-            "ld.next_term",
-            1,
-            counter_bind.clone(),
-            None,
-            "    counter[sample * 2u] += 1.0;",
-        )?;
-        let next_probe = self.eltwise(
-            "ld.next_probe",
-            1,
-            counter_bind,
-            None,
-            "    counter[sample * 2u] = 0.0;\n    counter[sample * 2u + 1u] += 1.0;",
-        )?;
 
         let mut term = Vec::new();
         let last = fb.layers.len() - 1;
@@ -93,6 +81,10 @@ impl Lowering<'_> {
                 self.stage_buf(s, &format!("g{}", i + 1), layer.geom.out_len())?
             };
             let in_n = layer.geom.in_len();
+            // The first kernel of a term advances the counter; the kernel that reads it is
+            // the term's last, a later dispatch (branches have at least two layers here:
+            // lowering refuses a single one).
+            let bump_here = i == last && last > 0;
             let conv = |epilogue| Conv {
                 geom: layer.geom,
                 transposed: true,
@@ -100,6 +92,7 @@ impl Lowering<'_> {
                 weight: layer.weight.clone(),
                 bias: None,
                 epilogue,
+                bump: bump_here.then(|| ld.counter.clone()),
             };
             if i > 0 {
                 let act = fb.layers[i - 1]
@@ -109,17 +102,30 @@ impl Lowering<'_> {
                         context: layer.node.clone(),
                         message: "inner layer without activation".into(),
                     })?;
-                let pre = self.stage_buf(s, &format!("pre{i}"), in_n)?;
+                // ELU and ReLU: the derivative from the forward's stored output.
+                let from_output = kernels::derivative_from_output(&act);
+                let stored = if from_output { "post" } else { "pre" };
+                let mask = Mask {
+                    buffer: self.stage_buf(s, &format!("{stored}{i}"), in_n)?,
+                    act,
+                    from_output,
+                };
                 let dst = self.stage_buf(s, &format!("g{i}"), in_n)?;
                 if self.fusion.enabled {
-                    term.push(self.conv(&name, conv(Epilogue::VjpMask { pre, dst, act }))?);
+                    term.push(self.conv(&name, conv(Epilogue::VjpMask { mask, dst }))?);
                 } else {
                     let raw = self.stage_buf(s, &format!("gt{i}"), in_n)?;
                     term.push(self.conv(&name, conv(Epilogue::Store { dst: raw.clone() }))?);
-                    term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &pre, &dst, &act)?);
+                    term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &mask, &dst)?);
                 }
             } else if self.fusion.enabled {
-                let mask = fb.lead_act.clone().map(|act| (a.clone(), act));
+                // The next block's leading activation has replaced this one's output in the
+                // stage's `lead` buffer by now: the derivative comes from the ActNorm output.
+                let mask = fb.lead_act.clone().map(|act| Mask {
+                    buffer: a.clone(),
+                    act,
+                    from_output: false,
+                });
                 term.push(self.conv(
                     &name,
                     conv(Epilogue::VjpDot {
@@ -132,8 +138,13 @@ impl Lowering<'_> {
                 match fb.lead_act.clone() {
                     Some(act) => {
                         let raw = self.stage_buf(s, "gt0", in_n)?;
+                        let mask = Mask {
+                            buffer: a.clone(),
+                            act,
+                            from_output: false,
+                        };
                         term.push(self.conv(&name, conv(Epilogue::Store { dst: raw.clone() }))?);
-                        term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &a, &w, &act)?);
+                        term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &mask, &w)?);
                     }
                     None => term.push(self.conv(&name, conv(Epilogue::Store { dst: w.clone() }))?),
                 }
@@ -146,7 +157,6 @@ impl Lowering<'_> {
                 )?);
             }
         }
-        term.push(next_term);
 
         let an = &g.node(blk.actnorm);
         let log_scale = param_name(&an.name, "log_scale");
@@ -171,36 +181,34 @@ impl Lowering<'_> {
                         times: terms as u32,
                         steps: term,
                     },
-                    next_probe,
                 ],
             },
             reduce,
         ])
     }
 
-    /// `dst = src * act'(pre)` elementwise (unfused plans).
+    /// `dst = src * act'` elementwise, the derivative from `mask` (unfused plans).
     pub(super) fn mask(
         &mut self,
         name: &str,
         n: usize,
         src: &str,
-        pre: &str,
+        mask: &Mask,
         dst: &str,
-        a: &ActRef,
     ) -> Result<Step> {
         let body = format!(
-            "    let o = sample * {n}u + i;\n    dst[o] = src[o] * dact_{}(pre[o], beta);",
-            act_suffix(a.act)
+            "    let o = sample * {n}u + i;\n    dst[o] = src[o] * {};",
+            mask.call("pre[o]")
         );
         self.eltwise(
             name,
             n,
             vec![
                 Binding::read("src", src),
-                Binding::read("pre", pre),
+                Binding::read("pre", mask.buffer.clone()),
                 Binding::write("dst", dst),
             ],
-            Some(a),
+            Some(&mask.act),
             &body,
         )
     }

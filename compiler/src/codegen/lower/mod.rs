@@ -14,7 +14,7 @@ use petgraph::stable_graph::NodeIndex;
 
 use super::builder::PlanBuilder;
 use super::kernels::{
-    self, ActOut, Conv, Epilogue, Generated, LogDetBindings, NextActNorm, Tiling,
+    self, ActOut, Conv, Epilogue, Generated, LogDetBindings, Mask, NextActNorm, Tiling,
 };
 use super::wgsl::{act_suffix, float, Binding};
 use crate::error::{Error, Result};
@@ -144,7 +144,13 @@ impl<'a> Lowering<'a> {
             &k.bindings,
             k.workgroup_size,
             k.workgroups,
-            k.flops_per_sample,
+            super::builder::KernelCost {
+                flops_per_sample: k.flops_per_sample,
+                chain: k.chain,
+                bytes_per_sample: k.bytes_per_sample,
+                bytes_shared: k.bytes_shared,
+                kind: k.kind,
+            },
         )
     }
 
@@ -250,8 +256,11 @@ impl<'a> Lowering<'a> {
         let g = self.g;
         let mut steps = Vec::new();
         let latent_off = self.latent_offsets();
+        // The vjp kernels know their entry point's term count (they derive term and probe from
+        // one counter), so the roulette's longer series gets kernels of its own.
         let tag = match terms {
-            Some(_) => "ld".to_string(),
+            Some(t) if t == self.layout.terms => "ld".to_string(),
+            Some(_) => "rl".to_string(),
             None => "fwd".to_string(),
         };
         for ix in g.topo_order()? {
@@ -361,6 +370,7 @@ impl<'a> Lowering<'a> {
                             weight: param_name(&n.name, "weight"),
                             bias: Some(param_name(&n.name, "bias")),
                             epilogue: Epilogue::Store { dst },
+                            bump: None,
                         },
                     )?);
                 }
@@ -477,20 +487,26 @@ impl<'a> Lowering<'a> {
                     context: layer.node.clone(),
                     message: "inner layer without activation".into(),
                 })?;
-                let pre = self.stage_buf(s, &format!("pre{}", i + 1), out_n)?;
                 let post = self.stage_buf(s, &format!("post{}", i + 1), out_n)?;
                 if self.fusion.enabled {
+                    // The log-det's vjp takes ELU's and ReLU's derivative from `post`.
+                    let pre = if kernels::derivative_from_output(&act) {
+                        None
+                    } else {
+                        Some(self.stage_buf(s, &format!("pre{}", i + 1), out_n)?)
+                    };
                     steps.push(self.layer(
                         &name,
                         layer,
                         src,
                         Epilogue::StoreAct {
-                            pre: Some(pre),
+                            pre,
                             dst: post,
                             act,
                         },
                     )?);
                 } else {
+                    let pre = self.stage_buf(s, &format!("pre{}", i + 1), out_n)?;
                     steps.extend(self.layer_then_act(&name, layer, src, out_n, &pre, &post, &act)?);
                 }
                 continue;
@@ -598,6 +614,7 @@ impl<'a> Lowering<'a> {
                 weight: layer.weight.clone(),
                 bias: Some(layer.bias.clone()),
                 epilogue,
+                bump: None,
             },
         )
     }

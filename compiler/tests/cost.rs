@@ -1,0 +1,299 @@
+//! The per-kernel cost report (`codegen::cost`) against figures derived independently: the
+//! constants each generated convolution shader actually declares, and the index arithmetic of
+//! its template (which invocation computes which outputs over which input channels), replayed
+//! here invocation by invocation (no GPU needed); and against what the executor records, in
+//! the per-dispatch profile (on whatever adapter wgpu finds).
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{device, gpu_lock, inputs, model_file};
+use iresnetc::codegen::cost::{self, KernelRow};
+use iresnetc::codegen::kernels::KernelKind;
+use iresnetc::codegen::{self, entries, CodegenOptions, Generated, Tiling};
+use iresnetc::pipeline::Model;
+use iresnetc_runtime::{GpuExecutor, Step};
+
+fn generate(m: &Model, fuse: bool, tiling: Tiling) -> Generated {
+    codegen::generate(m, &CodegenOptions { fuse, tiling }).expect("codegen")
+}
+
+/// `const NAME: u32 = 12u;` (or `i32`) of a generated shader.
+fn constant(source: &str, name: &str) -> u64 {
+    let prefix = format!("const {name}: ");
+    let line = source
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no constant {name}"));
+    let value = line.split('=').nth(1).expect("value");
+    value
+        .trim()
+        .trim_end_matches(';')
+        .trim_end_matches('u')
+        .parse()
+        .unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
+fn workgroup_size(source: &str) -> u64 {
+    let at = source.find("@workgroup_size(").expect("workgroup_size") + 16;
+    source[at..]
+        .split(')')
+        .next()
+        .expect(")")
+        .parse()
+        .expect("size")
+}
+
+/// The grid of each dispatched kernel of `entry`, straight from the plan's steps.
+fn grids(g: &Generated, entry: &str) -> HashMap<String, [u32; 3]> {
+    fn walk(steps: &[Step], out: &mut HashMap<String, [u32; 3]>) {
+        for s in steps {
+            match s {
+                Step::Dispatch { kernel, workgroups } => {
+                    out.insert(kernel.clone(), *workgroups);
+                }
+                Step::Repeat { steps, .. } => walk(steps, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    walk(&g.plan.entry_points[entry].steps, &mut out);
+    out
+}
+
+fn source_of<'a>(g: &'a Generated, kernel: &str) -> &'a str {
+    let decl = g
+        .plan
+        .kernels
+        .iter()
+        .find(|k| k.name == kernel)
+        .expect("kernel");
+    &g.shaders[&decl.file]
+}
+
+/// Replays `conv_splitk.wgsl`'s indexing for one sample: every output (channel, pixel) must
+/// be computed by exactly `S` invocations whose channel ranges partition `0..CIN`; returns
+/// the longest chain (multiply-adds of one accumulator plus the `S - 1` adds of the
+/// reduction).
+fn replay_splitk(source: &str, grid: [u32; 3]) -> u64 {
+    let c = |name| constant(source, name);
+    let (cin, cout, k, ohw, out_n) = (c("CIN"), c("COUT"), c("K"), c("OHW"), c("OUT_N"));
+    let (tc, blocks, s, opg, cps, gx) = (c("TC"), c("BLOCKS"), c("S"), c("OPG"), c("CPS"), c("GX"));
+    let wg = workgroup_size(source);
+    assert_eq!(s * opg, wg, "splits x blocks per group fill the workgroup");
+    assert_eq!(
+        blocks * tc,
+        out_n,
+        "blocks of TC channels cover the outputs"
+    );
+    assert_eq!(cout * ohw, out_n);
+    let mut covered = vec![Vec::new(); out_n as usize];
+    let mut chain = 0;
+    for y in 0..u64::from(grid[1]) {
+        for x in 0..u64::from(grid[0]) {
+            for lane in 0..wg {
+                let (j, split) = (lane % opg, lane / opg);
+                let lb = (y * gx + x) * opg + j;
+                let ci0 = (split * cps).min(cin);
+                let ci1 = (ci0 + cps).min(cin);
+                chain = chain.max((ci1 - ci0) * k * k + s - 1);
+                if lb < blocks {
+                    let (co0, p) = ((lb / ohw) * tc, lb % ohw);
+                    for t in 0..tc {
+                        covered[((co0 + t) * ohw + p) as usize].push((ci0, ci1));
+                    }
+                }
+            }
+        }
+    }
+    for (li, ranges) in covered.iter_mut().enumerate() {
+        assert_eq!(ranges.len() as u64, s, "output {li}: {s} partial sums");
+        ranges.sort_unstable();
+        let mut next = 0;
+        for &(a, b) in ranges.iter().filter(|(a, b)| a < b) {
+            assert_eq!(
+                a, next,
+                "output {li}: channels {ranges:?} do not partition 0..{cin}"
+            );
+            next = b;
+        }
+        assert_eq!(next, cin, "output {li}: channels {ranges:?}");
+    }
+    chain
+}
+
+fn row<'a>(rows: &'a [KernelRow], kernel: &str) -> &'a KernelRow {
+    rows.iter().find(|r| r.kernel == kernel).expect("row")
+}
+
+/// Every convolution of every entry point, both tilings, fused and unfused, at batch 3: the
+/// report's grid, chain and FLOPs equal what the shader's own constants and indexing give.
+#[test]
+fn conv_figures_match_the_shaders() {
+    let m = model_file("cifar-tiny.toml");
+    let batch = 3u64;
+    let mut checked = 0;
+    for tiling in [Tiling::CPU, Tiling::GPU] {
+        for fuse in [true, false] {
+            let g = generate(&m, fuse, tiling);
+            let report = cost::report(&g.plan, &g.costs, batch as usize);
+            for (entry, e) in &report.entry_points {
+                let grid = grids(&g, entry);
+                for r in e.kernels.iter().filter(|r| r.kind == KernelKind::Conv) {
+                    let src = source_of(&g, &r.kernel);
+                    let gr = grid[&r.kernel];
+                    let wg = workgroup_size(src);
+                    let groups = u64::from(gr[0] * gr[1] * gr[2]) * batch;
+                    assert_eq!(r.workgroups, groups, "{}", r.kernel);
+                    assert_eq!(r.invocations, groups * wg, "{}", r.kernel);
+                    // The vec4 template is the 1x1 case and declares no K.
+                    let vec4 = src.contains("const HW4");
+                    let (cin, cout) = (constant(src, "CIN"), constant(src, "COUT"));
+                    let k = if vec4 { 1 } else { constant(src, "K") };
+                    let outputs = constant(src, "OUT_N");
+                    assert_eq!(outputs % cout, 0, "{}", r.kernel);
+                    assert_eq!(r.flops, 2 * outputs * cin * k * k * batch, "{}", r.kernel);
+                    let chain = if src.contains("const S: u32") {
+                        replay_splitk(src, gr)
+                    } else {
+                        // Register blocks: each accumulator sums every channel and tap.
+                        cin * k * k
+                    };
+                    assert_eq!(r.chain, chain, "{} ({entry})", r.kernel);
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 100, "{checked} convolution rows checked");
+}
+
+/// A CIFAR block (width 512, 12x16x16) at batch 1: in the GPU tiling every convolution of
+/// forward, log-det and inverse meets the goals (the 512 -> 12 convolution split 32 ways);
+/// the CPU tiling, which keeps register blocks for lavapipe, does not (its 512 -> 12
+/// convolutions run 4,608 multiply-adds in series on 128 invocations). No dispatch of the
+/// log-det is a one-invocation counter kernel.
+#[test]
+fn gpu_tiling_meets_the_goals_on_a_cifar_block() {
+    let m = model_file("cifar-block.toml");
+    let g = generate(&m, true, Tiling::GPU);
+    let report = cost::report(&g.plan, &g.costs, 1);
+    for entry in [entries::FORWARD, entries::LOGDET, entries::INVERSE] {
+        let e = &report.entry_points[entry];
+        assert!(e.goals.met_by_convolutions, "{entry}: {:?}", e.goals);
+        assert!(e.goals.longest_chain <= cost::GOAL_MAX_CHAIN);
+        for r in e.kernels.iter().filter(|r| r.kind == KernelKind::Conv) {
+            assert!(r.invocations >= 32_768 || r.workgroups >= 128, "{r:?}");
+        }
+    }
+    // The last convolution of the branch, 512 -> 12 3x3 on 16x16: blocks of 8 channels do
+    // not divide 12; blocks of 4: 3 x 256 = 768 blocks, which reach 128 groups of 128 with
+    // 32 splits (768 x 32 / 128 = 192) of 16 channels: chains of 16 x 9 + 31 = 175.
+    let fwd = &report.entry_points[entries::FORWARD];
+    let last = fwd
+        .kernels
+        .iter()
+        .find(|r| r.kernel.ends_with("conv2"))
+        .expect("conv2");
+    assert_eq!((last.workgroups, last.chain), (192, 175), "{last:?}");
+
+    let cpu = generate(&m, true, Tiling::CPU);
+    let cpu_report = cost::report(&cpu.plan, &cpu.costs, 1);
+    let cpu_last = row(
+        &cpu_report.entry_points[entries::FORWARD].kernels,
+        &last.kernel,
+    );
+    assert_eq!((cpu_last.invocations, cpu_last.chain), (128, 4608));
+    assert!(
+        !cpu_report.entry_points[entries::FORWARD]
+            .goals
+            .met_by_convolutions
+    );
+
+    // The counter lives in one element per sample, and no dispatched kernel binds it alone.
+    for entry in [entries::FORWARD, entries::LOGDET, entries::FORWARD_ROULETTE] {
+        for r in &report.entry_points[entry].kernels {
+            let decl = g
+                .plan
+                .kernels
+                .iter()
+                .find(|k| k.name == r.kernel)
+                .expect("decl");
+            assert_ne!(
+                decl.bindings,
+                vec!["ld.counter".to_string()],
+                "{}",
+                r.kernel
+            );
+        }
+    }
+}
+
+/// The per-dispatch profile times every dispatch the entry point records, in order, with the
+/// grid the executor dispatches (batch folded into z); an adapter without timestamp queries
+/// is refused with a message that says so.
+#[test]
+fn profile_times_every_dispatch() {
+    let m = model_file("cifar-tiny.toml");
+    let batch = 2;
+    let _l = gpu_lock();
+    let Some(dev) = device() else { return };
+    let gen = codegen::generate(
+        &m,
+        &CodegenOptions {
+            fuse: true,
+            tiling: Tiling::GPU,
+        },
+    )
+    .expect("codegen");
+    let report = codegen::cost::report(&gen.plan, &gen.costs, batch);
+    let (plan, shaders) = (gen.plan.clone(), gen.shaders.clone());
+    let weights = iresnetc::netdesc::weights_f32(&m.graph.params);
+    let bundle = iresnetc_runtime::Bundle::from_parts(plan, shaders, weights).expect("bundle");
+    let mut ex = GpuExecutor::new(dev, &bundle).expect("executor");
+    let x: Vec<f32> = inputs(batch, m.graph.input_dim(), 3)
+        .iter()
+        .flatten()
+        .map(|&v| v as f32)
+        .collect();
+    match ex.profile_mode() {
+        None => {
+            let e = ex
+                .profile(entries::ENCODE, batch, &[("x", &x)])
+                .unwrap_err();
+            assert!(e.to_string().contains("no timestamp queries"), "{e}");
+        }
+        Some(mode) => {
+            let p = ex
+                .profile(entries::ENCODE, batch, &[("x", &x)])
+                .expect("profile");
+            assert_eq!(
+                p.dispatches.len(),
+                ex.dispatch_count(entries::ENCODE),
+                "{mode:?}"
+            );
+            let rows = &report.entry_points[entries::ENCODE].kernels;
+            let expected: Vec<&str> = rows
+                .iter()
+                .flat_map(|r| std::iter::repeat_n(r.kernel.as_str(), r.dispatches as usize))
+                .collect();
+            let mut got: Vec<&str> = p.dispatches.iter().map(|d| d.kernel.as_str()).collect();
+            let mut want = expected.clone();
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want);
+            for d in &p.dispatches {
+                let r = rows.iter().find(|r| r.kernel == d.kernel).expect("row");
+                let groups: u64 = d.grid.iter().map(|&g| u64::from(g)).product();
+                assert_eq!(groups, r.workgroups, "{}", d.kernel);
+                assert!(d.ns.is_finite() && d.ns >= 0.0);
+            }
+        }
+    }
+    let t = ex
+        .run_timed(entries::ENCODE, batch, &[("x", &x)])
+        .expect("timed run");
+    assert!(t.record > std::time::Duration::ZERO && t.record <= t.wall);
+}
