@@ -472,6 +472,8 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--init-weights", help="iresnetc's initial raw weights: a weights file, or a run's step-0 "
                     "checkpoint (`iresnetc train ... --stop-after 0`), whose u, v are used too")
+    ap.add_argument("--save-init", help="write this run's initial raw weights (iresnetc's names, F64) to a "
+                    "safetensors file, for `iresnetc train --weights FILE`, and exit")
     ap.add_argument("--iresnetc-data", action="store_true",
                     help="2-D flows: draw the training batches and the held-out sample from iresnetc's "
                          "random streams of --seed (the very points `iresnetc train --seed S` uses)")
@@ -503,6 +505,10 @@ def main():
     model = Flow(spec)
     lin = model.linears()
     given_uv = load_init(model, a.init_weights) if a.init_weights else False
+    if a.save_init:
+        from safetensors.numpy import save_file
+        save_file({n: t.detach().to(torch.float64).numpy().copy() for n, t in model.named_iresnetc()}, a.save_init)
+        return 0
     if not given_uv:
         for m in lin:
             m.power(50)
