@@ -8,7 +8,9 @@ truncation, for image flows), the same spectral normalization (persistent u, v,
 `power_iters` iterations per step, gradient through sigma = u^T W v), the same
 optimizer, warm-up, clipping and EMA, and the same batch. Random streams differ
 (numpy/torch generators), so compare numbers of the same number of steps, not
-bits. float32 by default (iresnetc's CPU engine multiplies in f32), --dtype
+bits; or start from iresnetc's step-0 checkpoint (--init-weights) on iresnetc's
+own data streams (--iresnetc-data, 2-D sets), where the loss curves agree step
+by step to f32 rounding (examples/train_compare.py --same-start). float32 by default (iresnetc's CPU engine multiplies in f32), --dtype
 float64 for the f64 reference. examples/train_compare.py runs both and prints
 the comparison table of the README.
 
@@ -374,7 +376,8 @@ def load_init(model, path):
             a = get(name)
             if a is None:
                 raise SystemExit(f"{path}: no tensor {name}")
-            if tuple(a.shape) != tuple(t.shape) and a.size != t.numel():
+            # Exact shapes (a transposed weight must not load silently); a 1-element beta may be [] or [1].
+            if tuple(a.shape) != tuple(t.shape) and not (a.size == t.numel() == 1):
                 raise SystemExit(f"{path}: {name} has shape {list(a.shape)}, the model needs {list(t.shape)}")
             t.copy_(torch.tensor(a, dtype=DTYPE).view(t.shape))
         have_uv = ck and all(f"sn.u.{m.iresnetc_name}" in st for m in model.linears())
