@@ -45,6 +45,10 @@ def main():
     ap.add_argument("--toy-lr", type=float, default=5e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--same-start", action="store_true",
+                    help="2-D rows: PyTorch starts from iresnetc's initial weights and u, v (its step-0 "
+                         "checkpoint) and trains on iresnetc's batches and held-out set, so the two loss "
+                         "curves can be compared step by step")
     a = ap.parse_args()
     os.makedirs(os.path.join(ROOT, "build/compare"), exist_ok=True)
     table = []
@@ -70,6 +74,14 @@ def main():
         cmd = [sys.executable, "examples/pytorch/train_ref.py", model, "--data", data,
                "--steps", str(steps), "--threads", str(a.threads), "--seed", str(a.seed),
                "--metrics", pt_metrics, *extra]
+        if a.same_start and row != "fashion-mnist":
+            # The step-0 checkpoint holds the seeded initial weights and the u, v after the
+            # initial power iterations; the batches come from iresnetc's streams (ported).
+            start = f"{tag}-start"
+            subprocess.run(["rm", "-rf", os.path.join(ROOT, start)], check=True)
+            run([os.path.join(ROOT, "target/release/iresnetc"), "train", model, "--data", data, "-o", start,
+                 "--steps", str(steps), "--seed", str(a.seed), "--stop-after", "0", "--no-plots", *extra])
+            cmd += ["--init-weights", f"{start}/checkpoint.safetensors", "--iresnetc-data"]
         print("+", " ".join(cmd), file=sys.stderr, flush=True)
         # OpenMP's default spin-waiting stalls PyTorch for seconds per step on a shared machine
         # (measured: 1-27 s steps instead of 0.2-0.7 s); passive waiting is its best setting here.

@@ -8,7 +8,9 @@ truncation, for image flows), the same spectral normalization (persistent u, v,
 `power_iters` iterations per step, gradient through sigma = u^T W v), the same
 optimizer, warm-up, clipping and EMA, and the same batch. Random streams differ
 (numpy/torch generators), so compare numbers of the same number of steps, not
-bits. float32 by default (iresnetc's CPU engine multiplies in f32), --dtype
+bits; or start from iresnetc's step-0 checkpoint (--init-weights) on iresnetc's
+own data streams (--iresnetc-data, 2-D sets), where the loss curves agree step
+by step to f32 rounding (examples/train_compare.py --same-start). float32 by default (iresnetc's CPU engine multiplies in f32), --dtype
 float64 for the f64 reference. examples/train_compare.py runs both and prints
 the comparison table of the README.
 
@@ -93,6 +95,94 @@ def toy(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
         t = 1.5 * np.pi * (1 + 2 * rng.random(n))
         return (np.stack([t * np.cos(t), t * np.sin(t)], 1) + rng.standard_normal((n, 2))) / 5
     raise SystemExit(f"unknown data set {name}")
+
+
+class SplitMix:
+    """iresnetc's generator (runtime/src/rng.rs: SplitMix64, Box-Muller with the spare kept),
+    ported so that --iresnetc-data draws the very points `iresnetc train` draws."""
+
+    MASK = (1 << 64) - 1
+    GOLDEN = 0x9E3779B97F4A7C15
+
+    @staticmethod
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & SplitMix.MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & SplitMix.MASK
+        return z ^ (z >> 31)
+
+    def __init__(self, seed, stream):
+        h = seed ^ 0x243F6A8885A308D3
+        for s in stream:
+            h = self.mix(h ^ ((s * self.GOLDEN) & self.MASK))
+        self.state, self.spare = h, None
+
+    def uniform(self):
+        self.state = (self.state + self.GOLDEN) & self.MASK
+        return (self.mix(self.state) >> 11) * (1.0 / (1 << 53))
+
+    def normal(self):
+        if self.spare is not None:
+            z, self.spare = self.spare, None
+            return z
+        u1, u2 = 1.0 - self.uniform(), self.uniform()
+        r, t = math.sqrt(-2.0 * math.log(u1)), 2 * math.pi * u2
+        self.spare = r * math.sin(t)
+        return r * math.cos(t)
+
+
+# iresnetc's stream ids (compiler/src/train/data.rs): training batches (seed, 103, step),
+# the held-out sample (seed, 104).
+STREAM_DATA, STREAM_HELDOUT = 103, 104
+
+
+def toy_iresnetc(name: str, n: int, r: SplitMix) -> np.ndarray:
+    """The 2-D densities point by point in iresnetc's order of draws (compiler/src/train/toy.rs)."""
+    pts = []
+    for i in range(n):
+        if name == "8gaussians":
+            a = min(math.floor(r.uniform() * 8), 7) * math.pi / 4
+            cx, cy = 4 * math.cos(a), 4 * math.sin(a)
+            x = (cx + 0.5 * r.normal()) / 1.414
+            p = [x, (cy + 0.5 * r.normal()) / 1.414]
+        elif name == "checkerboard":
+            x1 = r.uniform() * 4 - 2
+            x2 = r.uniform() - 2 * min(math.floor(r.uniform() * 2), 1)
+            p = [2 * x1, 2 * (x2 + math.floor(x1) % 2)]
+        elif name == "2spirals":
+            t = math.sqrt(r.uniform()) * 540 * 2 * math.pi / 360
+            sg = 1.0 if i % 2 == 0 else -1.0
+            x = sg * (-math.cos(t) * t + 0.5 * r.uniform())
+            y = sg * (math.sin(t) * t + 0.5 * r.uniform())
+            x = x / 3 + 0.1 * r.normal()
+            p = [x, y / 3 + 0.1 * r.normal()]
+        elif name == "pinwheel":
+            cls = min(i * 5 // max(n, 1), 4)
+            f0 = 0.3 * r.normal() + 1
+            f1 = 0.1 * r.normal()
+            ang = cls * 2 * math.pi / 5 + 0.25 * math.exp(f0)
+            c, s = math.cos(ang), math.sin(ang)
+            p = [2 * (f0 * c - f1 * s), 2 * (f0 * s + f1 * c)]
+        elif name == "moons":
+            t = r.uniform() * math.pi
+            x, y = (math.cos(t), math.sin(t)) if i % 2 == 0 else (1 - math.cos(t), 0.5 - math.sin(t))
+            x = 2 * (x + 0.1 * r.normal()) - 1
+            p = [x, 2 * (y + 0.1 * r.normal()) - 0.2]
+        elif name == "rings":
+            ring, a = i % 4 + 1, r.uniform() * 2 * math.pi
+            x = 0.75 * ring * math.cos(a) + 0.08 * r.normal()
+            p = [x, 0.75 * ring * math.sin(a) + 0.08 * r.normal()]
+        elif name == "circles":
+            rad, a = (1.0 if i % 2 == 0 else 0.5), r.uniform() * 2 * math.pi
+            x = 3 * (rad * math.cos(a) + 0.08 * r.normal())
+            p = [x, 3 * (rad * math.sin(a) + 0.08 * r.normal())]
+        elif name == "swissroll":
+            t = 1.5 * math.pi * (1 + 2 * r.uniform())
+            x = (t * math.cos(t) + r.normal()) / 5
+            p = [x, (t * math.sin(t) + r.normal()) / 5]
+        else:
+            raise SystemExit(f"unknown data set {name}")
+        pts.append(p)
+    return np.array(pts)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -252,6 +342,51 @@ class Flow(torch.nn.Module):
     def linears(self):
         return [m for m in self.modules() if isinstance(m, SNLinear)]
 
+    def named_iresnetc(self):
+        """(iresnetc weight name, parameter or buffer) pairs, in the README's naming scheme."""
+        out = []
+        for s, blocks in enumerate(self.stages):
+            for b, blk in enumerate(blocks):
+                pre = f"stage{s}.block{b}"
+                out += [(f"{pre}.actnorm.log_scale", blk.actnorm.log_scale), (f"{pre}.actnorm.bias", blk.actnorm.bias)]
+                acts = lins = 0
+                for m in blk.g:
+                    if isinstance(m, Act):
+                        if m.kind == "lipswish":
+                            out.append((f"{pre}.act{acts}.beta", m.beta))
+                        acts += 1
+                    else:
+                        name = f"{pre}.{'conv' if m.conv else 'dense'}{lins}"
+                        m.iresnetc_name = name
+                        out += [(f"{name}.weight", m.weight), (f"{name}.bias", m.bias)]
+                        lins += 1
+        return out + [("prior.mean", self.prior_mean), ("prior.log_std", self.prior_log_std)]
+
+
+def load_init(model, path):
+    """Initial weights from iresnetc: a weights file (its names) or a run's checkpoint
+    (`param.NAME`, with the spectral norm's persistent `sn.u.LAYER`, `sn.v.LAYER`).
+    Returns True when u, v came with it (then they are used as they are)."""
+    from safetensors.numpy import load_file
+    st = load_file(path)
+    ck = any(k.startswith("param.") for k in st)
+    get = (lambda n: st.get("param." + n)) if ck else st.get
+    with torch.no_grad():
+        for name, t in model.named_iresnetc():
+            a = get(name)
+            if a is None:
+                raise SystemExit(f"{path}: no tensor {name}")
+            # Exact shapes (a transposed weight must not load silently); a 1-element beta may be [] or [1].
+            if tuple(a.shape) != tuple(t.shape) and not (a.size == t.numel() == 1):
+                raise SystemExit(f"{path}: {name} has shape {list(a.shape)}, the model needs {list(t.shape)}")
+            t.copy_(torch.tensor(a, dtype=DTYPE).view(t.shape))
+        have_uv = ck and all(f"sn.u.{m.iresnetc_name}" in st for m in model.linears())
+        if have_uv:
+            for m in model.linears():
+                m.u.copy_(torch.tensor(st[f"sn.u.{m.iresnetc_name}"], dtype=DTYPE).view(m.u.shape))
+                m.v.copy_(torch.tensor(st[f"sn.v.{m.iresnetc_name}"], dtype=DTYPE).view(m.v.shape))
+    return have_uv
+
 
 def roulette_weights(est, rng):
     terms = est["terms"]
@@ -338,6 +473,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--metrics", default="train_ref_metrics.jsonl")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--init-weights", help="iresnetc's initial raw weights: a weights file, or a run's step-0 "
+                    "checkpoint (`iresnetc train ... --stop-after 0`), whose u, v are used too")
+    ap.add_argument("--save-init", help="write this run's initial raw weights (iresnetc's names, F64) to a "
+                    "safetensors file, for `iresnetc train --weights FILE`, and exit")
+    ap.add_argument("--iresnetc-data", action="store_true",
+                    help="2-D flows: draw the training batches and the held-out sample from iresnetc's "
+                         "random streams of --seed (the very points `iresnetc train --seed S` uses)")
     a = ap.parse_args()
     global DTYPE
     DTYPE = getattr(torch, a.dtype)
@@ -365,8 +507,14 @@ def main():
     deq = spec.get("data", {}).get("dequantize", False)
     model = Flow(spec)
     lin = model.linears()
-    for m in lin:
-        m.power(50)
+    given_uv = load_init(model, a.init_weights) if a.init_weights else False
+    if a.save_init:
+        from safetensors.numpy import save_file
+        save_file({n: t.detach().to(torch.float64).numpy().copy() for n, t in model.named_iresnetc()}, a.save_init)
+        return 0
+    if not given_uv:
+        for m in lin:
+            m.power(50)
     params = list(model.parameters())
     opt = {"adam": lambda: torch.optim.Adam(params, lr, (tr["beta1"], tr["beta2"]), tr["eps"], tr["weight_decay"]),
            "adamax": lambda: torch.optim.Adamax(params, lr, (tr["beta1"], tr["beta2"]), tr["eps"], tr["weight_decay"]),
@@ -377,7 +525,9 @@ def main():
     # never averages in the ActNorm parameters from before their data-dependent init).
     ema = None
     is_toy = not os.path.exists(a.data)
-    if is_toy:
+    if is_toy and a.iresnetc_data:
+        held = torch.tensor(toy_iresnetc(a.data, heldout, SplitMix(a.seed, [STREAM_HELDOUT])), dtype=DTYPE)
+    elif is_toy:
         held = torch.tensor(toy(a.data, heldout, np.random.default_rng(a.seed + 1)), dtype=DTYPE)
     else:
         train_x = image_set(a.data, False)
@@ -409,7 +559,9 @@ def main():
     start = time.time()
     for step in range(1, steps + 1):
         t0 = time.time()
-        if is_toy:
+        if is_toy and a.iresnetc_data:
+            x = torch.tensor(toy_iresnetc(a.data, batch, SplitMix(a.seed, [STREAM_DATA, step - 1])), dtype=DTYPE)
+        elif is_toy:
             x = torch.tensor(toy(a.data, batch, rng), dtype=DTYPE)
         else:
             idx = []
