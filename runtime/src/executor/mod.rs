@@ -18,7 +18,7 @@ mod resources;
 mod shader;
 mod steps;
 use shader::{check_kernel_limits, create_kernel, parse_wgsl, reflect_bindings};
-use steps::{count_passes, fill_grid, flatten};
+use steps::{count_passes, encode_transfer, fill_grid, flatten};
 
 use crate::buffers::{max_batch_for_limits, upload_weights, BufferSet};
 use crate::bundle::Bundle;
@@ -480,20 +480,7 @@ impl GpuExecutor {
         while i < program.ops.len() {
             let op = program.ops[i];
             if !op.in_pass() {
-                match op {
-                    Op::Clear { buffer } => encoder.clear_buffer(&res.set.buffers[buffer], 0, None),
-                    Op::Copy { src, dst } => {
-                        let size = res.set.buffers[src].size();
-                        encoder.copy_buffer_to_buffer(
-                            &res.set.buffers[src],
-                            0,
-                            &res.set.buffers[dst],
-                            0,
-                            size,
-                        );
-                    }
-                    Op::Dispatch { .. } | Op::Fill { .. } => unreachable!(),
-                }
+                encode_transfer(&mut encoder, &res.set.buffers, op);
                 i += 1;
                 continue;
             }

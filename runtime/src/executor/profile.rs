@@ -113,20 +113,7 @@ impl GpuExecutor {
         while i < program.ops.len() {
             let op = program.ops[i];
             if !op.in_pass() {
-                match op {
-                    Op::Clear { buffer } => encoder.clear_buffer(&res.set.buffers[buffer], 0, None),
-                    Op::Copy { src, dst } => {
-                        let size = res.set.buffers[src].size();
-                        encoder.copy_buffer_to_buffer(
-                            &res.set.buffers[src],
-                            0,
-                            &res.set.buffers[dst],
-                            0,
-                            size,
-                        );
-                    }
-                    Op::Dispatch { .. } | Op::Fill { .. } => unreachable!(),
-                }
+                encode_transfer(&mut encoder, &res.set.buffers, op);
                 i += 1;
                 continue;
             }

@@ -61,6 +61,24 @@ pub(super) fn flatten(
     Ok(())
 }
 
+/// Records an operation that runs outside compute passes (a clear or a copy).
+pub(super) fn encode_transfer(
+    encoder: &mut wgpu::CommandEncoder,
+    buffers: &[wgpu::Buffer],
+    op: Op,
+) {
+    match op {
+        Op::Clear { buffer } => encoder.clear_buffer(&buffers[buffer], 0, None),
+        Op::Copy { src, dst } => {
+            let size = buffers[src].size();
+            encoder.copy_buffer_to_buffer(&buffers[src], 0, &buffers[dst], 0, size);
+        }
+        Op::Dispatch { .. } | Op::Fill { .. } => {
+            unreachable!("dispatches and fills are recorded inside compute passes")
+        }
+    }
+}
+
 pub(super) fn count_passes(ops: &[Op]) -> usize {
     let mut passes = 0;
     let mut in_pass = false;
