@@ -18,36 +18,44 @@ pub type Shape = (usize, usize, usize, usize, usize);
 
 /// `y[cout][imgs][h*w] = W x` (no bias) for channel-major `x[cin][imgs][h*w]`.
 pub fn forward(
-    (cin, cout, k, h, w): Shape,
+    shape: Shape,
     weight: &[f32],
     x: &[f32],
     imgs: usize,
     scratch: &mut Vec<f32>,
     threads: usize,
 ) -> Vec<f32> {
-    assert!(k % 2 == 1, "training kernels take odd, same-padded kernels");
-    assert_eq!(weight.len(), cout * cin * k * k, "weight [cout, cin, k, k]");
-    let op = ConvOp::new(cin, cout, k, weight, false);
-    let mut y = vec![0f32; cout * imgs * h * w];
-    op.apply(x, &mut y, imgs, h, w, 1.0, false, scratch, threads);
-    y
+    apply(shape, weight, x, imgs, scratch, threads, false)
 }
 
 /// `x[cin][imgs][h*w] = W^T y` for channel-major `y[cout][imgs][h*w]`.
 pub fn adjoint(
-    (cin, cout, k, h, w): Shape,
+    shape: Shape,
     weight: &[f32],
     y: &[f32],
     imgs: usize,
     scratch: &mut Vec<f32>,
     threads: usize,
 ) -> Vec<f32> {
+    apply(shape, weight, y, imgs, scratch, threads, true)
+}
+
+/// The operator (or its adjoint) of a `[cout, cin, k, k]` weight applied to a whole batch.
+fn apply(
+    (cin, cout, k, h, w): Shape,
+    weight: &[f32],
+    src: &[f32],
+    imgs: usize,
+    scratch: &mut Vec<f32>,
+    threads: usize,
+    adjoint: bool,
+) -> Vec<f32> {
     assert!(k % 2 == 1, "training kernels take odd, same-padded kernels");
     assert_eq!(weight.len(), cout * cin * k * k, "weight [cout, cin, k, k]");
-    let op = ConvOp::new(cin, cout, k, weight, true);
-    let mut x = vec![0f32; cin * imgs * h * w];
-    op.apply(y, &mut x, imgs, h, w, 1.0, false, scratch, threads);
-    x
+    let op = ConvOp::new(cin, cout, k, weight, adjoint);
+    let mut dst = vec![0f32; op.dst_c * imgs * h * w];
+    op.apply(src, &mut dst, imgs, h, w, 1.0, false, scratch, threads);
+    dst
 }
 
 /// Dense layers on batch-major rows, no transposes: `X W^T` (`x` is `[rows, fin]`, the result
