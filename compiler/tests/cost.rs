@@ -13,7 +13,7 @@ use iresnetc::codegen::cost::{self, KernelRow};
 use iresnetc::codegen::kernels::KernelKind;
 use iresnetc::codegen::{self, entries, CodegenOptions, Generated, Tiling};
 use iresnetc::pipeline::Model;
-use iresnetc_runtime::{GpuExecutor, Step};
+use iresnetc_runtime::{Folded, GpuExecutor, Step};
 
 fn generate(m: &Model, fuse: bool, tiling: Tiling) -> Generated {
     codegen::generate(m, &CodegenOptions { fuse, tiling }).expect("codegen")
@@ -50,7 +50,9 @@ fn grids(g: &Generated, entry: &str) -> HashMap<String, [u32; 3]> {
     fn walk(steps: &[Step], out: &mut HashMap<String, [u32; 3]>) {
         for s in steps {
             match s {
-                Step::Dispatch { kernel, workgroups } => {
+                Step::Dispatch {
+                    kernel, workgroups, ..
+                } => {
                     out.insert(kernel.clone(), *workgroups);
                 }
                 Step::Repeat { steps, .. } => walk(steps, out),
@@ -168,6 +170,133 @@ fn conv_figures_match_the_shaders() {
         }
     }
     assert!(checked > 100, "{checked} convolution rows checked");
+}
+
+/// The batch-folded alternative of every dispatch of `entry` that has one.
+fn folded(g: &Generated, entry: &str) -> Vec<Folded> {
+    fn walk(steps: &[Step], out: &mut Vec<Folded>) {
+        for s in steps {
+            match s {
+                Step::Dispatch {
+                    large_batch: Some(f),
+                    ..
+                } => out.push(f.clone()),
+                Step::Repeat { steps, .. } => walk(steps, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&g.plan.entry_points[entry].steps, &mut out);
+    out
+}
+
+/// Replays `conv_gemm.wgsl`'s indexing at `batch` over the grid the runtime dispatches:
+/// the staging loops fill each tile slot once per step, the steps cover the reduction, and
+/// every output (sample, channel, pixel) is stored by exactly one invocation. Returns the
+/// chain (multiply-adds per accumulator).
+fn replay_gemm(source: &str, f: &Folded, batch: u64) -> u64 {
+    let c = |name| constant(source, name);
+    let (cin, cout, k, ohw, out_n) = (c("CIN"), c("COUT"), c("K"), c("OHW"), c("OUT_N"));
+    let (tm, tn, tk, wg) = (c("TM"), c("TN"), c("TK"), workgroup_size(source));
+    assert_eq!(wg, (tm / 4) * (tn / 4), "4 x 4 per invocation");
+    assert_eq!((tk * tm) % wg, 0, "A staging: whole rounds");
+    assert_eq!((tk * tn) % wg, 0, "B staging: whole rounds");
+    assert_eq!((u64::from(f.rows), u64::from(f.rows_per_group)), (ohw, tm));
+    for (slots, rounds) in [(tk * tm, tk * tm / wg), (tk * tn, tk * tn / wg)] {
+        let mut seen = vec![0u8; slots as usize];
+        for lane in 0..wg {
+            for e in 0..rounds {
+                seen[(lane + e * wg) as usize] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1));
+    }
+    let kd = cin * k * k;
+    let steps = (0..kd).step_by(tk as usize).count() as u64;
+    assert_eq!(steps * tk >= kd && (steps - 1) * tk < kd, true);
+
+    let [gx, gy, gz] = f.grid(batch as usize, 65_535).expect("grid");
+    assert_eq!(gy as u64, cout.div_ceil(tn));
+    let rows = batch * ohw;
+    let mut stored = vec![0u8; (batch * out_n) as usize];
+    for z in 0..u64::from(gz) {
+        for x in 0..u64::from(gx) {
+            for y in 0..u64::from(gy) {
+                let (r0, co0) = ((z * u64::from(gx) + x) * tm, y * tn);
+                for lane in 0..wg {
+                    let (tx, ty) = (lane % (tm / 4), lane / (tm / 4));
+                    for i in 0..4 {
+                        for j in 0..4 {
+                            let (row, co) = (r0 + tx + i * tm / 4, co0 + ty + j * tn / 4);
+                            if row < rows && co < cout {
+                                let (sample, p) = (row / ohw, row % ohw);
+                                stored[(sample * out_n + co * ohw + p) as usize] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(stored.iter().all(|&n| n == 1), "every output stored once");
+    kd
+}
+
+/// The GPU tiling's batch-folded GEMM kernels on a CIFAR block, with the tiling's own
+/// threshold and from batch 2: below its `min_batch` the report shows the split-K kernel,
+/// from it the GEMM kernel with the grid, chain and FLOPs its shader's indexing gives, and
+/// the runtime's grid helper agrees with the replay.
+#[test]
+fn gemm_kernels_cover_every_output_once() {
+    let m = model_file("cifar-block.toml");
+    let from_2 = Tiling::SplitK {
+        workgroup: 128,
+        target_groups: 1,
+        max_chain: 1152,
+    };
+    let mut checked = 0;
+    for (tiling, fuse) in [(Tiling::GPU, true), (from_2, true), (from_2, false)] {
+        let g = generate(&m, fuse, tiling);
+        for entry in [entries::FORWARD, entries::INVERSE] {
+            let folds = folded(&g, entry);
+            // 12 -> 512 3x3 and 512 -> 512 1x1 (and their vjps): every 512-wide output.
+            assert!(!folds.is_empty(), "{entry}");
+            for f in &folds {
+                let src = source_of(&g, &f.kernel);
+                for batch in [f.min_batch as u64, 3, 64] {
+                    let batch = batch.max(u64::from(f.min_batch));
+                    let report = cost::report(&g.plan, &g.costs, batch as usize);
+                    let r = row(&report.entry_points[entry].kernels, &f.kernel);
+                    let chain = replay_gemm(src, f, batch);
+                    let grid = f.grid(batch as usize, 65_535).expect("grid");
+                    let groups: u64 = grid.iter().map(|&n| u64::from(n)).product();
+                    assert_eq!((r.workgroups, r.chain), (groups, chain), "{}", f.kernel);
+                    let (cin, cout, k) = (
+                        constant(src, "CIN"),
+                        constant(src, "COUT"),
+                        constant(src, "K"),
+                    );
+                    assert_eq!(r.flops, 2 * constant(src, "OUT_N") * cin * k * k * batch);
+                    assert!(cout >= 32);
+                    checked += 1;
+                }
+                // One below the threshold, the split-K kernel runs instead.
+                let below = cost::report(&g.plan, &g.costs, f.min_batch as usize - 1);
+                assert!(below.entry_points[entry]
+                    .kernels
+                    .iter()
+                    .all(|r| r.kernel != f.kernel));
+            }
+        }
+        if tiling == Tiling::GPU {
+            // 256 rows per sample (4 tiles of 64) x 8 tiles of 64 channels: 32 workgroups per
+            // sample, 128 from batch 4.
+            let f = &folded(&g, entries::FORWARD)[0];
+            assert_eq!(f.min_batch, 4, "{f:?}");
+        }
+    }
+    assert!(checked > 10, "{checked}");
 }
 
 /// A CIFAR block (width 512, 12x16x16) at batch 1: in the GPU tiling every convolution of

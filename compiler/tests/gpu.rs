@@ -128,7 +128,38 @@ fn check_flow(model: &Model, batch: usize, check_unfused: bool) {
     // unfused; two samples exercise its per-sample indexing, and keep lavapipe's time (it
     // runs the split-K kernels' barriers slowly) and CI's within bounds.
     check_flow_tiled(model, batch.min(2), check_unfused, Tiling::GPU);
+    // The GPU tiling's batch-folded GEMM kernels, chosen here from batch 2 on (a target of
+    // one workgroup): three samples leave partial row tiles whenever a sample's pixels are
+    // not a multiple of the tile's 64 rows.
+    check_flow_tiled(model, 3, check_unfused, GEMM_FROM_BATCH_2);
 }
+
+/// Dispatches of the forward entry point that switch to a GEMM kernel from batch 2 on.
+fn gemm_dispatches(model: &Model) -> usize {
+    fn walk(steps: &[iresnetc_runtime::Step]) -> usize {
+        steps
+            .iter()
+            .map(|s| match s {
+                iresnetc_runtime::Step::Dispatch {
+                    large_batch: Some(f),
+                    ..
+                } => usize::from(f.min_batch <= 2),
+                iresnetc_runtime::Step::Repeat { steps, .. } => walk(steps),
+                _ => 0,
+            })
+            .sum()
+    }
+    let b = bundle_tiled(model, true, GEMM_FROM_BATCH_2);
+    walk(&b.plan.entry_points[entries::FORWARD].steps)
+}
+
+/// The GPU tiling with every layer of 32 or more output channels on its GEMM kernel from
+/// batch 2 (the real tiling waits for the batch at which it fills 128 workgroups).
+const GEMM_FROM_BATCH_2: Tiling = Tiling::SplitK {
+    workgroup: 128,
+    target_groups: 1,
+    max_chain: 1152,
+};
 
 fn check_flow_tiled(model: &Model, batch: usize, check_unfused: bool, tiling: Tiling) {
     let g = &model.graph;
@@ -246,7 +277,10 @@ fn flat64(x: &[f32]) -> Vec<f64> {
 
 #[test]
 fn toy2d_matches_reference() {
-    check_flow(&model_file("toy2d.toml"), 8, true);
+    let m = model_file("toy2d.toml");
+    // The 128-wide dense layers and their vjps: the GEMM check below does run GEMMs.
+    assert!(gemm_dispatches(&m) >= 8, "{}", gemm_dispatches(&m));
+    check_flow(&m, 8, true);
 }
 
 /// Two probes and three terms: the probe and term indices the kernels derive from the
@@ -277,6 +311,7 @@ fn cifar_block_matches_reference() {
     // same fixed number of steps when the tolerance cannot be reached.
     m.graph.spec.inverse.max_iters = 12;
     m.graph.spec.inverse.tol = 1e-30;
+    assert!(gemm_dispatches(&m) >= 2, "{}", gemm_dispatches(&m));
     check_flow(&m, 4, true);
 }
 

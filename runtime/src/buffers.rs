@@ -8,7 +8,7 @@ use wgpu::util::DeviceExt;
 use crate::bundle::Bundle;
 use crate::device::GpuDevice;
 use crate::error::{Result, RuntimeError};
-use crate::plan::{BufferDecl, BufferInit, Plan, Step};
+use crate::plan::{dispatch_at, BufferDecl, BufferInit, Folded, Plan, Step};
 
 const F32_BYTES: u64 = 4;
 
@@ -53,29 +53,22 @@ pub fn check_limits(plan: &Plan, limits: &wgpu::Limits, batch: usize) -> Result<
             }
         }
     }
-    let max_groups = u64::from(limits.max_compute_workgroups_per_dimension);
+    let max_groups = limits.max_compute_workgroups_per_dimension;
     let mut result = Ok(());
-    for_each_dispatch(plan, &mut |kernel, workgroups| {
+    for_each_dispatch(plan, &mut |kernel, workgroups, folded| {
         if result.is_err() {
             return;
         }
-        let counts = [
-            u64::from(workgroups[0]),
-            u64::from(workgroups[1]),
-            u64::from(workgroups[2]) * batch as u64,
-        ];
-        for (axis, count) in ["x", "y", "z"].iter().zip(counts) {
-            if count > max_groups {
-                result = Err(RuntimeError::LimitExceeded {
-                    limit: "max_compute_workgroups_per_dimension".to_string(),
-                    what: format!(
-                        "dispatch of kernel {kernel:?} at batch {batch} (workgroups along {axis})"
-                    ),
-                    requested: count,
-                    max: max_groups,
-                });
-                return;
-            }
+        let fits = dispatch_at(kernel, workgroups, folded, batch, max_groups)
+            .filter(|(_, grid)| grid.iter().all(|&n| n <= max_groups));
+        if fits.is_none() {
+            let requested = u64::from(workgroups[2]).saturating_mul(batch as u64);
+            result = Err(RuntimeError::LimitExceeded {
+                limit: "max_compute_workgroups_per_dimension".to_string(),
+                what: format!("dispatch of kernel {kernel:?} at batch {batch} (workgroups)"),
+                requested,
+                max: u64::from(max_groups),
+            });
         }
     });
     result
@@ -98,21 +91,36 @@ pub fn max_batch_for_limits(plan: &Plan, limits: &wgpu::Limits) -> usize {
         }
     }
     let max_groups = u64::from(limits.max_compute_workgroups_per_dimension);
-    for_each_dispatch(plan, &mut |_, workgroups| {
+    for_each_dispatch(plan, &mut |_, workgroups, folded| {
         if u64::from(workgroups[0]) > max_groups || u64::from(workgroups[1]) > max_groups {
             max = 0;
         } else {
             max = max.min(max_groups / u64::from(workgroups[2]).max(1));
         }
+        if let Some(f) = folded {
+            // Row tiles spill from x into z: at most max_groups^2 of them.
+            let tiles = max_groups.saturating_mul(max_groups);
+            let rows = tiles.saturating_mul(u64::from(f.rows_per_group));
+            max = max.min(rows / u64::from(f.rows.max(1)));
+            if u64::from(f.groups_y) > max_groups {
+                max = 0;
+            }
+        }
     });
     usize::try_from(max).unwrap_or(usize::MAX)
 }
 
-fn for_each_dispatch(plan: &Plan, f: &mut dyn FnMut(&str, [u32; 3])) {
-    fn walk(steps: &[Step], f: &mut dyn FnMut(&str, [u32; 3])) {
+type DispatchVisitor<'a> = dyn FnMut(&str, [u32; 3], Option<&Folded>) + 'a;
+
+fn for_each_dispatch(plan: &Plan, f: &mut DispatchVisitor) {
+    fn walk(steps: &[Step], f: &mut DispatchVisitor) {
         for step in steps {
             match step {
-                Step::Dispatch { kernel, workgroups } => f(kernel, *workgroups),
+                Step::Dispatch {
+                    kernel,
+                    workgroups,
+                    large_batch,
+                } => f(kernel, *workgroups, large_batch.as_ref()),
                 Step::Repeat { steps, .. } => walk(steps, f),
                 Step::Copy { .. } | Step::Fill { .. } => {}
             }
@@ -172,6 +180,14 @@ impl BufferSet {
             .zip(weights)
             .map(|(b, weight)| match weight {
                 Some(w) => w.clone(),
+                None if b.init == BufferInit::Batch => {
+                    gpu.device
+                        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                            label: Some(&b.name),
+                            contents: bytemuck::bytes_of(&(batch as f32)),
+                            usage: PLAN_BUFFER_USAGE,
+                        })
+                }
                 None => gpu.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(&b.name),
                     size: buffer_bytes(b, batch),

@@ -52,8 +52,8 @@ pub use engine::{
 pub use error::{Result, RuntimeError};
 pub use executor::{GpuExecutor, Outputs, TimedRun};
 pub use plan::{
-    BufferDecl, BufferInit, EntryPoint, IoDecl, KernelDecl, ModelKind, Plan, Step, BUNDLE_FORMAT,
-    BUNDLE_VERSION,
+    dispatch_at, BufferDecl, BufferInit, EntryPoint, Folded, IoDecl, KernelDecl, ModelKind, Plan,
+    Step, BUNDLE_FORMAT, BUNDLE_VERSION,
 };
 /// The wgpu this runtime was built against, for callers that need its types (limits, adapters).
 pub use wgpu;

@@ -18,7 +18,10 @@ pub const BUNDLE_FORMAT: &str = "iresnetc-bundle";
 /// changed meaning (squeeze order and factor-out half follow the official i-ResNet
 /// code); a version-1 bundle's kernels were generated for the old conventions, and
 /// reading its spec with the new defaults would silently disagree with them.
-pub const BUNDLE_VERSION: u32 = 2;
+/// 3: dispatches may carry a batch-folded alternative kernel (`Step::Dispatch::large_batch`)
+/// that reads the run's batch size from a `BufferInit::Batch` buffer; a version-2 runtime
+/// would ignore both and run the wrong grid.
+pub const BUNDLE_VERSION: u32 = 3;
 
 /// Most steps an entry point may unroll to (`Repeat`s multiplied out): the executor records
 /// every one into a single command encoder, so this bounds its memory and the run's length.
@@ -113,6 +116,9 @@ pub enum BufferInit {
     Output,
     /// Contents undefined at the start of a run.
     Scratch,
+    /// One element holding the number of samples of the run (as f32), written when the
+    /// buffers of a batch size are allocated: batch-folded kernels bound their rows with it.
+    Batch,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -170,6 +176,10 @@ pub enum Step {
     Dispatch {
         kernel: String,
         workgroups: [u32; 3],
+        /// From `min_batch` samples on, the runtime dispatches this kernel instead, with the
+        /// batch folded into its grid (the GPU tiling's shared-memory GEMM kernels).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        large_batch: Option<Folded>,
     },
     /// Unrolled into the same submission: no CPU round trip between iterations.
     Repeat { times: u32, steps: Vec<Step> },
@@ -177,6 +187,65 @@ pub enum Step {
     Copy { src: String, dst: String },
     /// Sets every element of `buffer` to `value`.
     Fill { buffer: String, value: f32 },
+}
+
+/// A kernel whose grid covers every sample of a run at once: the samples' `rows` are
+/// concatenated (sample-major) and cut into tiles of `rows_per_group`, one workgroup row each,
+/// times `groups_y` workgroups along y. The kernel reads the batch from a `Batch` buffer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Folded {
+    pub min_batch: u32,
+    pub kernel: String,
+    pub rows: u32,
+    pub rows_per_group: u32,
+    pub groups_y: u32,
+}
+
+impl Folded {
+    /// Workgroups `[x, y, z]` at `batch`: the row tiles along x, spilling into z past
+    /// `max_per_dim` (the kernel numbers its tile `z * num_workgroups.x + x`); None when
+    /// they overflow even that.
+    pub fn grid(&self, batch: usize, max_per_dim: u32) -> Option<[u32; 3]> {
+        folded_grid(
+            [self.rows, self.rows_per_group, self.groups_y],
+            batch,
+            max_per_dim,
+        )
+    }
+}
+
+/// [`Folded::grid`] from `[rows, rows_per_group, groups_y]`.
+pub fn folded_grid(fold: [u32; 3], batch: usize, max_per_dim: u32) -> Option<[u32; 3]> {
+    let [rows, rows_per_group, groups_y] = fold;
+    let rows = u64::from(rows).checked_mul(batch as u64)?;
+    let tiles = rows.div_ceil(u64::from(rows_per_group.max(1))).max(1);
+    let x = tiles.min(u64::from(max_per_dim.max(1)));
+    let z = tiles.div_ceil(x);
+    Some([
+        u32::try_from(x).ok()?,
+        groups_y,
+        u32::try_from(z).ok().filter(|&z| z <= max_per_dim)?,
+    ])
+}
+
+/// The kernel and grid that a `Dispatch` step records at `batch`: the folded alternative
+/// from its `min_batch` on, else the per-sample grid with z multiplied by the batch; None
+/// when a count overflows `u32` or the folded grid exceeds `max_per_dim`.
+pub fn dispatch_at<'s>(
+    kernel: &'s str,
+    workgroups: [u32; 3],
+    large_batch: Option<&'s Folded>,
+    batch: usize,
+    max_per_dim: u32,
+) -> Option<(&'s str, [u32; 3])> {
+    match large_batch {
+        Some(f) if batch >= f.min_batch as usize => Some((&f.kernel, f.grid(batch, max_per_dim)?)),
+        _ => {
+            let z = u32::try_from(batch).ok()?.checked_mul(workgroups[2])?;
+            Some((kernel, [workgroups[0], workgroups[1], z]))
+        }
+    }
 }
 
 /// Steps after unrolling every `Repeat`; None on overflow.
@@ -295,6 +364,12 @@ impl Plan {
                     ));
                 }
             }
+            if b.init == BufferInit::Batch && (b.per_sample || b.elems != 1) {
+                return bad(format!(
+                    "buffer {:?} holds the batch size but is not one shared element",
+                    b.name
+                ));
+            }
         }
         let buffer = |name: &str, context: &dyn Fn() -> String| {
             buffers.get(name).copied().ok_or_else(|| {
@@ -410,40 +485,58 @@ impl Plan {
         let bad = |reason: String| Err(RuntimeError::corrupt(PLAN_FILE, reason));
         let writable = |name: &str, what: &str| -> Result<()> {
             let b = buffer(name, &|| format!("entry point {ep_name:?} {what}"))?;
-            if matches!(b.init, BufferInit::Weight { .. }) {
+            if matches!(b.init, BufferInit::Weight { .. } | BufferInit::Batch) {
                 return bad(format!(
-                    "entry point {ep_name:?} {what} writes weight buffer {name:?}"
+                    "entry point {ep_name:?} {what} writes read-only buffer {name:?}"
+                ));
+            }
+            Ok(())
+        };
+        let check_grid = |kernel: &str, workgroups: &[u32; 3]| -> Result<()> {
+            if self.kernel(kernel).is_none() {
+                return bad(format!(
+                    "entry point {ep_name:?} dispatches unknown kernel {kernel:?}"
+                ));
+            }
+            if workgroups.contains(&0) {
+                return bad(format!(
+                    "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} (every count must be >= 1)"
+                ));
+            }
+            if workgroups.iter().any(|&w| w > MAX_WORKGROUPS_PER_DIM) {
+                return bad(format!(
+                    "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} (at most {MAX_WORKGROUPS_PER_DIM} per dimension)"
+                ));
+            }
+            let size = self.kernel(kernel).map_or([1; 3], |k| k.workgroup_size);
+            let invocations = workgroups
+                .iter()
+                .chain(&size)
+                .try_fold(1u64, |acc, &w| acc.checked_mul(u64::from(w)));
+            if invocations.is_none_or(|n| n > max_invocations) {
+                return bad(format!(
+                    "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} of {size:?}: more invocations than the plan's buffers could use (at most {max_invocations})"
                 ));
             }
             Ok(())
         };
         for step in steps {
             match step {
-                Step::Dispatch { kernel, workgroups } => {
-                    if self.kernel(kernel).is_none() {
-                        return bad(format!(
-                            "entry point {ep_name:?} dispatches unknown kernel {kernel:?}"
-                        ));
-                    }
-                    if workgroups.contains(&0) {
-                        return bad(format!(
-                            "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} (every count must be >= 1)"
-                        ));
-                    }
-                    if workgroups.iter().any(|&w| w > MAX_WORKGROUPS_PER_DIM) {
-                        return bad(format!(
-                            "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} (at most {MAX_WORKGROUPS_PER_DIM} per dimension)"
-                        ));
-                    }
-                    let size = self.kernel(kernel).map_or([1; 3], |k| k.workgroup_size);
-                    let invocations = workgroups
-                        .iter()
-                        .chain(&size)
-                        .try_fold(1u64, |acc, &w| acc.checked_mul(u64::from(w)));
-                    if invocations.is_none_or(|n| n > max_invocations) {
-                        return bad(format!(
-                            "entry point {ep_name:?} dispatches kernel {kernel:?} with workgroups {workgroups:?} of {size:?}: more invocations than the plan's buffers could use (at most {max_invocations})"
-                        ));
+                Step::Dispatch {
+                    kernel,
+                    workgroups,
+                    large_batch,
+                } => {
+                    check_grid(kernel, workgroups)?;
+                    if let Some(f) = large_batch {
+                        // The per-sample grid of one tile row stands in for the folded one.
+                        check_grid(&f.kernel, &[1, f.groups_y, 1])?;
+                        if f.min_batch == 0 || f.rows == 0 || f.rows_per_group == 0 {
+                            return bad(format!(
+                                "entry point {ep_name:?} folds kernel {:?} with a zero min_batch, rows or rows_per_group",
+                                f.kernel
+                            ));
+                        }
                     }
                 }
                 Step::Repeat { steps, times } => {
@@ -485,5 +578,37 @@ impl Plan {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod fold_tests {
+    use super::*;
+
+    /// Tiles counted apart from `folded_grid`: every row of every sample lies in exactly one
+    /// tile `z * x_count + x`, and no tile past the last row is launched beyond one grid row.
+    #[test]
+    fn folded_grid_covers_every_row_once() {
+        for (rows, per, batch, max) in [
+            (16, 64, 1, 65_535),
+            (16, 64, 5, 65_535),
+            (256, 64, 64, 65_535),
+            (49, 64, 3, 2),
+            (7, 2, 9, 6),
+        ] {
+            let [x, y, z] = folded_grid([rows, per, 4], batch, max).unwrap();
+            assert_eq!(y, 4);
+            assert!(x <= max && z <= max);
+            let total = rows as u64 * batch as u64;
+            let needed = total.div_ceil(per as u64);
+            let launched = x as u64 * z as u64;
+            assert!(
+                launched >= needed && launched < needed + x as u64,
+                "{rows} {per} {batch}: {x}x{z} for {needed}"
+            );
+        }
+        // 32 tiles do not fit 3 x 3; 2^40 rows do not fit 65,535^2 tiles of one.
+        assert_eq!(folded_grid([7, 2, 4], 9, 3), None);
+        assert_eq!(folded_grid([1 << 20, 1, 1], 1 << 20, 65_535), None);
     }
 }

@@ -151,6 +151,7 @@ fn inconsistent_plans_are_refused_with_the_name() {
                     vec![iresnetc_runtime::Step::Dispatch {
                         kernel: "ghost".to_string(),
                         workgroups: [1, 1, 1],
+                        large_batch: None,
                     }]
             }),
         ),
@@ -161,6 +162,7 @@ fn inconsistent_plans_are_refused_with_the_name() {
                     vec![iresnetc_runtime::Step::Dispatch {
                         kernel: "affine".to_string(),
                         workgroups: [0, 1, 1],
+                        large_batch: None,
                     }]
             }),
         ),

@@ -100,6 +100,7 @@ impl PlanBuilder {
         let step = Step::Dispatch {
             kernel: name.to_string(),
             workgroups: [workgroups[0].max(1), workgroups[1].max(1), 1],
+            large_batch: None,
         };
         let file = match self.file_of_source.get(&source) {
             Some(f) => f.clone(),

@@ -3,13 +3,15 @@
 //! it must move and its FLOPs, with a check of the goals a GPU tiling is held to.
 //!
 //! The grid comes from the plan itself (each `Dispatch` step's workgroups and the kernel's
-//! workgroup size, multiplied by the batch the way the executor dispatches them), the rest
+//! workgroup size at the batch, or its batch-folded alternative from that one's batch on,
+//! exactly as the executor dispatches them), the rest
 //! from the figures codegen recorded for each kernel ([`KernelCost`]), so the report
 //! describes exactly what the runtime runs.
 
 use std::collections::{BTreeMap, HashMap};
 
-use iresnetc_runtime::{Plan, Step};
+use iresnetc_runtime::plan::MAX_WORKGROUPS_PER_DIM;
+use iresnetc_runtime::{dispatch_at, Plan, Step};
 use serde::Serialize;
 
 use super::builder::KernelCost;
@@ -124,12 +126,23 @@ pub fn report(plan: &Plan, costs: &HashMap<String, KernelCost>, batch: usize) ->
             }
         };
         walk(&ep.steps, 1, &mut |step, times| match step {
-            Step::Dispatch { kernel, workgroups } => {
+            Step::Dispatch {
+                kernel,
+                workgroups,
+                large_batch,
+            } => {
+                // The kernel and grid the runtime records at this batch.
+                let (kernel, grid) = dispatch_at(
+                    kernel,
+                    *workgroups,
+                    large_batch.as_ref(),
+                    batch as usize,
+                    MAX_WORKGROUPS_PER_DIM,
+                )
+                .unwrap_or((kernel, [0; 3]));
+                let kernel = &kernel.to_string();
                 let c = costs.get(kernel).copied().unwrap_or_default();
-                let groups = u64::from(workgroups[0])
-                    * u64::from(workgroups[1])
-                    * u64::from(workgroups[2])
-                    * batch;
+                let groups = grid.iter().map(|&n| u64::from(n)).product::<u64>();
                 let size = wg_size.get(kernel.as_str()).copied().unwrap_or(1);
                 add(
                     KernelRow {

@@ -5,12 +5,15 @@
 //!
 //! - [`wgsl`]: templates from `shaders/`, substitution, naga validation;
 //! - [`kernels`]: the convolution kernel with its fused epilogues, elementwise kernels;
+//! - [`splitk`], [`gemm`]: the GPU tiling's convolutions (split reduction at small batches,
+//!   batch-folded shared-memory GEMM from the batch where it fills a GPU);
 //! - [`builder`]: buffers, kernels (deduplicated sources), FLOPs;
 //! - [`lower`]: graph -> steps of each entry point;
 //! - [`inputs`]: the CPU side of the log-det inputs (probes, series / roulette weights).
 
 pub mod builder;
 pub mod cost;
+pub mod gemm;
 pub mod kernels;
 pub mod lower;
 pub mod splitk;

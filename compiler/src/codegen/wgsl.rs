@@ -9,6 +9,7 @@ use crate::spec::Activation;
 
 pub const CONV_TEMPLATE: &str = include_str!("../../../shaders/conv.wgsl");
 pub const CONV1X1_VEC4_TEMPLATE: &str = include_str!("../../../shaders/conv1x1_vec4.wgsl");
+pub const CONV_GEMM_TEMPLATE: &str = include_str!("../../../shaders/conv_gemm.wgsl");
 pub const CONV_SPLITK_TEMPLATE: &str = include_str!("../../../shaders/conv_splitk.wgsl");
 pub const ELTWISE_TEMPLATE: &str = include_str!("../../../shaders/eltwise.wgsl");
 pub const REDUCE_TEMPLATE: &str = include_str!("../../../shaders/logdet_reduce.wgsl");

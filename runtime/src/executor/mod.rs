@@ -75,16 +75,58 @@ pub struct TimedRun {
 /// One GPU operation of a flattened entry point; indices are into `plan.buffers` / kernels.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Op {
-    Dispatch { kernel: usize, workgroups: [u32; 3] },
-    Fill { buffer: usize, value: f32 },
-    Clear { buffer: usize },
-    Copy { src: usize, dst: usize },
+    /// `folded`: from `min_batch` on, `kernel` runs with its grid folded over the batch
+    /// (`[rows, rows_per_group, groups_y]`, see [`crate::plan::Folded`]).
+    Dispatch {
+        kernel: usize,
+        workgroups: [u32; 3],
+        folded: Option<FoldedOp>,
+    },
+    Fill {
+        buffer: usize,
+        value: f32,
+    },
+    Clear {
+        buffer: usize,
+    },
+    Copy {
+        src: usize,
+        dst: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct FoldedOp {
+    min_batch: u32,
+    kernel: usize,
+    fold: [u32; 3],
 }
 
 impl Op {
     /// Dispatches are recorded inside a compute pass; the others are encoder commands.
     fn in_pass(&self) -> bool {
         matches!(self, Op::Dispatch { .. } | Op::Fill { .. })
+    }
+}
+
+/// The kernel and grid a dispatch records at `batch` (the limits were checked when the
+/// buffers of this batch were allocated, so the grid exists).
+fn dispatch_grid(
+    kernel: usize,
+    workgroups: [u32; 3],
+    folded: Option<FoldedOp>,
+    batch: usize,
+    max_per_dim: u32,
+) -> (usize, [u32; 3]) {
+    match folded {
+        Some(f) if batch >= f.min_batch as usize => (
+            f.kernel,
+            crate::plan::folded_grid(f.fold, batch, max_per_dim).unwrap_or([0; 3]),
+        ),
+        _ => (
+            kernel,
+            [workgroups[0], workgroups[1], workgroups[2] * batch as u32],
+        ),
     }
 }
 
@@ -474,6 +516,7 @@ impl GpuExecutor {
             encoder.clear_buffer(&res.set.buffers[b], 0, None);
         }
         let timestamps = self.timestamps.as_ref().filter(|_| timed);
+        let max_per_dim = self.gpu.limits().max_compute_workgroups_per_dimension;
         let passes = count_passes(&program.ops);
         let mut pass_index = 0;
         let mut i = 0;
@@ -508,17 +551,19 @@ impl GpuExecutor {
             let mut bound: Option<(usize, Option<(usize, u32)>)> = None;
             for op in &program.ops[i..end] {
                 match *op {
-                    Op::Dispatch { kernel, workgroups } => {
+                    Op::Dispatch {
+                        kernel,
+                        workgroups,
+                        folded,
+                    } => {
+                        let (kernel, grid) =
+                            dispatch_grid(kernel, workgroups, folded, batch, max_per_dim);
                         if bound != Some((kernel, None)) {
                             pass.set_pipeline(&self.kernels[kernel].pipeline);
                             pass.set_bind_group(0, &res.kernel_groups[kernel], &[]);
                             bound = Some((kernel, None));
                         }
-                        pass.dispatch_workgroups(
-                            workgroups[0],
-                            workgroups[1],
-                            workgroups[2] * batch as u32,
-                        );
+                        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
                     }
                     Op::Fill { buffer, value } => {
                         let key = (buffer, value.to_bits());

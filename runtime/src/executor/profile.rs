@@ -142,10 +142,20 @@ impl GpuExecutor {
                     pass.write_timestamp(set, k);
                 }
                 let (name, grid) = match *op {
-                    Op::Dispatch { kernel, workgroups } => {
+                    Op::Dispatch {
+                        kernel,
+                        workgroups,
+                        folded,
+                    } => {
+                        let (kernel, grid) = dispatch_grid(
+                            kernel,
+                            workgroups,
+                            folded,
+                            batch,
+                            self.gpu.limits().max_compute_workgroups_per_dimension,
+                        );
                         pass.set_pipeline(&self.kernels[kernel].pipeline);
                         pass.set_bind_group(0, &res.kernel_groups[kernel], &[]);
-                        let grid = [workgroups[0], workgroups[1], workgroups[2] * batch as u32];
                         pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
                         (self.plan.kernels[kernel].name.clone(), grid)
                     }

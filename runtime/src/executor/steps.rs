@@ -12,9 +12,18 @@ pub(super) fn flatten(
 ) -> Result<()> {
     for step in steps {
         match step {
-            Step::Dispatch { kernel, workgroups } => ops.push(Op::Dispatch {
+            Step::Dispatch {
+                kernel,
+                workgroups,
+                large_batch,
+            } => ops.push(Op::Dispatch {
                 kernel: kernels[kernel.as_str()],
                 workgroups: *workgroups,
+                folded: large_batch.as_ref().map(|f| FoldedOp {
+                    min_batch: f.min_batch,
+                    kernel: kernels[f.kernel.as_str()],
+                    fold: [f.rows, f.rows_per_group, f.groups_y],
+                }),
             }),
             Step::Repeat { times, steps } => {
                 let start = ops.len();

@@ -79,6 +79,7 @@ pub fn test_plan() -> Plan {
     let halve = Step::Dispatch {
         kernel: "halve".to_string(),
         workgroups: [GROUPS_X, 1, 1],
+        large_batch: None,
     };
     let mut entry_points = BTreeMap::new();
     entry_points.insert(
@@ -89,6 +90,7 @@ pub fn test_plan() -> Plan {
             steps: vec![Step::Dispatch {
                 kernel: "affine".to_string(),
                 workgroups: [GROUPS_X, 1, 1],
+                large_batch: None,
             }],
         },
     );

@@ -38,6 +38,8 @@ pub mod names {
     pub const X_OUT: &str = "x_out";
     pub const LOGITS: &str = "logits";
     pub const COUNTER: &str = "ld.counter";
+    /// The run's batch size (`BufferInit::Batch`), read by batch-folded kernels.
+    pub const BATCH: &str = "batch";
 }
 
 /// Extra roulette terms a plan has room for beyond `logdet.terms` (the roulette entry point
@@ -160,7 +162,22 @@ impl<'a> Lowering<'a> {
             self.weight(bias)?;
         }
         let k = kernels::conv(&c, self.tiling)?;
-        self.emit(name, k)
+        let mut step = self.emit(name, k)?;
+        if let Some(folded) = super::gemm::conv(&c, self.tiling, names::BATCH)? {
+            self.b.buffer(names::BATCH, 1, false, BufferInit::Batch)?;
+            let gemm_name = format!("{name}.gemm");
+            self.emit(&gemm_name, folded.generated)?;
+            if let Step::Dispatch { large_batch, .. } = &mut step {
+                *large_batch = Some(iresnetc_runtime::Folded {
+                    min_batch: folded.min_batch,
+                    kernel: gemm_name,
+                    rows: folded.rows,
+                    rows_per_group: folded.rows_per_group,
+                    groups_y: folded.groups_y,
+                });
+            }
+        }
+        Ok(step)
     }
 
     fn eltwise(

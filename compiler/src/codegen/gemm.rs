@@ -1,0 +1,170 @@
+//! The GPU tiling's kernel for larger batches (`shaders/conv_gemm.wgsl`): a convolution as a
+//! shared-memory implicit GEMM whose rows are the pixels of every sample of the run, so its
+//! grid grows with the batch instead of with the image. The split-K kernel
+//! ([`super::splitk`]) stays the one that runs at small batches, where 64-row tiles would
+//! leave a GPU nearly empty; the plan carries both and the runtime picks by batch
+//! ([`iresnetc_runtime::Folded`]).
+
+use std::fmt::Write as _;
+
+use super::kernels::{
+    conv_bytes, conv_map, conv_parts, Conv, ConvParts, Generated, KernelKind, Tiling,
+};
+use super::wgsl::{self, Binding};
+use crate::error::Result;
+
+/// Output rows (pixels of any sample) per tile.
+pub const TILE_ROWS: usize = 64;
+/// Reduction indices (input channel x tap) staged per step.
+const TILE_K: usize = 16;
+/// Each invocation accumulates a 4 x 4 block of the tile.
+const MICRO: usize = 4;
+/// The batch-folded kernel is never chosen below this batch: at batch 1 the split-K kernel
+/// meets the parallelism and chain goals, which a full-length GEMM reduction does not.
+const MIN_BATCH_FLOOR: usize = 2;
+/// Nor above this one: a layer that needs a larger batch to fill the GPU keeps split-K.
+const MIN_BATCH_CEIL: usize = 4096;
+
+/// A kernel with its grid folded over the batch, and from which batch the runtime runs it.
+pub struct FoldedKernel {
+    pub generated: Generated,
+    pub rows: u32,
+    pub rows_per_group: u32,
+    pub groups_y: u32,
+    pub min_batch: u32,
+}
+
+/// Output channels per tile for `cout`, or None when the layer is too narrow for a tile (the
+/// 512 -> C convolutions keep the split-K kernel at every batch).
+fn tile_channels(cout: usize) -> Option<usize> {
+    [64, 32].into_iter().find(|&tn| cout >= tn)
+}
+
+/// The smallest batch from which the folded kernel launches `target_groups` workgroups.
+fn min_batch(rows: usize, groups_y: usize, target_groups: usize) -> Option<usize> {
+    (MIN_BATCH_FLOOR..=MIN_BATCH_CEIL)
+        .find(|&b| (b * rows).div_ceil(TILE_ROWS) * groups_y >= target_groups)
+}
+
+/// The batch-folded GEMM form of `c` in the GPU tiling, reading the run's batch from buffer
+/// `batch`; None in the CPU tiling and for layers that keep the split-K kernel.
+pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel>> {
+    let Tiling::SplitK { target_groups, .. } = tiling else {
+        return Ok(None);
+    };
+    let f = &c.geom;
+    let (cin, cout, pad, oh, ow) = conv_map(c);
+    let ohw = oh * ow;
+    let Some(tn) = tile_channels(cout) else {
+        return Ok(None);
+    };
+    let groups_y = cout.div_ceil(tn);
+    let Some(min_batch) = min_batch(ohw, groups_y, target_groups as usize) else {
+        return Ok(None);
+    };
+    let tm = TILE_ROWS;
+    let wg = (tm / MICRO) * (tn / MICRO);
+    let weight_expr = if c.transposed {
+        "wgt[((i * COUT + o) * K + (K - 1u - ky)) * K + (K - 1u - kx)]"
+    } else {
+        "wgt[((o * CIN + i) * K + ky) * K + kx]"
+    };
+    // The term counter's bump: the invocation holding pixel 0, channel 0 of each sample.
+    let ConvParts {
+        mut bindings,
+        body,
+        pre_epilogue,
+        beta,
+    } = conv_parts(c, "p == 0u && co == 0u");
+    bindings.push(Binding::read("batch_n", batch));
+
+    let mut setup = beta;
+    let mut inner = String::new();
+    for i in 0..MICRO {
+        let _ = writeln!(
+            inner,
+            "            let a{i} = a_tile[kr * TM + tx + {}u];",
+            i * tm / MICRO
+        );
+    }
+    for j in 0..MICRO {
+        let _ = writeln!(
+            inner,
+            "            let b{j} = b_tile[kr * TN + ty + {}u];",
+            j * tn / MICRO
+        );
+    }
+    for i in 0..MICRO {
+        for j in 0..MICRO {
+            let _ = writeln!(setup, "    var acc{i}_{j} = 0.0;");
+            let _ = writeln!(
+                inner,
+                "            acc{i}_{j} = fma(a{i}, b{j}, acc{i}_{j});"
+            );
+        }
+    }
+    let bias = if c.bias.is_some() { " + bias[co]" } else { "" };
+    let pre = pre_epilogue.replace('\n', "\n    ");
+    let mut epilogue = String::new();
+    for i in 0..MICRO {
+        for j in 0..MICRO {
+            let _ = writeln!(
+                epilogue,
+                "    {{\n        let row = r0 + tx + {ri}u;\n        let co = co0 + ty + {cj}u;\n        if (row < rows && co < COUT) {{\n            let sample = row / OHW;\n            let p = row % OHW;\n            let li = co * OHW + p;\n            let o = sample * OUT_N + li;\n            let v = acc{i}_{j}{bias};\n        {pre}\n            {body}\n        }}\n    }}",
+                ri = i * tm / MICRO,
+                cj = j * tn / MICRO,
+            );
+        }
+    }
+    let source = wgsl::render(
+        wgsl::CONV_GEMM_TEMPLATE,
+        &[
+            ("BINDINGS", wgsl::declare(&bindings)),
+            ("CIN", cin.to_string()),
+            ("COUT", cout.to_string()),
+            ("H", f.h.to_string()),
+            ("W", f.w.to_string()),
+            ("OW", ow.to_string()),
+            ("OHW", ohw.to_string()),
+            ("K", f.k.to_string()),
+            (
+                "STRIDE",
+                if c.transposed { 1 } else { f.stride }.to_string(),
+            ),
+            ("PAD", pad.to_string()),
+            ("IN_N", (cin * f.h * f.w).to_string()),
+            ("OUT_N", (cout * ohw).to_string()),
+            ("TM", tm.to_string()),
+            ("TN", tn.to_string()),
+            ("TK", TILE_K.to_string()),
+            ("WG", wg.to_string()),
+            ("A_TILE", (TILE_K * tm).to_string()),
+            ("B_TILE", (TILE_K * tn).to_string()),
+            ("FUNCTIONS", wgsl::activation_functions()),
+            ("WEIGHT_EXPR", weight_expr.to_string()),
+            ("SETUP", setup),
+            ("INNER", inner),
+            ("EPILOGUE", epilogue),
+        ],
+    )?;
+    let (bytes_per_sample, bytes_shared) = conv_bytes(c, &bindings);
+    let u = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Ok(Some(FoldedKernel {
+        generated: Generated {
+            source,
+            bindings,
+            workgroup_size: u(wg),
+            workgroups: [1, u(groups_y)],
+            flops_per_sample: 2 * (cin * cout * f.k * f.k * ohw) as u64,
+            // Every accumulator runs the whole reduction.
+            chain: (cin * f.k * f.k) as u64,
+            bytes_per_sample,
+            bytes_shared,
+            kind: KernelKind::Conv,
+        },
+        rows: u(ohw),
+        rows_per_group: u(tm),
+        groups_y: u(groups_y),
+        min_batch: u(min_batch),
+    }))
+}

@@ -1,0 +1,94 @@
+// Convolution as a shared-memory implicit GEMM over the whole batch, for hardware GPUs at
+// larger batches: out[row, co] = sum_kk A[row, kk] * B[kk, co], where a row is one output
+// pixel of one sample (the samples' pixels are concatenated, so the batch is folded into the
+// rows and the grid does not depend on the image size) and kk runs over input channel x tap
+// (A is the im2col matrix, never stored; B the weights of the direction this kernel computes).
+//
+// A workgroup owns a TM x TN output tile. Per step of TK reduction indices it stages the A and
+// B slices in workgroup memory (consecutive lanes load consecutive pixels and consecutive
+// weights, so global reads coalesce), then each invocation accumulates a 4 x 4 register block:
+// rows tx + i * TM/4 and channels ty + j * TN/4, so lanes of a SIMD group read consecutive
+// A-tile entries and write consecutive pixels. The sum over kk runs in a fixed order: the
+// result does not depend on the schedule. The run's batch comes from `batch_n`; rows past
+// it load zeros and store nothing (no early exit: every lane reaches every barrier).
+//
+// The transposed convolution of the log-det's vjp is the same loop with swapped channels,
+// flipped taps and pad K-1-PAD (see `wt`), as in conv.wgsl.
+//
+// Specialized by iresnetc codegen: every double-braced placeholder is replaced before naga
+// validates it.
+{{BINDINGS}}
+const CIN: u32 = {{CIN}}u;
+const COUT: u32 = {{COUT}}u;
+const H: u32 = {{H}}u;
+const W: u32 = {{W}}u;
+const OW: u32 = {{OW}}u;
+const OHW: u32 = {{OHW}}u;
+const K: u32 = {{K}}u;
+const KK: u32 = K * K;
+const KD: u32 = CIN * KK;
+const STRIDE: i32 = {{STRIDE}};
+const PAD: i32 = {{PAD}};
+const IN_N: u32 = {{IN_N}}u;
+const OUT_N: u32 = {{OUT_N}}u;
+const TM: u32 = {{TM}}u;
+const TN: u32 = {{TN}}u;
+const TK: u32 = {{TK}}u;
+const WG: u32 = {{WG}}u;
+{{FUNCTIONS}}
+var<workgroup> a_tile: array<f32, {{A_TILE}}>;
+var<workgroup> b_tile: array<f32, {{B_TILE}}>;
+
+fn wt(o: u32, i: u32, ky: u32, kx: u32) -> f32 {
+    return {{WEIGHT_EXPR}};
+}
+
+@compute @workgroup_size({{WG}})
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let rows = u32(batch_n[0]) * OHW;
+    let r0 = (wg.z * groups.x + wg.x) * TM;
+    let co0 = wg.y * TN;
+    let tx = lane % (TM / 4u);
+    let ty = lane / (TM / 4u);
+{{SETUP}}
+    for (var k0 = 0u; k0 < KD; k0 += TK) {
+        for (var e = 0u; e < TK * TM / WG; e++) {
+            let idx = lane + e * WG;
+            let kk = k0 + idx / TM;
+            let row = r0 + idx % TM;
+            var v = 0.0;
+            if (kk < KD && row < rows) {
+                let s = row / OHW;
+                let p = row % OHW;
+                let ci = kk / KK;
+                let iy = i32(p / OW) * STRIDE - PAD + i32((kk % KK) / K);
+                let ix = i32(p % OW) * STRIDE - PAD + i32(kk % K);
+                if (iy >= 0 && iy < i32(H) && ix >= 0 && ix < i32(W)) {
+                    v = src[s * IN_N + ci * (H * W) + u32(iy) * W + u32(ix)];
+                }
+            }
+            a_tile[idx] = v;
+        }
+        for (var e = 0u; e < TK * TN / WG; e++) {
+            let idx = lane + e * WG;
+            let kr = idx % TK;
+            let cc = idx / TK;
+            let kk = k0 + kr;
+            var w = 0.0;
+            if (kk < KD && co0 + cc < COUT) {
+                w = wt(co0 + cc, kk / KK, (kk % KK) / K, kk % K);
+            }
+            b_tile[kr * TN + cc] = w;
+        }
+        workgroupBarrier();
+        for (var kr = 0u; kr < TK; kr++) {
+{{INNER}}
+        }
+        workgroupBarrier();
+    }
+{{EPILOGUE}}
+}
