@@ -20,7 +20,9 @@ const OHW: u32 = {{OHW}}u;
 const K: u32 = {{K}}u;
 const STRIDE: i32 = {{STRIDE}};
 const PAD: i32 = {{PAD}};
+// Values per sample of `src` and the input's offset in each.
 const IN_N: u32 = {{IN_N}}u;
+const IN_OFF: u32 = {{IN_OFF}}u;
 const OUT_N: u32 = {{OUT_N}}u;
 const TC: u32 = {{TC}}u;
 const PIXELS_PER_GROUP: u32 = {{PIXELS_PER_GROUP}}u;
@@ -34,7 +36,7 @@ fn wt(o: u32, i: u32, ky: u32, kx: u32) -> f32 {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let sample = wg.z;
     let co0 = wg.y * TC;
-    let xb = sample * IN_N;
+    let xb = sample * IN_N + IN_OFF;
     let pbase = wg.x * PIXELS_PER_GROUP + lane;
 {{SETUP}}
     for (var ky = 0u; ky < K; ky++) {

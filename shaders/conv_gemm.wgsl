@@ -29,7 +29,9 @@ const KK: u32 = K * K;
 const KD: u32 = CIN * KK;
 const STRIDE: i32 = {{STRIDE}};
 const PAD: i32 = {{PAD}};
+// Values per sample of `src` and the input's offset in each.
 const IN_N: u32 = {{IN_N}}u;
+const IN_OFF: u32 = {{IN_OFF}}u;
 const OUT_N: u32 = {{OUT_N}}u;
 const TM: u32 = {{TM}}u;
 const TN: u32 = {{TN}}u;
@@ -68,7 +70,7 @@ fn main(
                 let iy = i32(p / OW) * STRIDE - PAD + i32((kk % KK) / K);
                 let ix = i32(p % OW) * STRIDE - PAD + i32(kk % K);
                 if (iy >= 0 && iy < i32(H) && ix >= 0 && ix < i32(W)) {
-                    v = src[s * IN_N + ci * (H * W) + u32(iy) * W + u32(ix)];
+                    v = src[s * IN_N + IN_OFF + ci * (H * W) + u32(iy) * W + u32(ix)];
                 }
             }
             a_tile[idx] = v;

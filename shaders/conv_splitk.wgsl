@@ -23,7 +23,9 @@ const OHW: u32 = {{OHW}}u;
 const K: u32 = {{K}}u;
 const STRIDE: i32 = {{STRIDE}};
 const PAD: i32 = {{PAD}};
+// Values per sample of `src` and the input's offset in each.
 const IN_N: u32 = {{IN_N}}u;
+const IN_OFF: u32 = {{IN_OFF}}u;
 const OUT_N: u32 = {{OUT_N}}u;
 const TC: u32 = {{TC}}u;
 const BLOCKS: u32 = {{BLOCKS}}u;
@@ -50,7 +52,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let p = lc % OHW;
     let oy = i32(p / OW) * STRIDE - PAD;
     let ox = i32(p % OW) * STRIDE - PAD;
-    let xb = sample * IN_N;
+    let xb = sample * IN_N + IN_OFF;
     let ci0 = min(split * CPS, CIN);
     let ci1 = min(ci0 + CPS, CIN);
 {{SETUP}}

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::wgsl::{self, act_suffix, float, Binding};
+use super::wgsl::{self, act_suffix, Binding};
 use crate::error::Result;
 use crate::kernels::ConvGeom;
 use crate::passes::fusion::ActRef;
@@ -174,12 +174,20 @@ pub struct NextActNorm {
 /// Buffers and offsets the log-det accumulation reads.
 #[derive(Clone, Debug)]
 pub struct LogDetBindings {
+    /// One accumulator of `acc_n` values per sample for every block of the entry point,
+    /// summed once at its end.
     pub acc: String,
+    pub acc_n: usize,
     pub coef: String,
     pub probes: String,
     pub counter: String,
-    /// Terms per probe of the entry point (the counter runs over probes x terms).
+    /// The block's ActNorm `log_scale`: its log-det, `H*W*sum(log_scale)`, is added one
+    /// channel value per element with the block's first term.
+    pub log_scale: String,
+    /// Terms per probe of the entry point and probes per block: the counter runs over every
+    /// block's probes x terms, never reset within a run.
     pub terms: usize,
+    pub probes_per_block: usize,
     /// Per-sample elements of `coef` and the offset of this block's terms.
     pub coef_n: usize,
     pub coef_off: usize,
@@ -201,6 +209,19 @@ pub struct Conv {
     /// The log-det's term counter, advanced by one invocation per sample (the first vjp
     /// kernel of each term does it, instead of a one-invocation kernel of its own).
     pub bump: Option<String>,
+    /// Where the input sits when `src` is not a buffer of the input's own size: values per
+    /// sample and the input's offset in each (the log-det's first vjp reads its probe
+    /// straight from the `probes` input).
+    pub src_view: Option<(usize, usize)>,
+}
+
+impl Conv {
+    /// `(values per sample, offset)` of the input inside `src`.
+    pub(super) fn src_layout(&self) -> (usize, usize) {
+        let (cin, _, _, _, _) = conv_map(self);
+        self.src_view
+            .unwrap_or((cin * self.geom.h * self.geom.w, 0))
+    }
 }
 
 /// `let beta = ...;` for the kernel's activation, adding LipSwish's parameter binding.
@@ -322,7 +343,8 @@ pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
             pre_epilogue = logdet_counters(ld);
             let _ = write!(
                 body,
-                "dst[o] = u; acc[o] += coef[coef_at] * u * probes[probe_at + li];"
+                "dst[o] = u; acc[sample * {}u + li] += coef[coef_at] * u * probes[probe_at + li] + select(0.0, ld_scale[co], first_term);",
+                ld.acc_n
             );
         }
     }
@@ -366,9 +388,14 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
         pre_epilogue,
         beta,
     } = conv_parts(c, "wg.x == 0u && wg.y == 0u && lane == 0u");
-    if let Some(g) =
-        super::vec4::conv1x1_vec4(c, tiling, cin, cout, ohw, &b, &beta, &pre_epilogue, &body)?
-    {
+    // The vec4 form reads its input as vec4s from offset 0.
+    let vec4 = match c.src_view {
+        None => {
+            super::vec4::conv1x1_vec4(c, tiling, cin, cout, ohw, &b, &beta, &pre_epilogue, &body)?
+        }
+        Some(_) => None,
+    };
+    if let Some(g) = vec4 {
         return Ok(g);
     }
 
@@ -435,7 +462,8 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
                 if c.transposed { 1 } else { f.stride }.to_string(),
             ),
             ("PAD", pad.to_string()),
-            ("IN_N", (cin * f.h * f.w).to_string()),
+            ("IN_N", c.src_layout().0.to_string()),
+            ("IN_OFF", c.src_layout().1.to_string()),
             ("OUT_N", (cout * ohw).to_string()),
             ("TC", tc.to_string()),
             ("PIXELS_PER_GROUP", per_group.to_string()),
@@ -493,19 +521,22 @@ fn push_logdet_bindings(b: &mut Vec<Binding>, ld: &LogDetBindings) {
     b.push(Binding::read("coef", ld.coef.clone()));
     b.push(Binding::read("probes", ld.probes.clone()));
     b.push(Binding::read("counter", ld.counter.clone()));
+    b.push(Binding::read("ld_scale", ld.log_scale.clone()));
 }
 
-/// `coef_at` and `probe_at` of the current term and probe, from the per-sample count of terms
-/// started (the term's first kernel has already advanced it), so one kernel serves every term
-/// of the series.
+/// `coef_at` and `probe_at` of the current term and probe, and whether it is the block's
+/// first term, from the per-sample count of terms started in the run (the term's first kernel
+/// has already advanced it; every block runs probes x terms of them), so one kernel serves
+/// every term of the series.
 fn logdet_counters(ld: &LogDetBindings) -> String {
+    let t = ld.terms.max(1);
     format!(
-        "    let started = u32(counter[sample]) - 1u;\n    let term = started % {t}u;\n    let probe = started / {t}u;\n    let coef_at = sample * {}u + {}u + term;\n    let probe_at = sample * {}u + {}u + probe * OUT_N;\n",
+        "    let started = (u32(counter[sample]) - 1u) % {per_block}u;\n    let term = started % {t}u;\n    let probe = started / {t}u;\n    let first_term = started == 0u;\n    let coef_at = sample * {}u + {}u + term;\n    let probe_at = sample * {}u + {}u + probe * OUT_N;\n",
         ld.coef_n,
         ld.coef_off,
         ld.probe_n,
         ld.probe_off,
-        t = ld.terms.max(1)
+        per_block = t * ld.probes_per_block.max(1),
     )
 }
 
@@ -541,50 +572,43 @@ pub fn eltwise(
     })
 }
 
-/// The end of a block's log-det (see `shaders/logdet_reduce.wgsl`).
-pub fn logdet_reduce(
-    dim: usize,
-    channels: usize,
-    spatial: usize,
-    acc: &str,
-    log_scale: &str,
-    logdet: &str,
-    counter: &str,
-) -> Result<Generated> {
-    let bindings = vec![
-        Binding::write("acc", acc),
-        Binding::read("log_scale", log_scale),
-        Binding::write("logdet", logdet),
-        Binding::write("counter", counter),
-    ];
+/// The end of an entry point's log-det: each sample's accumulator summed into `logdet`
+/// (see `shaders/logdet_reduce.wgsl`).
+pub fn logdet_reduce(acc_n: usize, acc: &str, logdet: &str) -> Result<Generated> {
+    let bindings = vec![Binding::read("acc", acc), Binding::write("logdet", logdet)];
     let source = wgsl::render(
         wgsl::REDUCE_TEMPLATE,
         &[
             ("BINDINGS", wgsl::declare(&bindings)),
-            ("D", dim.to_string()),
-            ("CHANNELS", channels.to_string()),
-            ("SPATIAL", float(spatial as f64)),
+            ("D", acc_n.to_string()),
+            ("WG", REDUCE_WORKGROUP.to_string()),
         ],
     )?;
     Ok(Generated {
         source,
         bindings,
-        workgroup_size: 64,
+        workgroup_size: REDUCE_WORKGROUP as u32,
         workgroups: [1, 1],
-        flops_per_sample: dim as u64,
-        // Each lane sums D / 64 values, then a 6-level tree, then lane 0 sums the scales.
-        chain: (dim.div_ceil(64) + 6 + channels) as u64,
-        bytes_per_sample: 4 * (2 * dim + 1) as u64,
-        bytes_shared: 4 * channels as u64,
+        flops_per_sample: acc_n as u64,
+        // Each lane sums D / WG values, then a log2(WG)-level tree.
+        chain: (acc_n.div_ceil(REDUCE_WORKGROUP) + REDUCE_WORKGROUP.trailing_zeros() as usize)
+            as u64,
+        bytes_per_sample: 4 * (acc_n + 1) as u64,
+        bytes_shared: 0,
         kind: KernelKind::Reduce,
     })
 }
 
-/// Body of the log-det's elementwise `acc += coef_k * w * v_p` (unfused plans).
-pub fn dot_body(ld: &LogDetBindings, dim: usize) -> String {
+/// Lanes of the log-det's final sum (one workgroup per sample; a power of two).
+const REDUCE_WORKGROUP: usize = 256;
+
+/// Body of the log-det's elementwise `acc += coef_k * w * v_p` (unfused plans), with the
+/// ActNorm term (channel `i / spatial`) on the block's first term.
+pub fn dot_body(ld: &LogDetBindings, dim: usize, spatial: usize) -> String {
     format!(
-        "{}    let o = sample * {dim}u + i;\n    acc[o] += coef[coef_at] * w[o] * probes[probe_at + i];",
-        logdet_counters(ld).replace("OUT_N", &format!("{dim}u"))
+        "{}    let o = sample * {dim}u + i;\n    acc[sample * {}u + i] += coef[coef_at] * w[o] * probes[probe_at + i] + select(0.0, ld_scale[i / {spatial}u], first_term);",
+        logdet_counters(ld).replace("OUT_N", &format!("{dim}u")),
+        ld.acc_n
     )
 }
 

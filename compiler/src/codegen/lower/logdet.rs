@@ -4,12 +4,14 @@
 use super::*;
 
 impl Lowering<'_> {
+    /// Values per sample of the accumulator every block of a log-det entry point adds to.
+    fn acc_elems(&self) -> usize {
+        self.layout.block_dims.iter().copied().max().unwrap_or(1)
+    }
+
     pub(super) fn ld_bindings(&mut self, b: usize, terms: usize) -> Result<LogDetBindings> {
-        let fb = &self.fusion.blocks[b];
-        let dim = self.layout.block_dims[b];
-        let acc = self
-            .b
-            .buffer(&format!("s{}.acc", fb.stage), dim, true, BufferInit::Zero)?;
+        let acc_n = self.acc_elems();
+        let acc = self.b.buffer(names::ACC, acc_n, true, BufferInit::Zero)?;
         let coef = self.b.buffer(
             names::COEF,
             self.layout.coef_elems(),
@@ -22,15 +24,20 @@ impl Lowering<'_> {
             true,
             BufferInit::Input,
         )?;
-        // Terms started in this block, over all probes (advanced by the first vjp kernel of
-        // each term, reset by the block's reduce kernel).
+        // Terms started in the run, over every block's probes (advanced by the first vjp
+        // kernel of each term; zeroed when a run starts).
         let counter = self.b.buffer(names::COUNTER, 1, true, BufferInit::Zero)?;
+        let log_scale = param_name(&self.g.node(self.g.blocks[b].actnorm).name, "log_scale");
+        self.weight(&log_scale)?;
         Ok(LogDetBindings {
             acc,
+            acc_n,
             coef,
             probes,
             counter,
+            log_scale,
             terms,
+            probes_per_block: self.layout.probes,
             coef_n: self.layout.coef_elems(),
             coef_off: b * self.layout.coef_stride,
             probe_n: self.layout.probe_elems(),
@@ -38,47 +45,76 @@ impl Lowering<'_> {
         })
     }
 
+    /// The entry point's log-det: every sample's accumulator summed, once, at the end.
+    pub(super) fn logdet_sum(&mut self, tag: &str) -> Result<Step> {
+        let acc_n = self.acc_elems();
+        let acc = self.b.buffer(names::ACC, acc_n, true, BufferInit::Zero)?;
+        let logdet = self.b.buffer(names::LOGDET, 1, true, BufferInit::Zero)?;
+        let reduce = kernels::logdet_reduce(acc_n, &acc, &logdet)?;
+        self.emit(&format!("{tag}.logdet.sum"), reduce)
+    }
+
     // ---------------------------------------------------------------- forward
 
     /// The log-det series of block `b` at its ActNorm output (whose branch intermediates the
-    /// forward just left in the stage scratch): probes x terms vjp chains, one submission.
+    /// forward just left in the stage scratch): for each probe, its first term (whose first
+    /// kernel reads the probe straight from the `probes` input), then the other terms, one
+    /// kernel sequence repeated; the terms and the block's ActNorm log-scales accumulate
+    /// elementwise into the entry point's accumulator.
     pub(super) fn block_logdet(&mut self, b: usize, terms: usize, tag: &str) -> Result<Vec<Step>> {
+        let fb: FusedBlock = self.fusion.blocks[b].clone();
+        let s = fb.stage;
+        let d: usize = fb.shape.iter().product();
+        let ld = self.ld_bindings(b, terms)?;
+        let w = self.stage_buf(s, "w", d)?;
+        let mut steps = Vec::new();
+        for p in 0..self.layout.probes {
+            // The probe's values in `probes`: values per sample, and this probe's offset.
+            let view = (ld.probe_n, ld.probe_off + p * d);
+            let first = self.term(b, &ld, &w, Some((p, view)), tag)?;
+            steps.extend(first);
+            if terms > 1 {
+                let rest = self.term(b, &ld, &w, None, tag)?;
+                steps.push(Step::Repeat {
+                    times: terms as u32 - 1,
+                    steps: rest,
+                });
+            }
+        }
+        Ok(steps)
+    }
+
+    /// The kernels of one series term of block `b`: the vjp chain from `w` (or, for a
+    /// probe's first term, from probe `p` inside `probes`) back to `w`, with the
+    /// activation-derivative masks and the `<w_k, v>` accumulation.
+    fn term(
+        &mut self,
+        b: usize,
+        ld: &LogDetBindings,
+        w: &str,
+        probe: Option<(usize, (usize, usize))>,
+        tag: &str,
+    ) -> Result<Vec<Step>> {
         let g = self.g;
         let fb: FusedBlock = self.fusion.blocks[b].clone();
         let blk = &g.blocks[b];
         let s = fb.stage;
         let d: usize = fb.shape.iter().product();
-        let ld = self.ld_bindings(b, terms)?;
         let a = self.val(blk.actnorm)?;
-        let w = self.stage_buf(s, "w", d)?;
         let prefix = format!("{tag}.{}", fb.name);
-
-        // w = v_p (the current probe; no term of it has started yet).
-        let init_body = format!(
-            "    let probe = u32(counter[sample]) / {terms}u;\n    w[sample * {d}u + i] = probes[sample * {}u + {}u + probe * {d}u + i];",
-            ld.probe_n, ld.probe_off
-        );
-        let init = self.eltwise(
-            &format!("{prefix}.probe"),
-            d,
-            vec![
-                Binding::write("w", w.clone()),
-                Binding::read("probes", ld.probes.clone()),
-                Binding::read("counter", ld.counter.clone()),
-            ],
-            None,
-            &init_body,
-        )?;
-
         let mut term = Vec::new();
         let last = fb.layers.len() - 1;
         for i in (0..=last).rev() {
             let layer = &fb.layers[i];
-            let name = format!("{tag}.vjp.{}", layer.node);
-            let src = if i == last {
-                w.clone()
+            let mut name = format!("{tag}.vjp.{}", layer.node);
+            let (src, src_view) = if i < last {
+                let g_in = self.stage_buf(s, &format!("g{}", i + 1), layer.geom.out_len())?;
+                (g_in, None)
+            } else if let Some((p, view)) = probe {
+                name = format!("{name}.probe{p}");
+                (ld.probes.clone(), Some(view))
             } else {
-                self.stage_buf(s, &format!("g{}", i + 1), layer.geom.out_len())?
+                (w.to_string(), None)
             };
             let in_n = layer.geom.in_len();
             // The first kernel of a term advances the counter; the kernel that reads it is
@@ -93,6 +129,7 @@ impl Lowering<'_> {
                 bias: None,
                 epilogue,
                 bump: bump_here.then(|| ld.counter.clone()),
+                src_view,
             };
             if i > 0 {
                 let act = fb.layers[i - 1]
@@ -116,7 +153,8 @@ impl Lowering<'_> {
                 } else {
                     let raw = self.stage_buf(s, &format!("gt{i}"), in_n)?;
                     term.push(self.conv(&name, conv(Epilogue::Store { dst: raw.clone() }))?);
-                    term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &mask, &dst)?);
+                    let mask_name = format!("{tag}.vjp.{}.mask", layer.node);
+                    term.push(self.mask(&mask_name, in_n, &raw, &mask, &dst)?);
                 }
             } else if self.fusion.enabled {
                 // The next block's leading activation has replaced this one's output in the
@@ -130,7 +168,7 @@ impl Lowering<'_> {
                     &name,
                     conv(Epilogue::VjpDot {
                         mask,
-                        dst: w.clone(),
+                        dst: w.to_string(),
                         ld: ld.clone(),
                     }),
                 )?);
@@ -144,47 +182,23 @@ impl Lowering<'_> {
                             from_output: false,
                         };
                         term.push(self.conv(&name, conv(Epilogue::Store { dst: raw.clone() }))?);
-                        term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &mask, &w)?);
+                        term.push(self.mask(&format!("{name}.mask"), in_n, &raw, &mask, w)?);
                     }
-                    None => term.push(self.conv(&name, conv(Epilogue::Store { dst: w.clone() }))?),
+                    None => {
+                        term.push(self.conv(&name, conv(Epilogue::Store { dst: w.to_string() }))?)
+                    }
                 }
+                let an = g.node(blk.actnorm);
                 term.push(self.eltwise(
                     &format!("{prefix}.dot"),
                     d,
-                    kernels::dot_bindings(&ld, &w),
+                    kernels::dot_bindings(ld, w),
                     None,
-                    &kernels::dot_body(&ld, d),
+                    &kernels::dot_body(ld, d, spatial(&an.shape)),
                 )?);
             }
         }
-
-        let an = &g.node(blk.actnorm);
-        let log_scale = param_name(&an.name, "log_scale");
-        self.weight(&log_scale)?;
-        let logdet = self.b.buffer(names::LOGDET, 1, true, BufferInit::Zero)?;
-        let reduce = kernels::logdet_reduce(
-            d,
-            an.shape[0],
-            spatial(&an.shape),
-            &ld.acc,
-            &log_scale,
-            &logdet,
-            &ld.counter,
-        )?;
-        let reduce = self.emit(&format!("{prefix}.reduce"), reduce)?;
-        Ok(vec![
-            Step::Repeat {
-                times: self.layout.probes as u32,
-                steps: vec![
-                    init,
-                    Step::Repeat {
-                        times: terms as u32,
-                        steps: term,
-                    },
-                ],
-            },
-            reduce,
-        ])
+        Ok(term)
     }
 
     /// `dst = src * act'` elementwise, the derivative from `mask` (unfused plans).

@@ -38,6 +38,8 @@ pub mod names {
     pub const X_OUT: &str = "x_out";
     pub const LOGITS: &str = "logits";
     pub const COUNTER: &str = "ld.counter";
+    /// The log-det's per-sample accumulator, shared by every block.
+    pub const ACC: &str = "ld.acc";
     /// The run's batch size (`BufferInit::Batch`), read by batch-folded kernels.
     pub const BATCH: &str = "batch";
 }
@@ -388,10 +390,14 @@ impl<'a> Lowering<'a> {
                             bias: Some(param_name(&n.name, "bias")),
                             epilogue: Epilogue::Store { dst },
                             bump: None,
+                            src_view: None,
                         },
                     )?);
                 }
             }
+        }
+        if terms.is_some() {
+            steps.push(self.logdet_sum(&tag)?);
         }
         // Latent parts not written into z by their slice kernel (the final part).
         for (&l, &off) in &latent_off {
@@ -632,6 +638,7 @@ impl<'a> Lowering<'a> {
                 bias: Some(layer.bias.clone()),
                 epilogue,
                 bump: None,
+                src_view: None,
             },
         )
     }
