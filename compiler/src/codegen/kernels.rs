@@ -117,12 +117,15 @@ pub enum Epilogue {
         dst: String,
         next: Option<NextActNorm>,
     },
-    /// The inverse step `x = target - v` (`target` = the block output y), and `act(x)` for
-    /// the first layer of the next iteration.
+    /// The inverse step `x = target - v` (`target` = the block output y) into `dst`, and
+    /// `act(x)` for the first layer of the next iteration. On a block's last iteration,
+    /// `actnorm` applies the inverse ActNorm to the final iterate: `dst` then receives the
+    /// block's input and `lead` its activation (the start of the block before).
     FixedPoint {
         target: String,
         dst: String,
         lead: Option<ActOut>,
+        actnorm: Option<ActNormInverse>,
     },
     /// vjp through the activation before this layer: `dst = v * act'(pre)`.
     VjpMask { mask: Mask, dst: String },
@@ -162,6 +165,15 @@ pub fn derivative_from_output(act: &ActRef) -> bool {
         act.act,
         crate::spec::Activation::Elu | crate::spec::Activation::Relu
     )
+}
+
+/// `(x - bias) * exp(-log_scale)` per channel, stored in the epilogue's `dst` and, with
+/// `copy`, a second buffer (the next fixed point's first iterate).
+#[derive(Clone, Debug)]
+pub struct ActNormInverse {
+    pub log_scale: String,
+    pub bias: String,
+    pub copy: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -313,13 +325,32 @@ pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
                 }
             }
         }
-        Epilogue::FixedPoint { target, dst, lead } => {
+        Epilogue::FixedPoint {
+            target,
+            dst,
+            lead,
+            actnorm,
+        } => {
             b.push(Binding::read("yt", target.clone()));
             b.push(Binding::write("dst", dst.clone()));
-            body.push_str("let x = yt[o] - v; dst[o] = x;");
+            body.push_str("let x = yt[o] - v; ");
+            match actnorm {
+                None => body.push_str("let out = x; dst[o] = out;"),
+                Some(an) => {
+                    b.push(Binding::read("an_scale", an.log_scale.clone()));
+                    b.push(Binding::read("an_bias", an.bias.clone()));
+                    body.push_str(
+                        "let out = (x - an_bias[co]) * exp(-an_scale[co]); dst[o] = out;",
+                    );
+                    if let Some(copy) = &an.copy {
+                        b.push(Binding::write("x0", copy.clone()));
+                        body.push_str(" x0[o] = out;");
+                    }
+                }
+            }
             if let Some(l) = lead {
                 b.push(Binding::write("lead", l.buffer.clone()));
-                let _ = write!(body, " lead[o] = {};", act_call(&l.act, "x"));
+                let _ = write!(body, " lead[o] = {};", act_call(&l.act, "out"));
                 act = Some(&l.act);
             }
         }

@@ -22,6 +22,10 @@ impl Lowering<'_> {
         let latent_off = self.latent_offsets();
         // The value of each node while walking backwards.
         let mut val: HashMap<NodeIndex, Loc> = HashMap::new();
+        // Blocks whose fixed-point start the kernel producing their output also wrote, and
+        // ActNorms applied inside their block's last iteration.
+        let mut started = std::collections::HashSet::new();
+        let mut applied = std::collections::HashSet::new();
         let inv_val = |s: &mut Self, ix: NodeIndex| -> Result<Loc> {
             if ix == g.input {
                 Ok(Loc {
@@ -62,8 +66,29 @@ impl Lowering<'_> {
             match &n.op {
                 Op::Residual => {
                     let b = self.block_of_residual[&ix];
-                    steps.extend(self.block_inverse(b, &y.buffer)?);
+                    // Fused: the last iteration also inverts the block's ActNorm into the
+                    // block's input and, when that is the previous block's output, starts
+                    // the previous block's fixed point.
+                    let finish = if self.fusion.enabled {
+                        let an = g.blocks[b].actnorm;
+                        let an_in = g.inputs(an)[0];
+                        let dst = inv_val(self, an_in)?.buffer;
+                        let prev = self.block_of_residual.get(&an_in).copied();
+                        applied.insert(an);
+                        started.extend(prev);
+                        Some((dst, prev))
+                    } else {
+                        None
+                    };
+                    steps.extend(self.block_inverse(
+                        b,
+                        &y.buffer,
+                        !started.contains(&b),
+                        finish,
+                    )?);
                 }
+                // Applied by its block's last fixed-point iteration when fused.
+                Op::ActNorm if applied.contains(&ix) => {}
                 Op::ActNorm => {
                     let dst = inv_val(self, ins[0])?;
                     let d = self.elems(ix);
@@ -113,22 +138,40 @@ impl Lowering<'_> {
         Ok(steps)
     }
 
-    /// `a = y - g(a)` iterated from `a = y`; `a` is the block's ActNorm buffer.
-    pub(super) fn block_inverse(&mut self, b: usize, y: &str) -> Result<Vec<Step>> {
-        let g = self.g;
-        let fb: FusedBlock = self.fusion.blocks[b].clone();
-        let s = fb.stage;
-        let d: usize = fb.shape.iter().product();
-        let x = self.val(g.blocks[b].actnorm)?;
-        let prefix = format!("inv.{}", fb.name);
-        let lead_buf = match &fb.lead_act {
-            Some(_) => Some(self.stage_buf(s, "lead", d)?),
+    /// Where block `b`'s fixed point starts: its iterate (the ActNorm buffer) and, with a
+    /// leading activation, the buffer of `act(x)` its first layer reads.
+    fn inverse_start(&mut self, b: usize) -> Result<(String, Option<(String, ActRef)>)> {
+        let fb = &self.fusion.blocks[b];
+        let (s, d, lead_act) = (fb.stage, fb.shape.iter().product(), fb.lead_act.clone());
+        let x = self.val(self.g.blocks[b].actnorm)?;
+        let lead = match lead_act {
+            Some(act) => Some((self.stage_buf(s, "lead", d)?, act)),
             None => None,
         };
+        Ok((x, lead))
+    }
+
+    /// `a = y - g(a)` iterated from `a = y`; `a` is the block's ActNorm buffer. With
+    /// `init`, this writes the start itself; otherwise the kernel that produced `y` did.
+    /// With `finish = (dst, prev)`, the last iteration writes the inverse ActNorm of its
+    /// result to `dst` instead of `a`, and the start of block `prev`'s fixed point.
+    pub(super) fn block_inverse(
+        &mut self,
+        b: usize,
+        y: &str,
+        init: bool,
+        finish: Option<(String, Option<usize>)>,
+    ) -> Result<Vec<Step>> {
+        let fb: FusedBlock = self.fusion.blocks[b].clone();
+        let d: usize = fb.shape.iter().product();
+        let prefix = format!("inv.{}", fb.name);
+        let (x, lead) = self.inverse_start(b)?;
+        let lead_buf = lead.as_ref().map(|(buffer, _)| buffer.clone());
         let mut steps = Vec::new();
         // x_0 = y (and act(y) for the first layer).
-        match (&fb.lead_act, &lead_buf) {
-            (Some(act), Some(lead)) => {
+        match &lead {
+            _ if !init => {}
+            Some((lead, act)) => {
                 let body = format!(
                     "    let o = sample * {d}u + i;\n    let y = src[o];\n    dst[o] = y;\n    lead[o] = act_{}(y, beta);",
                     act_suffix(act.act)
@@ -145,16 +188,71 @@ impl Lowering<'_> {
                     &body,
                 )?);
             }
-            _ => steps.push(Step::Copy {
+            None => steps.push(Step::Copy {
                 src: y.to_string(),
                 dst: x.clone(),
             }),
         }
+        let iters = self.inverse_iters(b) as u32;
+        let Some((dst, prev)) = finish else {
+            let iteration = self.inverse_iteration(b, y, &x, &lead_buf, None)?;
+            steps.push(Step::Repeat {
+                times: iters,
+                steps: iteration,
+            });
+            return Ok(steps);
+        };
+        if iters > 1 {
+            let iteration = self.inverse_iteration(b, y, &x, &lead_buf, None)?;
+            steps.push(Step::Repeat {
+                times: iters - 1,
+                steps: iteration,
+            });
+        }
+        let g = self.g;
+        let an = &g.node(g.blocks[b].actnorm).name;
+        let (copy, lead) = match prev {
+            Some(p) => {
+                let (x0, lead) = self.inverse_start(p)?;
+                let lead = lead.map(|(buffer, act)| ActOut { buffer, act });
+                (Some(x0), lead)
+            }
+            None => (None, None),
+        };
+        let last = FinalStep {
+            dst,
+            lead,
+            actnorm: ActNormInverse {
+                log_scale: param_name(an, "log_scale"),
+                bias: param_name(an, "bias"),
+                copy,
+            },
+        };
+        steps.extend(self.inverse_iteration(b, y, &x, &lead_buf, Some(last))?);
+        Ok(steps)
+    }
+
+    /// The kernels of one fixed-point iteration of block `b`: `x = y - g(x)` (and the
+    /// leading activation of `x` into `lead_buf`), or with `last`, the fused end of the
+    /// block's inverse.
+    fn inverse_iteration(
+        &mut self,
+        b: usize,
+        y: &str,
+        x: &str,
+        lead_buf: &Option<String>,
+        last_step: Option<FinalStep>,
+    ) -> Result<Vec<Step>> {
+        let fb: FusedBlock = self.fusion.blocks[b].clone();
+        let s = fb.stage;
+        let d: usize = fb.shape.iter().product();
+        let prefix = format!("inv.{}", fb.name);
+        let x = x.to_string();
         let last = fb.layers.len() - 1;
         let mut iteration = Vec::new();
         for (i, layer) in fb.layers.iter().enumerate() {
             let name = format!("inv.{}", layer.node);
-            let src = match (i, &lead_buf) {
+            let src = match (i, lead_buf) {
                 (0, Some(l)) => l.clone(),
                 (0, None) => x.clone(),
                 _ => self.stage_buf(s, &format!("post{i}"), layer.geom.in_len())?,
@@ -192,16 +290,25 @@ impl Lowering<'_> {
                     }),
                     _ => None,
                 };
-                iteration.push(self.layer(
-                    &name,
-                    layer,
-                    src,
-                    Epilogue::FixedPoint {
+                let epilogue = match last_step.clone() {
+                    None => Epilogue::FixedPoint {
                         target: y.to_string(),
                         dst: x.clone(),
                         lead,
+                        actnorm: None,
                     },
-                )?);
+                    Some(f) => Epilogue::FixedPoint {
+                        target: y.to_string(),
+                        dst: f.dst,
+                        lead: f.lead,
+                        actnorm: Some(f.actnorm),
+                    },
+                };
+                let name = match last_step {
+                    None => name,
+                    Some(_) => format!("{name}.last"),
+                };
+                iteration.push(self.layer(&name, layer, src, epilogue)?);
             } else {
                 let gout = self.stage_buf(s, "gout", out_n)?;
                 iteration.push(self.layer(
@@ -233,10 +340,14 @@ impl Lowering<'_> {
                 }
             }
         }
-        steps.push(Step::Repeat {
-            times: self.inverse_iters(b) as u32,
-            steps: iteration,
-        });
-        Ok(steps)
+        Ok(iteration)
     }
+}
+
+/// The fused end of a block's inverse (see [`Lowering::block_inverse`]).
+#[derive(Clone)]
+struct FinalStep {
+    dst: String,
+    lead: Option<ActOut>,
+    actnorm: ActNormInverse,
 }

@@ -14,7 +14,8 @@ use petgraph::stable_graph::NodeIndex;
 
 use super::builder::PlanBuilder;
 use super::kernels::{
-    self, ActOut, Conv, Epilogue, Generated, LogDetBindings, Mask, NextActNorm, Tiling,
+    self, ActNormInverse, ActOut, Conv, Epilogue, Generated, LogDetBindings, Mask, NextActNorm,
+    Tiling,
 };
 use super::wgsl::{act_suffix, float, Binding};
 use crate::error::{Error, Result};
