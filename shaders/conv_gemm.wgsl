@@ -6,7 +6,8 @@
 //
 // A workgroup owns a TM x TN output tile. Per step of TK reduction indices it stages the A and
 // B slices in workgroup memory (consecutive lanes load consecutive pixels and consecutive
-// weights, so global reads coalesce), then each invocation accumulates a 4 x 4 register block:
+// weights, so global reads coalesce; weights stored along the reduction, as forward ones and
+// the adjoint arrangement of transposed ones are, load as vec4s), then each invocation accumulates a 4 x 4 register block:
 // rows tx + i * TM/4 and channels ty + j * TN/4, so lanes of a SIMD group read consecutive
 // A-tile entries and write consecutive pixels. The sum over kk runs in a fixed order: the
 // result does not depend on the schedule. The run's batch comes from `batch_n`; rows past
@@ -41,10 +42,7 @@ const WG: u32 = {{WG}}u;
 var<workgroup> a_tile: array<f32, {{A_TILE}}>;
 var<workgroup> b_tile: array<f32, {{B_TILE}}>;
 
-fn wt(o: u32, i: u32, ky: u32, kx: u32) -> f32 {
-    return {{WEIGHT_EXPR}};
-}
-
+{{WEIGHT_FN}}
 @compute @workgroup_size({{WG}})
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -75,17 +73,7 @@ fn main(
             }
             a_tile[idx] = v;
         }
-        for (var e = 0u; e < TK * TN / WG; e++) {
-            let idx = lane + e * WG;
-            let kr = idx % TK;
-            let cc = idx / TK;
-            let kk = k0 + kr;
-            var w = 0.0;
-            if (kk < KD && co0 + cc < COUT) {
-                w = wt(co0 + cc, kk / KK, (kk % KK) / K, kk % K);
-            }
-            b_tile[kr * TN + cc] = w;
-        }
+{{B_STAGE}}
         workgroupBarrier();
         for (var kr = 0u; kr < TK; kr++) {
 {{INNER}}

@@ -212,6 +212,22 @@ fn replay_gemm(source: &str, f: &Folded, batch: u64) -> u64 {
         }
         assert!(seen.iter().all(|&n| n == 1));
     }
+    if source.contains("wgt: array<vec4<f32>>") {
+        // Weights staged as vec4s: lane -> (4 reduction indices q, channel cc) must fill the
+        // TK x TN slice once, from whole vec4s of a reduction that is a multiple of 4.
+        assert_eq!((cin * k * k) % 4, 0);
+        let mut seen = vec![0u8; (tk * tn) as usize];
+        for lane in 0..wg {
+            for e in 0..tk * tn / (4 * wg) {
+                let idx = lane + e * wg;
+                let (q, cc) = (idx % (tk / 4), idx / (tk / 4));
+                for r in 4 * q..4 * q + 4 {
+                    seen[(r * tn + cc) as usize] += 1;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1), "vec4 staging");
+    }
     let kd = cin * k * k;
     let steps = (0..kd).step_by(tk as usize).count() as u64;
     assert_eq!(steps * tk >= kd && (steps - 1) * tk < kd, true);
@@ -297,6 +313,22 @@ fn gemm_kernels_cover_every_output_once() {
         }
     }
     assert!(checked > 10, "{checked}");
+    // The 512-wide layers' reductions (108, 512) are multiples of 4: their weights stage as
+    // vec4s, the transposed ones from the adjoint arrangement.
+    let g = generate(&m, true, Tiling::GPU);
+    let vec4 = g
+        .shaders
+        .values()
+        .filter(|src| src.contains("wgt: array<vec4<f32>>") && src.contains("const TM"))
+        .count();
+    assert!(vec4 >= 4, "{vec4} GEMM kernels with vec4 weights");
+    assert!(g.plan.buffers.iter().any(|b| matches!(
+        &b.init,
+        iresnetc_runtime::BufferInit::Weight {
+            layout: iresnetc_runtime::WeightLayout::Adjoint { .. },
+            ..
+        }
+    )));
 }
 
 /// A CIFAR block (width 512, 12x16x16) at batch 1: in the GPU tiling every convolution of

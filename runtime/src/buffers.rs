@@ -143,14 +143,18 @@ pub(crate) fn upload_weights(
         .buffers
         .iter()
         .map(|b| match &b.init {
-            BufferInit::Weight { tensor } => {
-                // Bundle::load checked that the tensor exists with `elems` values.
-                let data = &bundle.weights[tensor].data;
+            BufferInit::Weight { tensor, layout } => {
+                // Bundle::load checked that the tensor exists with `elems` values, and the
+                // plan that the layout divides them (so `arrange` cannot refuse).
+                let stored = &bundle.weights[tensor].data;
+                let data = layout
+                    .arrange(stored)
+                    .unwrap_or(std::borrow::Cow::Borrowed(stored));
                 Some(
                     gpu.device
                         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                             label: Some(&b.name),
-                            contents: bytemuck::cast_slice(data),
+                            contents: bytemuck::cast_slice(&data),
                             usage: PLAN_BUFFER_USAGE,
                         }),
                 )

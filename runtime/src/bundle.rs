@@ -261,7 +261,7 @@ fn check_weights(plan: &Plan, weights: &BTreeMap<String, WeightTensor>) -> Resul
         .buffers
         .iter()
         .filter_map(|b| match &b.init {
-            BufferInit::Weight { tensor } if !weights.contains_key(tensor) => {
+            BufferInit::Weight { tensor, .. } if !weights.contains_key(tensor) => {
                 Some(format!("{tensor:?} (for buffer {:?})", b.name))
             }
             _ => None,
@@ -282,7 +282,7 @@ fn check_weights(plan: &Plan, weights: &BTreeMap<String, WeightTensor>) -> Resul
         )));
     }
     for b in &plan.buffers {
-        if let BufferInit::Weight { tensor } = &b.init {
+        if let BufferInit::Weight { tensor, .. } = &b.init {
             let t = &weights[tensor];
             let count: usize = t.shape.iter().product();
             if count != t.data.len() {

@@ -53,7 +53,7 @@ pub use error::{Result, RuntimeError};
 pub use executor::{GpuExecutor, Outputs, TimedRun};
 pub use plan::{
     dispatch_at, BufferDecl, BufferInit, EntryPoint, Folded, IoDecl, KernelDecl, ModelKind, Plan,
-    Step, BUNDLE_FORMAT, BUNDLE_VERSION,
+    Step, WeightLayout, BUNDLE_FORMAT, BUNDLE_VERSION,
 };
 /// The wgpu this runtime was built against, for callers that need its types (limits, adapters).
 pub use wgpu;

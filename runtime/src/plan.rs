@@ -109,7 +109,12 @@ pub enum BufferInit {
     /// Zeroed at the start of *every* run (an accumulator never carries a previous run's sum).
     Zero,
     /// Uploaded once from `weights.safetensors`; the tensor's element count must equal `elems`.
-    Weight { tensor: String },
+    Weight {
+        tensor: String,
+        /// How the buffer arranges the tensor's values (as stored unless said).
+        #[serde(default, skip_serializing_if = "WeightLayout::is_stored")]
+        layout: WeightLayout,
+    },
     /// Written from the caller's data before every run.
     Input,
     /// Read back after a run (if an entry point lists it as an output).
@@ -119,6 +124,50 @@ pub enum BufferInit {
     /// One element holding the number of samples of the run (as f32), written when the
     /// buffers of a batch size are allocated: batch-folded kernels bound their rows with it.
     Batch,
+}
+
+/// How a weight buffer arranges its tensor's values.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WeightLayout {
+    #[default]
+    Stored,
+    /// A convolution weight `[cout][cin][k][k]` (a dense one: `k = 1`) rearranged for its
+    /// adjoint, `[cin][cout][k][k]` with the taps flipped: the transposed convolution of the
+    /// log-det's vjp then reads its weights in the forward order, contiguous along the
+    /// reduction (the GPU tiling's kernels stage them that way).
+    Adjoint { cout: u32, k: u32 },
+}
+
+impl WeightLayout {
+    pub fn is_stored(&self) -> bool {
+        *self == WeightLayout::Stored
+    }
+
+    /// The buffer's values from the tensor's; None when the sizes do not fit the layout.
+    pub fn arrange<'d>(&self, data: &'d [f32]) -> Option<std::borrow::Cow<'d, [f32]>> {
+        match *self {
+            WeightLayout::Stored => Some(std::borrow::Cow::Borrowed(data)),
+            WeightLayout::Adjoint { cout, k } => {
+                let (cout, k) = (cout as usize, k as usize);
+                let per_out = cout.checked_mul(k)?.checked_mul(k)?;
+                if per_out == 0 || data.len() % per_out != 0 {
+                    return None;
+                }
+                let (cin, taps) = (data.len() / per_out, k * k);
+                let mut out = vec![0f32; data.len()];
+                for (o, row) in data.chunks_exact(cin * taps).enumerate() {
+                    for (i, kernel) in row.chunks_exact(taps).enumerate() {
+                        let dst = &mut out[(i * cout + o) * taps..][..taps];
+                        for (t, &v) in kernel.iter().enumerate() {
+                            dst[taps - 1 - t] = v;
+                        }
+                    }
+                }
+                Some(std::borrow::Cow::Owned(out))
+            }
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -321,7 +370,7 @@ impl Plan {
         self.buffers
             .iter()
             .filter_map(|b| match &b.init {
-                BufferInit::Weight { tensor } => Some(tensor.as_str()),
+                BufferInit::Weight { tensor, .. } => Some(tensor.as_str()),
                 _ => None,
             })
             .collect()
@@ -356,7 +405,16 @@ impl Plan {
             if b.elems == 0 {
                 return bad(format!("buffer {:?} has 0 elements", b.name));
             }
-            if let BufferInit::Weight { tensor } = &b.init {
+            if let BufferInit::Weight { tensor, layout } = &b.init {
+                if let WeightLayout::Adjoint { cout, k } = *layout {
+                    let per_out = u64::from(cout) * u64::from(k) * u64::from(k);
+                    if per_out == 0 || b.elems % per_out != 0 {
+                        return bad(format!(
+                            "buffer {:?} arranges {tensor:?} as the adjoint of {cout} outputs x {k}x{k} taps, which does not divide its {} elements",
+                            b.name, b.elems
+                        ));
+                    }
+                }
                 if b.per_sample {
                     return bad(format!(
                         "buffer {:?} holds weight {tensor:?} but is per_sample (weights are shared by the batch)",
@@ -610,5 +668,35 @@ mod fold_tests {
         // 32 tiles do not fit 3 x 3; 2^40 rows do not fit 65,535^2 tiles of one.
         assert_eq!(folded_grid([7, 2, 4], 9, 3), None);
         assert_eq!(folded_grid([1 << 20, 1, 1], 1 << 20, 65_535), None);
+    }
+
+    /// The adjoint layout against its definition, index by index: out[i][o][ky][kx] =
+    /// w[o][i][k-1-ky][k-1-kx].
+    #[test]
+    fn adjoint_layout_transposes_and_flips() {
+        let (cout, cin, k) = (3usize, 5usize, 3usize);
+        let w: Vec<f32> = (0..cout * cin * k * k).map(|v| v as f32).collect();
+        let layout = WeightLayout::Adjoint {
+            cout: cout as u32,
+            k: k as u32,
+        };
+        let a = layout.arrange(&w).expect("fits");
+        for o in 0..cout {
+            for i in 0..cin {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let src = ((o * cin + i) * k + (k - 1 - ky)) * k + (k - 1 - kx);
+                        let dst = ((i * cout + o) * k + ky) * k + kx;
+                        assert_eq!(a[dst], w[src]);
+                    }
+                }
+            }
+        }
+        assert!(WeightLayout::Adjoint { cout: 4, k: 3 }
+            .arrange(&w)
+            .is_none());
+        assert!(WeightLayout::Adjoint { cout: 0, k: 3 }
+            .arrange(&w)
+            .is_none());
     }
 }

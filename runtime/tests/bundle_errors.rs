@@ -141,6 +141,22 @@ fn inconsistent_plans_are_refused_with_the_name() {
     type Edit = Box<dyn Fn(&mut Plan)>;
     let cases: Vec<(&str, Edit)> = vec![
         (
+            "does not divide",
+            Box::new(|p| {
+                let w = p.buffers.iter_mut().find(|b| b.name == "w").unwrap();
+                if let iresnetc_runtime::BufferInit::Weight { layout, .. } = &mut w.init {
+                    *layout = iresnetc_runtime::WeightLayout::Adjoint {
+                        cout: u32::MAX,
+                        k: 3,
+                    };
+                }
+            }),
+        ),
+        (
+            "holds the batch size",
+            Box::new(|p| p.buffers[0].init = iresnetc_runtime::BufferInit::Batch),
+        ),
+        (
             "\"nope\"",
             Box::new(|p| p.kernels[0].bindings[0] = "nope".to_string()),
         ),

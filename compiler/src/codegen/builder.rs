@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use iresnetc_runtime::{BufferDecl, BufferInit, KernelDecl, Step};
+use iresnetc_runtime::{BufferDecl, BufferInit, KernelDecl, Step, WeightLayout};
 
 use super::wgsl::{self, Binding};
 use crate::error::{Error, Result};
@@ -81,6 +81,34 @@ impl PlanBuilder {
             false,
             BufferInit::Weight {
                 tensor: tensor.to_string(),
+                layout: WeightLayout::Stored,
+            },
+        )
+    }
+
+    /// The adjoint arrangement of convolution weight `tensor` (`cout` outputs, `k`x`k` taps;
+    /// see [`WeightLayout::Adjoint`]), uploaded by the runtime beside the stored one.
+    pub fn weight_adjoint(
+        &mut self,
+        tensor: &str,
+        elems: usize,
+        cout: usize,
+        k: usize,
+    ) -> Result<String> {
+        let too_big = |_| Error::Codegen {
+            context: format!("tensor `{tensor}`"),
+            message: "dimensions beyond u32".into(),
+        };
+        self.buffer(
+            &format!("{tensor}.adjoint"),
+            elems,
+            false,
+            BufferInit::Weight {
+                tensor: tensor.to_string(),
+                layout: WeightLayout::Adjoint {
+                    cout: u32::try_from(cout).map_err(too_big)?,
+                    k: u32::try_from(k).map_err(too_big)?,
+                },
             },
         )
     }

@@ -25,6 +25,37 @@ const MIN_BATCH_FLOOR: usize = 2;
 /// Nor above this one: a layer that needs a larger batch to fill the GPU keeps split-K.
 const MIN_BATCH_CEIL: usize = 4096;
 
+/// Stages the TK x TN weight slice one scalar per lane and round, through `wt`.
+const B_STAGE_SCALAR: &str = "        for (var e = 0u; e < TK * TN / WG; e++) {
+            let idx = lane + e * WG;
+            let kr = idx % TK;
+            let cc = idx / TK;
+            let kk = k0 + kr;
+            var w = 0.0;
+            if (kk < KD && co0 + cc < COUT) {
+                w = wt(co0 + cc, kk / KK, (kk % KK) / K, kk % K);
+            }
+            b_tile[kr * TN + cc] = w;
+        }";
+
+/// Stages it one vec4 (4 consecutive reduction indices of a channel) per lane and round;
+/// KD is a multiple of 4, so a vec4 starting inside the reduction lies wholly inside.
+const B_STAGE_VEC4: &str = "        for (var e = 0u; e < TK * TN / (4u * WG); e++) {
+            let idx = lane + e * WG;
+            let q = idx % (TK / 4u);
+            let cc = idx / (TK / 4u);
+            let kk = k0 + 4u * q;
+            var w = vec4<f32>();
+            if (kk < KD && co0 + cc < COUT) {
+                w = wgt[((co0 + cc) * KD + kk) / 4u];
+            }
+            let r = 4u * q;
+            b_tile[r * TN + cc] = w.x;
+            b_tile[(r + 1u) * TN + cc] = w.y;
+            b_tile[(r + 2u) * TN + cc] = w.z;
+            b_tile[(r + 3u) * TN + cc] = w.w;
+        }";
+
 /// A kernel with its grid folded over the batch, and from which batch the runtime runs it.
 pub struct FoldedKernel {
     pub generated: Generated,
@@ -64,10 +95,20 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
     };
     let tm = TILE_ROWS;
     let wg = (tm / MICRO) * (tn / MICRO);
-    let weight_expr = if c.transposed {
-        "wgt[((i * COUT + o) * K + (K - 1u - ky)) * K + (K - 1u - kx)]"
+    let kd = cin * f.k * f.k;
+    // Weights contiguous along the reduction, in whole vec4s: each lane stages 4 reduction
+    // indices of one channel with one load (a step of TK = 16 is 4 of them).
+    let vec4_weights = c.weights_in_forward_order() && kd.is_multiple_of(4);
+    let (weight_fn, b_stage) = if vec4_weights {
+        (String::new(), B_STAGE_VEC4.to_string())
     } else {
-        "wgt[((o * CIN + i) * K + ky) * K + kx]"
+        (
+            format!(
+                "fn wt(o: u32, i: u32, ky: u32, kx: u32) -> f32 {{\n    return {};\n}}\n",
+                c.weight_expr()
+            ),
+            B_STAGE_SCALAR.to_string(),
+        )
     };
     // The term counter's bump: the invocation holding pixel 0, channel 0 of each sample.
     let ConvParts {
@@ -77,6 +118,13 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
         beta,
     } = conv_parts(c, "p == 0u && co == 0u");
     bindings.push(Binding::read("batch_n", batch));
+    let mut declarations = wgsl::declare(&bindings);
+    if vec4_weights {
+        declarations = declarations.replace(
+            "var<storage, read> wgt: array<f32>;",
+            "var<storage, read> wgt: array<vec4<f32>>;",
+        );
+    }
 
     let mut setup = beta;
     let mut inner = String::new();
@@ -119,7 +167,7 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
     let source = wgsl::render(
         wgsl::CONV_GEMM_TEMPLATE,
         &[
-            ("BINDINGS", wgsl::declare(&bindings)),
+            ("BINDINGS", declarations),
             ("CIN", cin.to_string()),
             ("COUT", cout.to_string()),
             ("H", f.h.to_string()),
@@ -142,7 +190,8 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
             ("A_TILE", (TILE_K * tm).to_string()),
             ("B_TILE", (TILE_K * tn).to_string()),
             ("FUNCTIONS", wgsl::activation_functions()),
-            ("WEIGHT_EXPR", weight_expr.to_string()),
+            ("WEIGHT_FN", weight_fn),
+            ("B_STAGE", b_stage),
             ("SETUP", setup),
             ("INNER", inner),
             ("EPILOGUE", epilogue),

@@ -225,9 +225,27 @@ pub struct Conv {
     /// sample and the input's offset in each (the log-det's first vjp reads its probe
     /// straight from the `probes` input).
     pub src_view: Option<(usize, usize)>,
+    /// For a transposed convolution: `weight` holds the adjoint arrangement
+    /// (`WeightLayout::Adjoint`), read in the forward order (the GPU tiling does this).
+    pub adjoint_weight: bool,
 }
 
 impl Conv {
+    /// `wgt[...]` for `wt(o, i, ky, kx)`: the weight of output channel `o`, input channel `i`
+    /// and tap `(ky, kx)` of the map this kernel computes.
+    pub(super) fn weight_expr(&self) -> &'static str {
+        if self.transposed && !self.adjoint_weight {
+            "wgt[((i * COUT + o) * K + (K - 1u - ky)) * K + (K - 1u - kx)]"
+        } else {
+            "wgt[((o * CIN + i) * K + ky) * K + kx]"
+        }
+    }
+
+    /// Whether the weights read along the reduction (input channel x tap) are contiguous.
+    pub(super) fn weights_in_forward_order(&self) -> bool {
+        !self.transposed || self.adjoint_weight
+    }
+
     /// `(values per sample, offset)` of the input inside `src`.
     pub(super) fn src_layout(&self) -> (usize, usize) {
         let (cin, _, _, _, _) = conv_map(self);
@@ -408,23 +426,19 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
     let tp = (ohw as u32).div_ceil(wg).clamp(1, pixels);
     let tc = (cout as u32).clamp(1, channels);
     let per_group = wg * tp;
-    let weight_expr = if c.transposed {
-        "wgt[((i * COUT + o) * K + (K - 1u - ky)) * K + (K - 1u - kx)]"
-    } else {
-        "wgt[((o * CIN + i) * K + ky) * K + kx]"
-    };
+    let weight_expr = c.weight_expr();
     let ConvParts {
         bindings: b,
         body,
         pre_epilogue,
         beta,
     } = conv_parts(c, "wg.x == 0u && wg.y == 0u && lane == 0u");
-    // The vec4 form reads its input as vec4s from offset 0.
-    let vec4 = match c.src_view {
-        None => {
+    // The vec4 form reads its input as vec4s from offset 0, its weights as stored.
+    let vec4 = match (c.src_view, c.adjoint_weight) {
+        (None, false) => {
             super::vec4::conv1x1_vec4(c, tiling, cin, cout, ohw, &b, &beta, &pre_epilogue, &body)?
         }
-        Some(_) => None,
+        _ => None,
     };
     if let Some(g) = vec4 {
         return Ok(g);

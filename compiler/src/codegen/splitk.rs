@@ -122,11 +122,7 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
     let tc = split.channels_per_block;
     let gx = split.groups.min(MAX_GROUPS_X);
     let gy = split.groups.div_ceil(gx);
-    let weight_expr = if c.transposed {
-        "wgt[((i * COUT + o) * K + (K - 1u - ky)) * K + (K - 1u - kx)]"
-    } else {
-        "wgt[((o * CIN + i) * K + ky) * K + kx]"
-    };
+    let weight_expr = c.weight_expr();
     let ConvParts {
         bindings,
         body,

@@ -148,6 +148,7 @@ pub fn test_plan() -> Plan {
                 false,
                 BufferInit::Weight {
                     tensor: WEIGHT_TENSOR.to_string(),
+                    layout: Default::default(),
                 },
             ),
             buffer("y", true, BufferInit::Output),

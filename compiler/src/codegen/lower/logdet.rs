@@ -130,6 +130,7 @@ impl Lowering<'_> {
                 epilogue,
                 bump: bump_here.then(|| ld.counter.clone()),
                 src_view,
+                adjoint_weight: false,
             };
             if i > 0 {
                 let act = fb.layers[i - 1]

@@ -159,8 +159,17 @@ impl<'a> Lowering<'a> {
         )
     }
 
-    fn conv(&mut self, name: &str, c: Conv) -> Result<Step> {
+    fn conv(&mut self, name: &str, mut c: Conv) -> Result<Step> {
         self.weight(&c.weight)?;
+        // The GPU tiling stages weights along the reduction: a transposed convolution reads
+        // the adjoint arrangement, contiguous like a forward one.
+        if c.transposed && matches!(self.tiling, Tiling::SplitK { .. }) && !c.adjoint_weight {
+            let elems = self.g.params.get(&c.weight).map_or(0, |t| t.data.len());
+            c.weight = self
+                .b
+                .weight_adjoint(&c.weight, elems, c.geom.cout, c.geom.k)?;
+            c.adjoint_weight = true;
+        }
         if let Some(bias) = &c.bias {
             self.weight(bias)?;
         }
@@ -392,6 +401,7 @@ impl<'a> Lowering<'a> {
                             epilogue: Epilogue::Store { dst },
                             bump: None,
                             src_view: None,
+                            adjoint_weight: false,
                         },
                     )?);
                 }
@@ -640,6 +650,7 @@ impl<'a> Lowering<'a> {
                 epilogue,
                 bump: None,
                 src_view: None,
+                adjoint_weight: false,
             },
         )
     }
