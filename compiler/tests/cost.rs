@@ -230,7 +230,7 @@ fn replay_gemm(source: &str, f: &Folded, batch: u64) -> u64 {
     }
     let kd = cin * k * k;
     let steps = (0..kd).step_by(tk as usize).count() as u64;
-    assert_eq!(steps * tk >= kd && (steps - 1) * tk < kd, true);
+    assert!(steps * tk >= kd && (steps - 1) * tk < kd);
 
     let [gx, gy, gz] = f.grid(batch as usize, 65_535).expect("grid");
     assert_eq!(gy as u64, cout.div_ceil(tn));

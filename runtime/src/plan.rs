@@ -151,7 +151,7 @@ impl WeightLayout {
             WeightLayout::Adjoint { cout, k } => {
                 let (cout, k) = (cout as usize, k as usize);
                 let per_out = cout.checked_mul(k)?.checked_mul(k)?;
-                if per_out == 0 || data.len() % per_out != 0 {
+                if per_out == 0 || !data.len().is_multiple_of(per_out) {
                     return None;
                 }
                 let (cin, taps) = (data.len() / per_out, k * k);
