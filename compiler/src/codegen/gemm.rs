@@ -8,7 +8,8 @@
 use std::fmt::Write as _;
 
 use super::kernels::{
-    conv_bytes, conv_map, conv_parts, Conv, ConvParts, Generated, KernelKind, Tiling,
+    conv_bytes, conv_constants, conv_map, conv_parts, Conv, ConvParts, Generated, KernelKind,
+    Tiling,
 };
 use super::wgsl::{self, Binding};
 use crate::error::Result;
@@ -84,7 +85,7 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
         return Ok(None);
     };
     let f = &c.geom;
-    let (cin, cout, pad, oh, ow) = conv_map(c);
+    let (cin, cout, _, oh, ow) = conv_map(c);
     let ohw = oh * ow;
     let Some(tn) = tile_channels(cout) else {
         return Ok(None);
@@ -167,35 +168,23 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
     let source = wgsl::render(
         wgsl::CONV_GEMM_TEMPLATE,
         &[
-            ("BINDINGS", declarations),
-            ("CIN", cin.to_string()),
-            ("COUT", cout.to_string()),
-            ("H", f.h.to_string()),
-            ("W", f.w.to_string()),
-            ("OW", ow.to_string()),
-            ("OHW", ohw.to_string()),
-            ("K", f.k.to_string()),
-            (
-                "STRIDE",
-                if c.transposed { 1 } else { f.stride }.to_string(),
-            ),
-            ("PAD", pad.to_string()),
-            ("IN_N", c.src_layout().0.to_string()),
-            ("IN_OFF", c.src_layout().1.to_string()),
-            ("OUT_N", (cout * ohw).to_string()),
-            ("TM", tm.to_string()),
-            ("TN", tn.to_string()),
-            ("TK", TILE_K.to_string()),
-            ("WG", wg.to_string()),
-            ("A_TILE", (TILE_K * tm).to_string()),
-            ("B_TILE", (TILE_K * tn).to_string()),
-            ("FUNCTIONS", wgsl::activation_functions()),
-            ("WEIGHT_FN", weight_fn),
-            ("B_STAGE", b_stage),
-            ("SETUP", setup),
-            ("INNER", inner),
-            ("EPILOGUE", epilogue),
-        ],
+            conv_constants(c),
+            vec![
+                ("BINDINGS", declarations),
+                ("TM", tm.to_string()),
+                ("TN", tn.to_string()),
+                ("TK", TILE_K.to_string()),
+                ("WG", wg.to_string()),
+                ("A_TILE", (TILE_K * tm).to_string()),
+                ("B_TILE", (TILE_K * tn).to_string()),
+                ("WEIGHT_FN", weight_fn),
+                ("B_STAGE", b_stage),
+                ("SETUP", setup),
+                ("INNER", inner),
+                ("EPILOGUE", epilogue),
+            ],
+        ]
+        .concat(),
     )?;
     let (bytes_per_sample, bytes_shared) = conv_bytes(c, &bindings);
     let u = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);

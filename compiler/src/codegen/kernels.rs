@@ -294,6 +294,34 @@ pub(super) fn conv_map(c: &Conv) -> (usize, usize, usize, usize, usize) {
     }
 }
 
+/// The geometry constants every convolution template declares (`CIN` .. `OUT_N`), with
+/// `WEIGHT_EXPR` and the activation functions, before the tiling's own.
+pub(super) fn conv_constants(c: &Conv) -> Vec<(&'static str, String)> {
+    let f = &c.geom;
+    let (cin, cout, pad, oh, ow) = conv_map(c);
+    let (in_n, in_off) = c.src_layout();
+    vec![
+        ("CIN", cin.to_string()),
+        ("COUT", cout.to_string()),
+        ("H", f.h.to_string()),
+        ("W", f.w.to_string()),
+        ("OW", ow.to_string()),
+        ("OHW", (oh * ow).to_string()),
+        ("K", f.k.to_string()),
+        // The adjoint of a strided convolution is not generated (the vjp is stride 1).
+        (
+            "STRIDE",
+            if c.transposed { 1 } else { f.stride }.to_string(),
+        ),
+        ("PAD", pad.to_string()),
+        ("IN_N", in_n.to_string()),
+        ("IN_OFF", in_off.to_string()),
+        ("OUT_N", (cout * oh * ow).to_string()),
+        ("WEIGHT_EXPR", c.weight_expr().to_string()),
+        ("FUNCTIONS", wgsl::activation_functions()),
+    ]
+}
+
 /// The statement that advances the log-det's term counter once per dispatch and sample;
 /// `first` is the WGSL condition true for exactly one invocation per sample.
 fn bump_statement(first: &str) -> String {
@@ -420,13 +448,12 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
         Tiling::SplitK { .. } => return super::splitk::conv(c, tiling),
     };
     let f = &c.geom;
-    let (cin, cout, pad, oh, ow) = conv_map(c);
+    let (cin, cout, _, oh, ow) = conv_map(c);
     let ohw = oh * ow;
     let wg = (ohw as u32).next_power_of_two().clamp(1, workgroup);
     let tp = (ohw as u32).div_ceil(wg).clamp(1, pixels);
     let tc = (cout as u32).clamp(1, channels);
     let per_group = wg * tp;
-    let weight_expr = c.weight_expr();
     let ConvParts {
         bindings: b,
         body,
@@ -494,32 +521,19 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
     let source = wgsl::render(
         wgsl::CONV_TEMPLATE,
         &[
-            ("BINDINGS", wgsl::declare(&b)),
-            ("CIN", cin.to_string()),
-            ("COUT", cout.to_string()),
-            ("H", f.h.to_string()),
-            ("W", f.w.to_string()),
-            ("OW", ow.to_string()),
-            ("OHW", ohw.to_string()),
-            ("K", f.k.to_string()),
-            (
-                "STRIDE",
-                if c.transposed { 1 } else { f.stride }.to_string(),
-            ),
-            ("PAD", pad.to_string()),
-            ("IN_N", c.src_layout().0.to_string()),
-            ("IN_OFF", c.src_layout().1.to_string()),
-            ("OUT_N", (cout * ohw).to_string()),
-            ("TC", tc.to_string()),
-            ("PIXELS_PER_GROUP", per_group.to_string()),
-            ("FUNCTIONS", wgsl::activation_functions()),
-            ("WEIGHT_EXPR", weight_expr.to_string()),
-            ("WG", wg.to_string()),
-            ("SETUP", setup),
-            ("TAP", tap),
-            ("INNER", inner),
-            ("EPILOGUE", epilogue),
-        ],
+            conv_constants(c),
+            vec![
+                ("BINDINGS", wgsl::declare(&b)),
+                ("TC", tc.to_string()),
+                ("PIXELS_PER_GROUP", per_group.to_string()),
+                ("WG", wg.to_string()),
+                ("SETUP", setup),
+                ("TAP", tap),
+                ("INNER", inner),
+                ("EPILOGUE", epilogue),
+            ],
+        ]
+        .concat(),
     )?;
     let (bytes_per_sample, bytes_shared) = conv_bytes(c, &b);
     Ok(Generated {

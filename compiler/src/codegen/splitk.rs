@@ -4,7 +4,8 @@
 //! fused epilogue.
 
 use super::kernels::{
-    conv_bytes, conv_map, conv_parts, Conv, ConvParts, Generated, KernelKind, Tiling,
+    conv_bytes, conv_constants, conv_map, conv_parts, Conv, ConvParts, Generated, KernelKind,
+    Tiling,
 };
 use std::fmt::Write as _;
 
@@ -106,9 +107,8 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
         return super::kernels::conv(c, tiling);
     };
     let f = &c.geom;
-    let (cin, cout, pad, oh, ow) = conv_map(c);
+    let (cin, cout, _, oh, ow) = conv_map(c);
     let ohw = oh * ow;
-    let outputs = cout * ohw;
     let wg = workgroup as usize;
     let split = choose_split(
         cout,
@@ -122,7 +122,6 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
     let tc = split.channels_per_block;
     let gx = split.groups.min(MAX_GROUPS_X);
     let gy = split.groups.div_ceil(gx);
-    let weight_expr = c.weight_expr();
     let ConvParts {
         bindings,
         body,
@@ -169,37 +168,24 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
     let source = wgsl::render(
         wgsl::CONV_SPLITK_TEMPLATE,
         &[
-            ("BINDINGS", wgsl::declare(&bindings)),
-            ("CIN", cin.to_string()),
-            ("COUT", cout.to_string()),
-            ("H", f.h.to_string()),
-            ("W", f.w.to_string()),
-            ("OW", ow.to_string()),
-            ("OHW", ohw.to_string()),
-            ("K", f.k.to_string()),
-            (
-                "STRIDE",
-                if c.transposed { 1 } else { f.stride }.to_string(),
-            ),
-            ("PAD", pad.to_string()),
-            ("IN_N", c.src_layout().0.to_string()),
-            ("IN_OFF", c.src_layout().1.to_string()),
-            ("OUT_N", outputs.to_string()),
-            ("TC", tc.to_string()),
-            ("BLOCKS", split.blocks.to_string()),
-            ("S", split.splits.to_string()),
-            ("OPG", split.outputs_per_group.to_string()),
-            ("CPS", split.channels_per_split.to_string()),
-            ("GX", gx.to_string()),
-            ("FUNCTIONS", wgsl::activation_functions()),
-            ("SHARED", shared),
-            ("WEIGHT_EXPR", weight_expr.to_string()),
-            ("WG", wg.to_string()),
-            ("SETUP", setup),
-            ("INNER", inner),
-            ("REDUCE", reduce),
-            ("EPILOGUE", epilogue),
-        ],
+            conv_constants(c),
+            vec![
+                ("BINDINGS", wgsl::declare(&bindings)),
+                ("TC", tc.to_string()),
+                ("BLOCKS", split.blocks.to_string()),
+                ("S", split.splits.to_string()),
+                ("OPG", split.outputs_per_group.to_string()),
+                ("CPS", split.channels_per_split.to_string()),
+                ("GX", gx.to_string()),
+                ("SHARED", shared),
+                ("WG", wg.to_string()),
+                ("SETUP", setup),
+                ("INNER", inner),
+                ("REDUCE", reduce),
+                ("EPILOGUE", epilogue),
+            ],
+        ]
+        .concat(),
     )?;
     let (bytes_per_sample, bytes_shared) = conv_bytes(c, &bindings);
     Ok(Generated {
