@@ -89,7 +89,7 @@ step "2. correctness: wgpu against the f64 reference, both tilings, fused and un
 status=0
 if [ "$have_cargo" = 1 ]; then
   IRESNETC_REQUIRE_GPU=1 timeout 900 cargo test --release --offline -p iresnetc --test gpu --test cost -- \
-    --test-threads 1 "${tests[@]}" gpu_tiling conv_figures 2>&1 | tee "$out/tests.txt" \
+    --test-threads 1 "${tests[@]}" gpu_tiling conv_figures gemm_kernels 2>&1 | tee "$out/tests.txt" \
     | grep -E '^test |matches|batch [0-9]+:|fused vs|roulette|test result' || true
   grep -q 'test result: FAILED\|panicked' "$out/tests.txt" && status=1
   grep -q 'test result: ok' "$out/tests.txt" || status=1
@@ -98,9 +98,11 @@ else
 fi
 [ "$status" = 0 ] && echo "correctness: PASS" || echo "correctness: FAIL (see $out/tests.txt)"
 
-step "3. cost report: $model, batch 1, GPU tiling"
-"$bin" inspect "$model" --cost --batch 1 --tiling gpu > "$out/cost.txt" 2>/dev/null \
-  && grep -E '^(cost|encode|forward|inverse|logdet)' "$out/cost.txt"
+step "3. cost report: $model, GPU tiling, at each batch (split-K, then the GEMM kernels)"
+for b in ${batches//,/ }; do
+  "$bin" inspect "$model" --cost --batch "$b" --tiling gpu > "$out/cost-b$b.txt" 2>/dev/null \
+    && grep -E '^(cost|encode|forward|inverse|logdet)' "$out/cost-b$b.txt"
+done
 
 step "4. wgpu benchmarks: $model, batch $batches, fused and unfused, 10-step inverse, profile"
 timeout 420 "$bin" bench "$model" --batch "$batches" --backends wgpu --tiling gpu \
@@ -150,7 +152,7 @@ for (entry, batch), v in sorted(rows.items()):
     print(f"{entry:<15} {batch:>5} {cells}  {ok}")
     summary.append({"entry": entry, "batch": batch, **v, "fused_at_least_as_fast_as_torch_fp32": ok})
 (out / "summary.json").write_text(json.dumps({"dry_run": dry, "rows": summary}, indent=2))
-print(f"JSON: {out}/summary.json, bench.json, profile.json, torch.json; cost report {out}/cost.txt")
+print(f"JSON: {out}/summary.json, bench.json, profile.json, torch.json; cost reports {out}/cost-b*.txt")
 EOF
 else
   cat "$out/bench.txt"
