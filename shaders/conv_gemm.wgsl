@@ -19,21 +19,9 @@
 // Specialized by iresnetc codegen: every double-braced placeholder is replaced before naga
 // validates it.
 {{BINDINGS}}
-const CIN: u32 = {{CIN}}u;
-const COUT: u32 = {{COUT}}u;
-const H: u32 = {{H}}u;
-const W: u32 = {{W}}u;
-const OW: u32 = {{OW}}u;
-const OHW: u32 = {{OHW}}u;
-const K: u32 = {{K}}u;
+{{GEOMETRY}}
 const KK: u32 = K * K;
 const KD: u32 = CIN * KK;
-const STRIDE: i32 = {{STRIDE}};
-const PAD: i32 = {{PAD}};
-// Values per sample of `src` and the input's offset in each.
-const IN_N: u32 = {{IN_N}}u;
-const IN_OFF: u32 = {{IN_OFF}}u;
-const OUT_N: u32 = {{OUT_N}}u;
 const TM: u32 = {{TM}}u;
 const TN: u32 = {{TN}}u;
 const TK: u32 = {{TK}}u;

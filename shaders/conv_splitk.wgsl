@@ -14,19 +14,7 @@
 // Specialized by iresnetc codegen: every double-braced placeholder is replaced before naga
 // validates it.
 {{BINDINGS}}
-const CIN: u32 = {{CIN}}u;
-const COUT: u32 = {{COUT}}u;
-const H: u32 = {{H}}u;
-const W: u32 = {{W}}u;
-const OW: u32 = {{OW}}u;
-const OHW: u32 = {{OHW}}u;
-const K: u32 = {{K}}u;
-const STRIDE: i32 = {{STRIDE}};
-const PAD: i32 = {{PAD}};
-// Values per sample of `src` and the input's offset in each.
-const IN_N: u32 = {{IN_N}}u;
-const IN_OFF: u32 = {{IN_OFF}}u;
-const OUT_N: u32 = {{OUT_N}}u;
+{{GEOMETRY}}
 const TC: u32 = {{TC}}u;
 const BLOCKS: u32 = {{BLOCKS}}u;
 const S: u32 = {{S}}u;

@@ -407,8 +407,11 @@ impl Plan {
             }
             if let BufferInit::Weight { tensor, layout } = &b.init {
                 if let WeightLayout::Adjoint { cout, k } = *layout {
-                    let per_out = u64::from(cout) * u64::from(k) * u64::from(k);
-                    if per_out == 0 || b.elems % per_out != 0 {
+                    let per_out = u64::from(cout)
+                        .checked_mul(u64::from(k))
+                        .and_then(|n| n.checked_mul(u64::from(k)))
+                        .unwrap_or(0);
+                    if per_out == 0 || !b.elems.is_multiple_of(per_out) {
                         return bad(format!(
                             "buffer {:?} arranges {tensor:?} as the adjoint of {cout} outputs x {k}x{k} taps, which does not divide its {} elements",
                             b.name, b.elems
@@ -587,8 +590,10 @@ impl Plan {
                 } => {
                     check_grid(kernel, workgroups)?;
                     if let Some(f) = large_batch {
-                        // The per-sample grid of one tile row stands in for the folded one.
-                        check_grid(&f.kernel, &[1, f.groups_y, 1])?;
+                        // Its grid for one sample is held to the bounds of a per-sample one
+                        // (tiles past the buffers' size would be work for nothing).
+                        let tiles = f.rows.div_ceil(f.rows_per_group.max(1));
+                        check_grid(&f.kernel, &[tiles, f.groups_y, 1])?;
                         if f.min_batch == 0 || f.rows == 0 || f.rows_per_group == 0 {
                             return bad(format!(
                                 "entry point {ep_name:?} folds kernel {:?} with a zero min_batch, rows or rows_per_group",

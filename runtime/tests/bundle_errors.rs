@@ -145,9 +145,10 @@ fn inconsistent_plans_are_refused_with_the_name() {
             Box::new(|p| {
                 let w = p.buffers.iter_mut().find(|b| b.name == "w").unwrap();
                 if let iresnetc_runtime::BufferInit::Weight { layout, .. } = &mut w.init {
+                    // cout x k x k overflows u64: refused, not wrapped.
                     *layout = iresnetc_runtime::WeightLayout::Adjoint {
                         cout: u32::MAX,
-                        k: 3,
+                        k: u32::MAX,
                     };
                 }
             }),

@@ -294,29 +294,33 @@ pub(super) fn conv_map(c: &Conv) -> (usize, usize, usize, usize, usize) {
     }
 }
 
-/// The geometry constants every convolution template declares (`CIN` .. `OUT_N`), with
-/// `WEIGHT_EXPR` and the activation functions, before the tiling's own.
+/// What every convolution template shares: the geometry constants (`{{GEOMETRY}}`: CIN ..
+/// OUT_N, declared here once), `WEIGHT_EXPR` and the activation functions.
 pub(super) fn conv_constants(c: &Conv) -> Vec<(&'static str, String)> {
     let f = &c.geom;
     let (cin, cout, pad, oh, ow) = conv_map(c);
     let (in_n, in_off) = c.src_layout();
+    // The adjoint of a strided convolution is not generated (the vjp is stride 1).
+    let stride = if c.transposed { 1 } else { f.stride };
+    let mut geometry = String::new();
+    for (name, value) in [
+        ("CIN", cin),
+        ("COUT", cout),
+        ("H", f.h),
+        ("W", f.w),
+        ("OW", ow),
+        ("OHW", oh * ow),
+        ("K", f.k),
+    ] {
+        let _ = writeln!(geometry, "const {name}: u32 = {value}u;");
+    }
+    let _ = write!(
+        geometry,
+        "const STRIDE: i32 = {stride};\nconst PAD: i32 = {pad};\n// Values per sample of `src` and the input's offset in each.\nconst IN_N: u32 = {in_n}u;\nconst IN_OFF: u32 = {in_off}u;\nconst OUT_N: u32 = {}u;",
+        cout * oh * ow
+    );
     vec![
-        ("CIN", cin.to_string()),
-        ("COUT", cout.to_string()),
-        ("H", f.h.to_string()),
-        ("W", f.w.to_string()),
-        ("OW", ow.to_string()),
-        ("OHW", (oh * ow).to_string()),
-        ("K", f.k.to_string()),
-        // The adjoint of a strided convolution is not generated (the vjp is stride 1).
-        (
-            "STRIDE",
-            if c.transposed { 1 } else { f.stride }.to_string(),
-        ),
-        ("PAD", pad.to_string()),
-        ("IN_N", in_n.to_string()),
-        ("IN_OFF", in_off.to_string()),
-        ("OUT_N", (cout * oh * ow).to_string()),
+        ("GEOMETRY", geometry),
         ("WEIGHT_EXPR", c.weight_expr().to_string()),
         ("FUNCTIONS", wgsl::activation_functions()),
     ]
