@@ -292,9 +292,10 @@ impl<'a> Lowering<'a> {
             Some(_) => "rl".to_string(),
             None => "fwd".to_string(),
         };
+        let folded = self.folded_layout(&latent_off)?;
         for ix in g.topo_order()? {
             let n = g.node(ix);
-            if n.block.is_some() {
+            if n.block.is_some() || folded.contains(&ix) {
                 continue;
             }
             let name = format!("fwd.{}", n.name);
@@ -343,7 +344,7 @@ impl<'a> Lowering<'a> {
                 }
                 Op::ActNorm => {
                     if self.fusion.actnorm_producer(&n.name).is_none() {
-                        steps.extend(self.actnorm_forward(ix)?);
+                        steps.extend(self.actnorm_forward(ix, &folded)?);
                     }
                 }
                 Op::Residual => {
@@ -451,13 +452,84 @@ impl<'a> Lowering<'a> {
         self.g.blocks.iter().position(|b| b.actnorm == ix)
     }
 
+    /// Layout nodes of the forward that fused plans never materialize: a squeeze read only by
+    /// a standalone ActNorm (which loads through the squeeze's index map instead), and a
+    /// factor-out's kept slice read only by such a squeeze (a view at an offset).
+    fn folded_layout(
+        &self,
+        latent_off: &HashMap<NodeIndex, usize>,
+    ) -> Result<std::collections::HashSet<NodeIndex>> {
+        let g = self.g;
+        let mut folded = std::collections::HashSet::new();
+        if !self.fusion.enabled {
+            return Ok(folded);
+        }
+        let consumers = |ix: NodeIndex| {
+            g.dag
+                .edges_directed(ix, petgraph::Direction::Outgoing)
+                .count()
+        };
+        for ix in g.topo_order()? {
+            let n = g.node(ix);
+            if !matches!(n.op, Op::ActNorm) || self.fusion.actnorm_producer(&n.name).is_some() {
+                continue;
+            }
+            let sq = g.inputs(ix)[0];
+            if !matches!(g.node(sq).op, Op::Squeeze { .. }) || consumers(sq) != 1 {
+                continue;
+            }
+            folded.insert(sq);
+            let sl = g.inputs(sq)[0];
+            if matches!(g.node(sl).op, Op::SliceChannels { .. })
+                && consumers(sl) == 1
+                && !latent_off.contains_key(&sl)
+            {
+                folded.insert(sl);
+            }
+        }
+        Ok(folded)
+    }
+
+    /// Where a node's value can be read: its own buffer, or for a folded slice, a view into
+    /// its source.
+    fn view(
+        &mut self,
+        ix: NodeIndex,
+        folded: &std::collections::HashSet<NodeIndex>,
+    ) -> Result<Loc> {
+        let g = self.g;
+        if let (true, Op::SliceChannels { start, .. }) = (folded.contains(&ix), &g.node(ix).op) {
+            let per = spatial(&g.input_shape(ix));
+            let src = self.view(g.inputs(ix)[0], folded)?;
+            return Ok(Loc {
+                offset: src.offset + start * per,
+                ..src
+            });
+        }
+        self.loc(ix)
+    }
+
     /// ActNorm as its own kernel, with the branch's leading activation as a second output
-    /// when fused (a separate activation kernel when not).
-    fn actnorm_forward(&mut self, ix: NodeIndex) -> Result<Vec<Step>> {
+    /// when fused (a separate activation kernel when not). A folded squeeze before it is
+    /// applied by its loads.
+    fn actnorm_forward(
+        &mut self,
+        ix: NodeIndex,
+        folded: &std::collections::HashSet<NodeIndex>,
+    ) -> Result<Vec<Step>> {
         let g = self.g;
         let n = g.node(ix);
         let ins = g.inputs(ix);
-        let (src, dst) = (self.val(ins[0])?, self.val(ix)?);
+        let (prelude, load, src) = match &g.node(ins[0]).op {
+            Op::Squeeze { order } if folded.contains(&ins[0]) => {
+                let from = self.view(g.inputs(ins[0])[0], folded)?;
+                let prelude = Self::squeeze_prelude(&g.input_shape(ins[0]), *order);
+                let load = format!("src[sample * {}u + {}u + u]", from.stride, from.offset);
+                (prelude, load, from.buffer)
+            }
+            _ => (String::new(), "src[o]".to_string(), self.val(ins[0])?),
+        };
+        let dst = self.val(ix)?;
         let d = self.elems(ix);
         let hw = spatial(&n.shape);
         let lead = self
@@ -470,7 +542,7 @@ impl<'a> Lowering<'a> {
             Binding::read("an_bias", param_name(&n.name, "bias")),
         ];
         let mut body = format!(
-            "    let o = sample * {d}u + i;\n    let c = i / {hw}u;\n    let a = src[o] * exp(an_scale[c]) + an_bias[c];\n    dst[o] = a;\n"
+            "{prelude}    let o = sample * {d}u + i;\n    let c = i / {hw}u;\n    let a = {load} * exp(an_scale[c]) + an_bias[c];\n    dst[o] = a;\n"
         );
         let mut steps = Vec::new();
         let name = format!("fwd.{}", n.name);
