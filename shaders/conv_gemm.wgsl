@@ -7,7 +7,8 @@
 // A workgroup owns a TM x TN output tile. Per step of TK reduction indices it stages the A and
 // B slices in workgroup memory (consecutive lanes load consecutive pixels and consecutive
 // weights, so global reads coalesce; weights stored along the reduction, as forward ones and
-// the adjoint arrangement of transposed ones are, load as vec4s), then each invocation accumulates a 4 x 4 register block:
+// the adjoint arrangement of transposed ones are, load as vec4s, and so does the input of a
+// 1x1 convolution, 4 consecutive pixels of one channel), then each invocation accumulates a 4 x 4 register block:
 // rows tx + i * TM/4 and channels ty + j * TN/4, so lanes of a SIMD group read consecutive
 // A-tile entries and write consecutive pixels. The sum over kk runs in a fixed order: the
 // result does not depend on the schedule. The run's batch comes from `batch_n`; rows past
@@ -44,23 +45,7 @@ fn main(
     let ty = lane / (TM / 4u);
 {{SETUP}}
     for (var k0 = 0u; k0 < KD; k0 += TK) {
-        for (var e = 0u; e < TK * TM / WG; e++) {
-            let idx = lane + e * WG;
-            let kk = k0 + idx / TM;
-            let row = r0 + idx % TM;
-            var v = 0.0;
-            if (kk < KD && row < rows) {
-                let s = row / OHW;
-                let p = row % OHW;
-                let ci = kk / KK;
-                let iy = i32(p / OW) * STRIDE - PAD + i32((kk % KK) / K);
-                let ix = i32(p % OW) * STRIDE - PAD + i32(kk % K);
-                if (iy >= 0 && iy < i32(H) && ix >= 0 && ix < i32(W)) {
-                    v = src[s * IN_N + IN_OFF + ci * (H * W) + u32(iy) * W + u32(ix)];
-                }
-            }
-            a_tile[idx] = v;
-        }
+{{A_STAGE}}
 {{B_STAGE}}
         workgroupBarrier();
         for (var kr = 0u; kr < TK; kr++) {

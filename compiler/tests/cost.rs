@@ -212,6 +212,22 @@ fn replay_gemm(source: &str, f: &Folded, batch: u64) -> u64 {
         }
         assert!(seen.iter().all(|&n| n == 1));
     }
+    if source.contains("src: array<vec4<f32>>") {
+        // Input staged as vec4s (1x1): lane -> (4 rows q, reduction index kr) must fill the
+        // TK x TM slice once, 4 consecutive pixels of one sample per load.
+        assert_eq!((k, ohw % 4, constant(source, "IN_N") % 4), (1, 0, 0));
+        let mut seen = vec![0u8; (tk * tm) as usize];
+        for lane in 0..wg {
+            for e in 0..tk * tm / (4 * wg) {
+                let idx = lane + e * wg;
+                let (q, kr) = (idx % (tm / 4), idx / (tm / 4));
+                for r in 4 * q..4 * q + 4 {
+                    seen[(kr * tm + r) as usize] += 1;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1), "vec4 input staging");
+    }
     if source.contains("wgt: array<vec4<f32>>") {
         // Weights staged as vec4s: lane -> (4 reduction indices q, channel cc) must fill the
         // TK x TN slice once, from whole vec4s of a reduction that is a multiple of 4.
@@ -322,6 +338,13 @@ fn gemm_kernels_cover_every_output_once() {
         .filter(|src| src.contains("wgt: array<vec4<f32>>") && src.contains("const TM"))
         .count();
     assert!(vec4 >= 4, "{vec4} GEMM kernels with vec4 weights");
+    // The 512 -> 512 1x1 convolution and its vjp also load their input as vec4s.
+    let vec4_in = g
+        .shaders
+        .values()
+        .filter(|src| src.contains("src: array<vec4<f32>>") && src.contains("const TM"))
+        .count();
+    assert!(vec4_in >= 2, "{vec4_in} GEMM kernels with vec4 input");
     assert!(g.plan.buffers.iter().any(|b| matches!(
         &b.init,
         iresnetc_runtime::BufferInit::Weight {

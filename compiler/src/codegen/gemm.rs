@@ -26,6 +26,46 @@ const MIN_BATCH_FLOOR: usize = 2;
 /// Nor above this one: a layer that needs a larger batch to fill the GPU keeps split-K.
 const MIN_BATCH_CEIL: usize = 4096;
 
+/// Stages the TK x TM input slice one scalar per lane and round: row `idx % TM` (a pixel of
+/// some sample) at reduction index `idx / TM` (input channel x tap), zero outside the image.
+const A_STAGE_SCALAR: &str = "        for (var e = 0u; e < TK * TM / WG; e++) {
+            let idx = lane + e * WG;
+            let kk = k0 + idx / TM;
+            let row = r0 + idx % TM;
+            var v = 0.0;
+            if (kk < KD && row < rows) {
+                let s = row / OHW;
+                let p = row % OHW;
+                let ci = kk / KK;
+                let iy = i32(p / OW) * STRIDE - PAD + i32((kk % KK) / K);
+                let ix = i32(p % OW) * STRIDE - PAD + i32(kk % K);
+                if (iy >= 0 && iy < i32(H) && ix >= 0 && ix < i32(W)) {
+                    v = src[s * IN_N + IN_OFF + ci * (H * W) + u32(iy) * W + u32(ix)];
+                }
+            }
+            a_tile[idx] = v;
+        }";
+
+/// The 1x1 case (stride 1, no padding) with 4 | OHW, IN_N, IN_OFF: rows 4q .. 4q+3 of a tile
+/// are 4 consecutive pixels of one sample, contiguous in `src` for each input channel, and
+/// all inside the batch when the first is. One vec4 per lane and round.
+const A_STAGE_VEC4: &str = "        for (var e = 0u; e < TK * TM / (4u * WG); e++) {
+            let idx = lane + e * WG;
+            let q = idx % (TM / 4u);
+            let kr = idx / (TM / 4u);
+            let kk = k0 + kr;
+            let row = r0 + 4u * q;
+            var v = vec4<f32>();
+            if (kk < KD && row < rows) {
+                v = src[(row / OHW * IN_N + IN_OFF + kk * OHW + row % OHW) / 4u];
+            }
+            let at = kr * TM + 4u * q;
+            a_tile[at] = v.x;
+            a_tile[at + 1u] = v.y;
+            a_tile[at + 2u] = v.z;
+            a_tile[at + 3u] = v.w;
+        }";
+
 /// Stages the TK x TN weight slice one scalar per lane and round, through `wt`.
 const B_STAGE_SCALAR: &str = "        for (var e = 0u; e < TK * TN / WG; e++) {
             let idx = lane + e * WG;
@@ -100,6 +140,16 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
     // Weights contiguous along the reduction, in whole vec4s: each lane stages 4 reduction
     // indices of one channel with one load (a step of TK = 16 is 4 of them).
     let vec4_weights = c.weights_in_forward_order() && kd.is_multiple_of(4);
+    let (in_n, in_off) = c.src_layout();
+    let vec4_input = f.k == 1
+        && (c.transposed || f.stride == 1)
+        && f.pad == 0
+        && [ohw, in_n, in_off].iter().all(|n| n.is_multiple_of(4));
+    let a_stage = if vec4_input {
+        A_STAGE_VEC4
+    } else {
+        A_STAGE_SCALAR
+    };
     let (weight_fn, b_stage) = if vec4_weights {
         (String::new(), B_STAGE_VEC4.to_string())
     } else {
@@ -120,11 +170,13 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
     } = conv_parts(c, "p == 0u && co == 0u");
     bindings.push(Binding::read("batch_n", batch));
     let mut declarations = wgsl::declare(&bindings);
-    if vec4_weights {
-        declarations = declarations.replace(
-            "var<storage, read> wgt: array<f32>;",
-            "var<storage, read> wgt: array<vec4<f32>>;",
-        );
+    for (vec4, var) in [(vec4_weights, "wgt"), (vec4_input, "src")] {
+        if vec4 {
+            declarations = declarations.replace(
+                &format!("var<storage, read> {var}: array<f32>;"),
+                &format!("var<storage, read> {var}: array<vec4<f32>>;"),
+            );
+        }
     }
 
     let mut setup = beta;
@@ -178,6 +230,7 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
                 ("A_TILE", (TILE_K * tm).to_string()),
                 ("B_TILE", (TILE_K * tn).to_string()),
                 ("WEIGHT_FN", weight_fn),
+                ("A_STAGE", a_stage.to_string()),
                 ("B_STAGE", b_stage),
                 ("SETUP", setup),
                 ("INNER", inner),
