@@ -50,7 +50,8 @@ impl Lowering<'_> {
             } else {
                 let dst = inv_val(self, l)?;
                 let name = format!("inv.latent.{}", g.node(l).name);
-                steps.push(self.gather(&name, dst.stride, &z, "i", &dst, "i", "")?);
+                let copy = Gather::plain(&z, &dst, dst.stride);
+                steps.push(self.gather_into(&name, copy, l, &mut started)?);
                 val.insert(l, dst);
             }
         }
@@ -111,12 +112,17 @@ impl Lowering<'_> {
                 }
                 Op::Squeeze { order } => {
                     let dst = inv_val(self, ins[0])?;
-                    let prelude = Self::squeeze_prelude(&in_shape, *order);
-                    steps.push(self.gather(&name, y.stride, &y, "i", &dst, "u", &prelude)?);
+                    let copy = Gather {
+                        dst_index: "u",
+                        prelude: Self::squeeze_prelude(&in_shape, *order),
+                        ..Gather::plain(&y, &dst, y.stride)
+                    };
+                    steps.push(self.gather_into(&name, copy, ins[0], &mut started)?);
                 }
                 Op::PadChannels { .. } => {
                     let dst = inv_val(self, ins[0])?;
-                    steps.push(self.gather(&name, dst.stride, &y, "i", &dst, "i", "")?);
+                    let copy = Gather::plain(&y, &dst, dst.stride);
+                    steps.push(self.gather_into(&name, copy, ins[0], &mut started)?);
                 }
                 Op::SliceChannels { start, len } => {
                     let per = spatial(&in_shape);
@@ -125,7 +131,8 @@ impl Lowering<'_> {
                         offset: start * per,
                         ..dst
                     };
-                    steps.push(self.gather(&name, len * per, &y, "i", &dst, "i", "")?);
+                    let copy = Gather::plain(&y, &dst, len * per);
+                    steps.push(self.gather_into(&name, copy, ins[0], &mut started)?);
                 }
                 other => {
                     return Err(Error::Unsupported {
@@ -136,6 +143,52 @@ impl Lowering<'_> {
             }
         }
         Ok(steps)
+    }
+
+    /// `dst[map] = src[map]` over `n` elements per sample (see [`Gather`]). When fused and
+    /// `dst_node` is a block's output, the values written are also that block's first
+    /// iterate and, with a leading activation, its activation, at the same places: the block
+    /// is then started (every kernel writing a block's output before its inverse comes
+    /// through here or through the fused ActNorm inverse).
+    fn gather_into(
+        &mut self,
+        name: &str,
+        copy: Gather,
+        dst_node: NodeIndex,
+        started: &mut std::collections::HashSet<usize>,
+    ) -> Result<Step> {
+        let Gather {
+            src,
+            src_index,
+            dst,
+            dst_index,
+            n,
+            prelude,
+        } = copy;
+        let block = self.block_of_residual.get(&dst_node).copied();
+        let Some(b) = block.filter(|_| self.fusion.enabled) else {
+            return self.gather(name, n, &src, src_index, &dst, dst_index, &prelude);
+        };
+        let (x0, lead) = self.inverse_start(b)?;
+        let mut body = format!(
+            "{prelude}    let at = sample * {}u + {}u + {dst_index};\n    let v = src[sample * {}u + {}u + {src_index}];\n    dst[at] = v;\n    x0[at] = v;\n",
+            dst.stride, dst.offset, src.stride, src.offset
+        );
+        let mut bindings = vec![
+            Binding::read("src", src.buffer),
+            Binding::write("dst", dst.buffer),
+            Binding::write("x0", x0),
+        ];
+        let act = lead.map(|(buffer, act)| {
+            bindings.push(Binding::write("lead", buffer));
+            body.push_str(&format!(
+                "    lead[at] = act_{}(v, beta);\n",
+                act_suffix(act.act)
+            ));
+            act
+        });
+        started.insert(b);
+        self.eltwise(name, n, bindings, act.as_ref(), &body)
     }
 
     /// Where block `b`'s fixed point starts: its iterate (the ActNorm buffer) and, with a
@@ -350,4 +403,28 @@ struct FinalStep {
     dst: String,
     lead: Option<ActOut>,
     actnorm: ActNormInverse,
+}
+
+/// A copy `dst[dst_index] = src[src_index]` of `n` elements per sample, the indices WGSL
+/// expressions in `i` (after `prelude`), offsets and strides from the locations.
+struct Gather {
+    src: Loc,
+    src_index: &'static str,
+    dst: Loc,
+    dst_index: &'static str,
+    n: usize,
+    prelude: String,
+}
+
+impl Gather {
+    fn plain(src: &Loc, dst: &Loc, n: usize) -> Self {
+        Gather {
+            src: src.clone(),
+            src_index: "i",
+            dst: dst.clone(),
+            dst_index: "i",
+            n,
+            prelude: String::new(),
+        }
+    }
 }
