@@ -1,7 +1,8 @@
 // One invocation per element of a per-sample tensor: ActNorm (forward, inverse, fused with the
-// branch's leading activation), activations and their derivative masks, layout moves
-// (squeeze, slices, padding, concatenation into z), the log-det's probe load and the
-// `<w_k, v>` accumulation of the unfused plans.
+// branch's leading activation and a squeeze in its loads), activations and their derivative
+// masks, layout moves (squeeze, slices, padding, concatenation into z; in the inverse also
+// writing the start of the next fixed point), and the `<w_k, v>` accumulation of the
+// unfused plans.
 //
 // Specialized by iresnetc codegen: every double-braced placeholder is replaced before naga validates it.
 {{BINDINGS}}

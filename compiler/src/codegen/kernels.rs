@@ -80,7 +80,7 @@ pub struct Generated {
 }
 
 /// What a kernel does, for the cost report: the GPU goals are about the convolutions (an
-/// elementwise kernel over a whole tensor, or a block's one-workgroup log-det sum, has no
+/// elementwise kernel over a whole tensor, or the log-det's final per-sample sum, has no
 /// reduction to split and too few elements to fill a GPU at batch 1).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -130,7 +130,8 @@ pub enum Epilogue {
     /// vjp through the activation before this layer: `dst = v * act'(pre)`.
     VjpMask { mask: Mask, dst: String },
     /// The last vjp of a term: `u = v [* act'(pre)]`, `dst = u`, and `acc += coef_k * u * v_p`
-    /// (the `<w_k, v>` product, summed over elements by the block's reduce kernel).
+    /// (the `<w_k, v>` product, summed over elements by the entry point's final sum), plus
+    /// the block's ActNorm log-scale of the element's channel on its first term.
     VjpDot {
         mask: Option<Mask>,
         dst: String,
