@@ -111,11 +111,13 @@ pub enum Epilogue {
         act: ActRef,
     },
     /// `y = res + v` (the residual add); with `next`, the next block's ActNorm is applied and
-    /// its output (and its branch's leading activation) stored instead of `y`.
+    /// its output (and its branch's leading activation) stored instead of `y`. Without it,
+    /// `latent` also writes the parts of `y` that are parts of z there.
     Residual {
         res: String,
         dst: String,
         next: Option<NextActNorm>,
+        latent: Option<LatentTaps>,
     },
     /// The inverse step `x = target - v` (`target` = the block output y) into `dst`, and
     /// `act(x)` for the first layer of the next iteration. On a block's last iteration,
@@ -166,6 +168,15 @@ pub fn derivative_from_output(act: &ActRef) -> bool {
         act.act,
         crate::spec::Activation::Elu | crate::spec::Activation::Relu
     )
+}
+
+/// Where parts of a block's output go in z: the per-sample elements `lo..hi` of the output
+/// land at `z[sample * stride + offset + (li - lo)]`, for each `(lo, hi, offset)`.
+#[derive(Clone, Debug)]
+pub struct LatentTaps {
+    pub z: String,
+    pub stride: usize,
+    pub parts: Vec<(usize, usize, usize)>,
 }
 
 /// `(x - bias) * exp(-log_scale)` per channel, stored in the epilogue's `dst` and, with
@@ -358,12 +369,29 @@ pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
             let _ = write!(body, "dst[o] = {};", act_call(a, "v"));
             act = Some(a);
         }
-        Epilogue::Residual { res, dst, next } => {
+        Epilogue::Residual {
+            res,
+            dst,
+            next,
+            latent,
+        } => {
             b.push(Binding::read("res", res.clone()));
             b.push(Binding::write("dst", dst.clone()));
             body.push_str("let y = res[o] + v; ");
             match next {
-                None => body.push_str("dst[o] = y;"),
+                None => {
+                    body.push_str("dst[o] = y;");
+                    if let Some(t) = latent {
+                        b.push(Binding::write("z", t.z.clone()));
+                        for &(lo, hi, off) in &t.parts {
+                            let _ = write!(
+                                body,
+                                " if (li >= {lo}u && li < {hi}u) {{ z[sample * {}u + {off}u + li - {lo}u] = y; }}",
+                                t.stride
+                            );
+                        }
+                    }
+                }
                 Some(n) => {
                     b.push(Binding::read("an_scale", n.log_scale.clone()));
                     b.push(Binding::read("an_bias", n.bias.clone()));

@@ -14,8 +14,8 @@ use petgraph::stable_graph::NodeIndex;
 
 use super::builder::PlanBuilder;
 use super::kernels::{
-    self, ActNormInverse, ActOut, Conv, Epilogue, Generated, LogDetBindings, Mask, NextActNorm,
-    Tiling,
+    self, ActNormInverse, ActOut, Conv, Epilogue, Generated, LatentTaps, LogDetBindings, Mask,
+    NextActNorm, Tiling,
 };
 use super::wgsl::{act_suffix, float, Binding};
 use crate::error::{Error, Result};
@@ -59,6 +59,8 @@ pub struct Lowering<'a> {
     pub b: PlanBuilder,
     pub layout: LogDetLayout,
     block_of_residual: HashMap<NodeIndex, usize>,
+    /// Fused forward: the parts of z a block's residual epilogue writes itself.
+    z_taps: HashMap<usize, LatentTaps>,
 }
 
 /// A value's location: a buffer, an offset inside each sample and the buffer's per-sample size.
@@ -89,6 +91,7 @@ impl<'a> Lowering<'a> {
             b: PlanBuilder::default(),
             layout,
             block_of_residual: g.block_of_residual(),
+            z_taps: HashMap::new(),
         }
     }
 
@@ -292,7 +295,16 @@ impl<'a> Lowering<'a> {
             Some(_) => "rl".to_string(),
             None => "fwd".to_string(),
         };
-        let folded = self.folded_layout(&latent_off)?;
+        let mut folded = self.folded_layout(&latent_off)?;
+        let (taps, tapped) = self.latent_taps(&latent_off)?;
+        self.z_taps = taps;
+        // A tapped slice needs no kernel of its own (a tapped block output still runs its block).
+        folded.extend(
+            tapped
+                .iter()
+                .copied()
+                .filter(|&l| matches!(g.node(l).op, Op::SliceChannels { .. })),
+        );
         for ix in g.topo_order()? {
             let n = g.node(ix);
             if n.block.is_some() || folded.contains(&ix) {
@@ -413,7 +425,7 @@ impl<'a> Lowering<'a> {
         }
         // Latent parts not written into z by their slice kernel (the final part).
         for (&l, &off) in &latent_off {
-            if !matches!(g.node(l).op, Op::SliceChannels { .. }) {
+            if !matches!(g.node(l).op, Op::SliceChannels { .. }) && !tapped.contains(&l) {
                 let src = self.loc(l)?;
                 let dst = self.z_loc(names::Z, off, BufferInit::Output)?;
                 let name = format!("fwd.latent.{}", g.node(l).name);
@@ -488,6 +500,53 @@ impl<'a> Lowering<'a> {
             }
         }
         Ok(folded)
+    }
+
+    /// Fused forward: the latent parts that the residual epilogue of the block producing them
+    /// writes into z itself (a factor-out's half, or the final output), by block, and the
+    /// latent nodes so written (their copy kernels are not emitted).
+    #[allow(clippy::type_complexity)]
+    fn latent_taps(
+        &mut self,
+        latent_off: &HashMap<NodeIndex, usize>,
+    ) -> Result<(
+        HashMap<usize, LatentTaps>,
+        std::collections::HashSet<NodeIndex>,
+    )> {
+        let g = self.g;
+        let mut taps: HashMap<usize, LatentTaps> = HashMap::new();
+        let mut tapped = std::collections::HashSet::new();
+        if !self.fusion.enabled {
+            return Ok((taps, tapped));
+        }
+        let mut parts: Vec<(NodeIndex, usize)> = latent_off.iter().map(|(&l, &o)| (l, o)).collect();
+        parts.sort_by_key(|&(_, o)| o);
+        for (l, off) in parts {
+            let (residual, lo, hi) = match &g.node(l).op {
+                Op::SliceChannels { start, len } => {
+                    let per = spatial(&g.input_shape(l));
+                    (g.inputs(l)[0], start * per, (start + len) * per)
+                }
+                Op::Residual => (l, 0, self.elems(l)),
+                _ => continue,
+            };
+            let Some(&b) = self.block_of_residual.get(&residual) else {
+                continue;
+            };
+            // Only an epilogue that stores the block's output itself (no next ActNorm).
+            if self.fusion.blocks[b].next_actnorm.is_some() {
+                continue;
+            }
+            let z = self.z_loc(names::Z, off, BufferInit::Output)?;
+            let entry = taps.entry(b).or_insert_with(|| LatentTaps {
+                z: z.buffer.clone(),
+                stride: z.stride,
+                parts: Vec::new(),
+            });
+            entry.parts.push((lo, hi, z.offset));
+            tapped.insert(l);
+        }
+        Ok((taps, tapped))
     }
 
     /// Where a node's value can be read: its own buffer, or for a folded slice, a view into
@@ -647,6 +706,10 @@ impl<'a> Lowering<'a> {
                     Some((next_ix, n)) => (self.val(next_ix)?, Some(n)),
                     None => (self.val(blk.residual)?, None),
                 };
+                let latent = match next {
+                    None => self.z_taps.get(&b).cloned(),
+                    Some(_) => None,
+                };
                 steps.push(self.layer(
                     &name,
                     layer,
@@ -655,6 +718,7 @@ impl<'a> Lowering<'a> {
                         res: a.clone(),
                         dst,
                         next,
+                        latent,
                     },
                 )?);
             } else {
