@@ -191,6 +191,20 @@ fn folded(g: &Generated, entry: &str) -> Vec<Folded> {
     out
 }
 
+/// Whether the `wg` lanes, over `rounds` rounds, write each of a tile's `slots` exactly once
+/// when load `idx = lane + round * wg` writes the slots `slots_of(idx)`.
+fn staged_once(slots: u64, wg: u64, rounds: u64, slots_of: impl Fn(u64) -> Vec<u64>) -> bool {
+    let mut seen = vec![0u8; slots as usize];
+    for lane in 0..wg {
+        for e in 0..rounds {
+            for slot in slots_of(lane + e * wg) {
+                seen[slot as usize] += 1;
+            }
+        }
+    }
+    seen.iter().all(|&n| n == 1)
+}
+
 /// Replays `conv_gemm.wgsl`'s indexing at `batch` over the grid the runtime dispatches:
 /// the staging loops fill each tile slot once per step, the steps cover the reduction, and
 /// every output (sample, channel, pixel) is stored by exactly one invocation. Returns the
@@ -203,46 +217,41 @@ fn replay_gemm(source: &str, f: &Folded, batch: u64) -> u64 {
     assert_eq!((tk * tm) % wg, 0, "A staging: whole rounds");
     assert_eq!((tk * tn) % wg, 0, "B staging: whole rounds");
     assert_eq!((u64::from(f.rows), u64::from(f.rows_per_group)), (ohw, tm));
-    for (slots, rounds) in [(tk * tm, tk * tm / wg), (tk * tn, tk * tn / wg)] {
-        let mut seen = vec![0u8; slots as usize];
-        for lane in 0..wg {
-            for e in 0..rounds {
-                seen[(lane + e * wg) as usize] += 1;
-            }
-        }
-        assert!(seen.iter().all(|&n| n == 1));
-    }
+    // Scalar staging: slot `idx` of the A tile ([kk][row]); (idx % TK, idx / TK) of the B
+    // tile, a bijection onto its [kk][channel] slots, so checking `idx` is enough.
+    assert!(
+        staged_once(tk * tm, wg, tk * tm / wg, |idx| vec![idx]),
+        "A staging"
+    );
+    assert!(
+        staged_once(tk * tn, wg, tk * tn / wg, |idx| vec![idx]),
+        "B staging"
+    );
     if source.contains("src: array<vec4<f32>>") {
-        // Input staged as vec4s (1x1): lane -> (4 rows q, reduction index kr) must fill the
-        // TK x TM slice once, 4 consecutive pixels of one sample per load.
+        // Input staged as vec4s (1x1): lane -> (4 rows q, reduction index kr), 4 consecutive
+        // pixels of one sample per load.
         assert_eq!((k, ohw % 4, constant(source, "IN_N") % 4), (1, 0, 0));
-        let mut seen = vec![0u8; (tk * tm) as usize];
-        for lane in 0..wg {
-            for e in 0..tk * tm / (4 * wg) {
-                let idx = lane + e * wg;
-                let (q, kr) = (idx % (tm / 4), idx / (tm / 4));
-                for r in 4 * q..4 * q + 4 {
-                    seen[(kr * tm + r) as usize] += 1;
-                }
-            }
-        }
-        assert!(seen.iter().all(|&n| n == 1), "vec4 input staging");
+        let slots = |idx: u64| {
+            let (q, kr) = (idx % (tm / 4), idx / (tm / 4));
+            (4 * q..4 * q + 4).map(|r| kr * tm + r).collect()
+        };
+        assert!(
+            staged_once(tk * tm, wg, tk * tm / (4 * wg), slots),
+            "vec4 input staging"
+        );
     }
     if source.contains("wgt: array<vec4<f32>>") {
-        // Weights staged as vec4s: lane -> (4 reduction indices q, channel cc) must fill the
-        // TK x TN slice once, from whole vec4s of a reduction that is a multiple of 4.
+        // Weights staged as vec4s: lane -> (4 reduction indices q, channel cc), whole vec4s
+        // of a reduction that is a multiple of 4.
         assert_eq!((cin * k * k) % 4, 0);
-        let mut seen = vec![0u8; (tk * tn) as usize];
-        for lane in 0..wg {
-            for e in 0..tk * tn / (4 * wg) {
-                let idx = lane + e * wg;
-                let (q, cc) = (idx % (tk / 4), idx / (tk / 4));
-                for r in 4 * q..4 * q + 4 {
-                    seen[(r * tn + cc) as usize] += 1;
-                }
-            }
-        }
-        assert!(seen.iter().all(|&n| n == 1), "vec4 staging");
+        let slots = |idx: u64| {
+            let (q, cc) = (idx % (tk / 4), idx / (tk / 4));
+            (4 * q..4 * q + 4).map(|r| r * tn + cc).collect()
+        };
+        assert!(
+            staged_once(tk * tn, wg, tk * tn / (4 * wg), slots),
+            "vec4 weight staging"
+        );
     }
     let kd = cin * k * k;
     let steps = (0..kd).step_by(tk as usize).count() as u64;
