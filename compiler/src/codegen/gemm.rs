@@ -169,15 +169,11 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
         beta,
     } = conv_parts(c, "p == 0u && co == 0u");
     bindings.push(Binding::read("batch_n", batch));
-    let mut declarations = wgsl::declare(&bindings);
-    for (vec4, var) in [(vec4_weights, "wgt"), (vec4_input, "src")] {
-        if vec4 {
-            declarations = declarations.replace(
-                &format!("var<storage, read> {var}: array<f32>;"),
-                &format!("var<storage, read> {var}: array<vec4<f32>>;"),
-            );
-        }
-    }
+    let vec4_vars: Vec<&str> = [(vec4_weights, "wgt"), (vec4_input, "src")]
+        .into_iter()
+        .filter_map(|(on, var)| on.then_some(var))
+        .collect();
+    let declarations = wgsl::declare_vec4(&bindings, &vec4_vars);
 
     let mut setup = beta;
     let mut inner = String::new();

@@ -44,20 +44,7 @@ pub(super) fn conv1x1_vec4(
     }
     let hw4 = ohw / 4;
     let wg = (hw4 as u32).next_power_of_two().clamp(1, workgroup);
-    let mut decl = String::new();
-    for (i, bind) in bindings.iter().enumerate() {
-        let access = if bind.write { "read_write" } else { "read" };
-        let ty = if bind.var == "src" || bind.var == "wgt" {
-            "array<vec4<f32>>"
-        } else {
-            "array<f32>"
-        };
-        let _ = writeln!(
-            decl,
-            "@group(0) @binding({i}) var<storage, {access}> {}: {ty};",
-            bind.var
-        );
-    }
+    let decl = wgsl::declare_vec4(bindings, &["src", "wgt"]);
     let mut setup = beta.to_string();
     for t in 0..tc {
         let _ = writeln!(setup, "    var acc{t} = vec4<f32>(0.0);");

@@ -44,12 +44,23 @@ impl Binding {
 
 /// The declarations of `bindings`, one per line.
 pub fn declare(bindings: &[Binding]) -> String {
+    declare_vec4(bindings, &[])
+}
+
+/// The declarations of `bindings`, those named in `vec4` as arrays of `vec4<f32>` (the
+/// kernels that load 4 consecutive values at once), the others of `f32`.
+pub fn declare_vec4(bindings: &[Binding], vec4: &[&str]) -> String {
     let mut s = String::new();
     for (i, b) in bindings.iter().enumerate() {
         let access = if b.write { "read_write" } else { "read" };
+        let ty = if vec4.contains(&b.var) {
+            "array<vec4<f32>>"
+        } else {
+            "array<f32>"
+        };
         let _ = writeln!(
             s,
-            "@group(0) @binding({i}) var<storage, {access}> {}: array<f32>;",
+            "@group(0) @binding({i}) var<storage, {access}> {}: {ty};",
             b.var
         );
     }
