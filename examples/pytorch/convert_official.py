@@ -6,10 +6,12 @@
     iresnetc compile cifar-official.toml --weights cifar-official.safetensors -o bundle/
 
 CHECKPOINT is the `state_dict` of an official `multiscale_conv_iResNet` (github
-jhjacobsen/invertible-resnet): a `.pt`/`.pth` file (read with torch, which must
-then be installed; a checkpoint dict holding the state dict or the model under
-`state_dict` or `model` is accepted too) or an `.npz` of the same keys (numpy
-only). Keys may carry DataParallel's `module.` prefix.
+jhjacobsen/invertible-resnet): a `.pt`/`.pth` file (torch.save's zip or legacy
+format, read by torchfile.py with numpy alone and without running anything the
+file says; a checkpoint dict holding the state dict or the model under
+`state_dict` or `model` is accepted too, a pickled model as inert stubs of its
+`models.*` and `torch.nn.*` classes) or an `.npz` of the same keys. Keys may
+carry DataParallel's `module.` prefix. Tensors must be real and finite.
 
 What is read (everything else is an error naming the key):
   stack.{s}.stack.{b}.bottleneck_block.{i}.weight_orig|bias|weight_u|weight_v[|weight_sigma]
@@ -38,7 +40,8 @@ conventions (squeeze_order = "space_to_depth", factor_out_half = "first") and
 are wherever its certified block bound is below 1 (the official sigma comes
 from a few power iterations and can end a hair above coeff).
 
-Nothing is written unless every check passes. Exit status 2 on bad input.
+Nothing is written unless every check passes (the outputs go through safeio.py's
+guard). Exit status 2 and one line on stderr on bad input.
 """
 
 from __future__ import annotations
@@ -49,12 +52,14 @@ import os
 import re
 import struct
 import sys
-import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import safeio  # noqa: E402
+import torchfile  # noqa: E402
 from official_model import conv2d  # noqa: E402
 
 BLOCK_KEY = re.compile(r"^stack\.(\d+)\.stack\.(\d+)\.(.+)$")
@@ -66,26 +71,51 @@ class ConvertError(Exception):
     pass
 
 
+# A whole pickled model (rather than its state dict) names its classes: the official
+# code's (`models.*`) and torch's modules (`torch.nn.*`). They load as inert stubs whose
+# parameters and buffers are read back as a state dict; nothing in the file is run.
+MODEL_STUBS = {"models.*": torchfile.Stub, "torch.nn.*": torchfile.Stub}
+
+
+def checked_array(key, value) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise ConvertError(f"key `{key}`: a {type(value).__name__}, expected a tensor")
+    if value.dtype.kind not in "fiub":
+        raise ConvertError(f"key `{key}`: dtype {value.dtype}, expected real numbers")
+    out = value.astype(np.float64)
+    if not np.all(np.isfinite(out)):
+        raise ConvertError(f"key `{key}`: non-finite values (inf or NaN)")
+    return out
+
+
 def load_state_dict(path: Path) -> dict:
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            return {k: np.asarray(f[k], dtype=np.float64) for k in f.files}
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+            if magic != b"PK\x03\x04" and magic != b"PK\x05\x06":
+                raise ConvertError("not an .npz archive (no zip header; an .npy or another file renamed?)")
+            with np.load(path, allow_pickle=False) as f:
+                if not isinstance(f, np.lib.npyio.NpzFile):
+                    raise ConvertError("not an .npz archive")
+                return {k: checked_array(k, f[k]) for k in f.files}
+        except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, struct.error) as e:
+            if isinstance(e, ConvertError):
+                raise
+            raise ConvertError(f"damaged .npz: {' '.join(str(e).split()) or type(e).__name__}") from None
     try:
-        import torch  # noqa: F401
-    except ModuleNotFoundError:
-        raise ConvertError(f"{path}: reading a torch checkpoint needs torch; or pass an .npz of the state dict")
-    import torch
-
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torchfile.load(path, stubs=MODEL_STUBS)
+    except torchfile.TorchFileError as e:
+        raise ConvertError(str(e)) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj:
             obj = obj[key]
             break
-    if hasattr(obj, "state_dict"):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict):
-        raise ConvertError(f"{path}: not a state dict (found {type(obj).__name__})")
-    return {k: v.detach().cpu().double().numpy() for k, v in obj.items()}
+    if isinstance(obj, torchfile.Stub):
+        obj = torchfile.module_state_dict(obj)
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise ConvertError(f"not a state dict (found {type(obj).__name__})")
+    return {k: checked_array(k, v) for k, v in obj.items()}
 
 
 def strip_prefix(sd: dict) -> dict:
@@ -314,23 +344,16 @@ def safetensors_bytes(tensors: dict, dtype: str) -> bytes:
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def convert_to_bytes(sd: dict, shape, coeff: float, nonlin: str, name: str, dtype: str, dequantize: bool = True):
+    """The two outputs' contents: (safetensors bytes, model file text, sigma report)."""
+    tensors, toml, report = convert(sd, shape, coeff, nonlin, dequantize=dequantize)
+    toml = toml.replace('name = "official-iresnet"', f"name = {json.dumps(name)}")
+    return safetensors_bytes(tensors, dtype), toml, report
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    prog = "convert_official.py"
+    ap = safeio.ArgParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--input", default="3,32,32", help="per-sample input shape C,H,W (default 3,32,32)")
     ap.add_argument("--coeff", type=float, default=0.9, help="the model's Lipschitz coefficient (default 0.9)")
@@ -342,32 +365,37 @@ def main(argv=None) -> int:
     ap.add_argument("--out-weights", type=Path, required=True)
     ap.add_argument("--out-model", type=Path, required=True)
     args = ap.parse_args(argv)
-    prog = "convert_official.py"
     try:
-        try:
-            shape = tuple(int(d) for d in args.input.split(","))
-        except ValueError:
-            shape = ()
-        if len(shape) != 3 or min(shape) <= 0:
-            raise ConvertError(f"--input {args.input!r}: expected C,H,W with positive sizes")
-        if not 0.0 < args.coeff < 1.0:
-            raise ConvertError(f"--coeff {args.coeff}: must be in (0, 1)")
-        if args.nonlin not in ("elu", "relu"):
-            raise ConvertError(f"--nonlin {args.nonlin!r}: iresnetc has elu and relu (softplus and sorting have no equivalent)")
-        if not args.checkpoint.is_file():
-            raise ConvertError(f"{args.checkpoint}: no such file")
-        sd = load_state_dict(args.checkpoint)
-        tensors, toml, report = convert(sd, shape, args.coeff, args.nonlin, dequantize=not args.no_dequantize)
-        toml = toml.replace('name = "official-iresnet"', f"name = {json.dumps(args.name)}")
-        weights = safetensors_bytes(tensors, args.dtype)
-    except ConvertError as e:
-        print(f"{prog}: error: {args.checkpoint}: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, KeyError) as e:
-        print(f"{prog}: error: {args.checkpoint}: {e}", file=sys.stderr)
-        return 2
-    write_atomic(args.out_weights, weights)
-    write_atomic(args.out_model, toml.encode())
+        shape = tuple(int(d) for d in args.input.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) <= 0:
+        return safeio.fail(prog, f"--input {args.input!r}: expected C,H,W with positive sizes")
+    if not 0.0 < args.coeff < 1.0:
+        return safeio.fail(prog, f"--coeff {args.coeff}: must be in (0, 1)")
+    if args.nonlin not in ("elu", "relu"):
+        return safeio.fail(prog, f"--nonlin {args.nonlin!r}: iresnetc has elu and relu "
+                                 "(softplus and sorting have no equivalent)")
+    try:
+        outs = safeio.Outputs({"--out-weights": args.out_weights, "--out-model": args.out_model},
+                              inputs={"CHECKPOINT": args.checkpoint})
+    except safeio.OutputError as e:
+        return safeio.fail(prog, e)
+    if not args.checkpoint.is_file():
+        return safeio.fail(prog, f"{args.checkpoint}: no such file")
+    try:
+        # Overflow in the sigma products is an error, not a warning on stderr.
+        with np.errstate(all="raise"):
+            sd = load_state_dict(args.checkpoint)
+            weights, toml, report = convert_to_bytes(sd, shape, args.coeff, args.nonlin, args.name, args.dtype,
+                                                     dequantize=not args.no_dequantize)
+    except (ConvertError, OSError, ValueError, KeyError, TypeError, IndexError, ArithmeticError,
+            RecursionError, MemoryError) as e:
+        return safeio.fail(prog, f"{args.checkpoint}: {e or type(e).__name__}")
+    try:
+        outs.commit({args.out_weights: weights, args.out_model: toml.encode()})
+    except (safeio.OutputError, OSError) as e:
+        return safeio.fail(prog, f"writing the outputs: {e}")
     above = sum(1 for _, _, sg in report if sg > args.coeff)
     print(f"{prog}: {len(report)} convs ({above} with stored sigma above coeff {args.coeff}), "
           f"wrote {args.out_weights} and {args.out_model}")

@@ -5,8 +5,8 @@ A small official-architecture flow (`official_model.OfficialFlow`: 3x8x8 input,
 initial squeeze, three scales of two blocks, width 4, strides 1-2-2) gets a state
 dict in the official layout (u, v after only 5 training-mode power iterations,
 so some layers sit above coeff, as in real checkpoints), which goes through
-`convert_official.py`; the official model's outputs on fixed inputs are stored
-next to it:
+`convert_official.py`'s conversion; the official model's outputs on fixed inputs
+are stored next to it:
 
   model.toml          written by the converter
   weights.safetensors written by the converter (f64)
@@ -17,10 +17,13 @@ next to it:
   x_inv10.npy         official inverse of z with max_iter = 10 (its default)
 
     python3 examples/pytorch/make_official_fixture.py compiler/tests/fixtures/official
+
+The seven files go through safeio.py's output guard: all are written, or none.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -29,7 +32,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import convert_official  # noqa: E402
+import safeio  # noqa: E402
 from official_model import OfficialFlow  # noqa: E402
+
+PROG = "make_official_fixture.py"
+FILES = ("model.toml", "weights.safetensors", "x.npy", "z.npy", "logdet.npy", "logpz.npy", "x_inv10.npy")
 
 
 def build():
@@ -40,28 +47,38 @@ def build():
     return model, p, x
 
 
-def main() -> int:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "fixture"
-    out.mkdir(parents=True, exist_ok=True)
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def main(argv=None) -> int:
+    ap = safeio.ArgParser(prog=PROG, description=__doc__.split("\n")[0])
+    ap.add_argument("outdir", nargs="?", type=Path, default=HERE / "fixture",
+                    help="directory of the fixture (created if missing)")
+    args = ap.parse_args(argv)
+    try:
+        outs = safeio.Outputs({f"OUTDIR/{name}": args.outdir / name for name in FILES})
+    except safeio.OutputError as e:
+        return safeio.fail(PROG, e)
     model, p, x = build()
     z, logdet = model.forward(p, x)
     # The state dict goes through the converter as DataParallel saves it (`module.`).
-    sd_path = out / "state_dict.npz"
-    np.savez(sd_path, **{"module." + k: v for k, v in p.items()})
-    rc = convert_official.main([
-        str(sd_path), "--input", "3,8,8", "--coeff", "0.9", "--nonlin", "elu",
-        "--name", "official-fixture",
-        "--out-weights", str(out / "weights.safetensors"), "--out-model", str(out / "model.toml"),
-    ])
-    sd_path.unlink()  # reproducible from this script; not part of the fixture
-    if rc != 0:
-        return rc
-    np.save(out / "x.npy", x)
-    np.save(out / "z.npy", z)
-    np.save(out / "logdet.npy", logdet)
-    np.save(out / "logpz.npy", model.logpz(p, z))
-    np.save(out / "x_inv10.npy", model.inverse(p, z, max_iter=10))
-    print(f"fixture in {out}")
+    sd = {"module." + k: v for k, v in p.items()}
+    try:
+        weights, toml, _ = convert_official.convert_to_bytes(sd, (3, 8, 8), 0.9, "elu", "official-fixture", "f64")
+    except convert_official.ConvertError as e:
+        return safeio.fail(PROG, e)
+    arrays = {"x.npy": x, "z.npy": z, "logdet.npy": logdet, "logpz.npy": model.logpz(p, z),
+              "x_inv10.npy": model.inverse(p, z, max_iter=10)}
+    contents = {args.outdir / "model.toml": toml.encode(), args.outdir / "weights.safetensors": weights}
+    contents.update({args.outdir / name: npy_bytes(a) for name, a in arrays.items()})
+    try:
+        outs.commit(contents)
+    except (safeio.OutputError, OSError) as e:
+        return safeio.fail(PROG, f"writing the fixture: {e}")
+    print(f"fixture in {args.outdir}")
     return 0
 
 
