@@ -362,8 +362,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="official-iresnet", help="model name in the model file")
     ap.add_argument("--no-dequantize", action="store_true",
                     help="leave [data] dequantize off (on by default: the official density runs dequantize)")
-    ap.add_argument("--out-weights", type=Path, required=True)
-    ap.add_argument("--out-model", type=Path, required=True)
+    # Strings, not Paths: Path() drops a trailing slash, which the output guard refuses.
+    ap.add_argument("--out-weights", required=True)
+    ap.add_argument("--out-model", required=True)
     args = ap.parse_args(argv)
     try:
         shape = tuple(int(d) for d in args.input.split(","))
@@ -393,7 +394,7 @@ def main(argv=None) -> int:
             RecursionError, MemoryError) as e:
         return safeio.fail(prog, f"{args.checkpoint}: {e or type(e).__name__}")
     try:
-        outs.commit({args.out_weights: weights, args.out_model: toml.encode()})
+        outs.commit({Path(args.out_weights): weights, Path(args.out_model): toml.encode()})
     except (safeio.OutputError, OSError) as e:
         return safeio.fail(prog, f"writing the outputs: {e}")
     above = sum(1 for _, _, sg in report if sg > args.coeff)

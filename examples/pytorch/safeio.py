@@ -144,7 +144,8 @@ class Outputs:
                         shutil.copy2(path, bak)
                     backups[path] = bak
             for path in contents:
-                os.replace(temps.pop(path), path)
+                os.replace(temps[path], path)
+                del temps[path]
                 done.append(path)
         except BaseException:
             for path in reversed(done):

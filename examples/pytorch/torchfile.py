@@ -15,6 +15,8 @@ Here the unpickler's `find_class` resolves only an explicit allow-list:
       ComplexFloat|ComplexDouble|Untyped>Storage -> the element type of a storage
   collections.OrderedDict -> itself
   argparse.Namespace -> `Namespace`, a plain attribute holder
+  builtins.set / frozenset (of a list) and _codecs.encode (str -> latin1 bytes),
+      which protocol-2 pickles use for sets (nn.Module has one) and bytes
   the caller's `stubs`: {"module.Class": StubClass} or {"module.prefix.*": StubClass};
       a `Stub` subclass only records what the file gives it (arguments and state)
 
@@ -221,6 +223,23 @@ def _rebuild_parameter(data, *_ignored):
     return data
 
 
+def _codecs_encode(text, encoding="utf-8", *_ignored):
+    # Protocol 2 writes Python 3 bytes as _codecs.encode(str, "latin1").
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise TorchFileError("_codecs.encode other than of a str to latin1")
+    return text.encode("latin1")
+
+
+def _set(items=()):
+    if not isinstance(items, (list, tuple)):
+        raise TorchFileError(f"a set built from a {type(items).__name__}")
+    return set(items)
+
+
+def _frozenset(items=()):
+    return frozenset(_set(items))
+
+
 ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"): _Function(_rebuild_tensor),
     ("torch._utils", "_rebuild_tensor"): _Function(_rebuild_tensor),
@@ -228,6 +247,12 @@ ALLOWED = {
     ("torch._utils", "_rebuild_parameter_with_state"): _Function(_rebuild_parameter),
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("argparse", "Namespace"): Namespace,
+    ("_codecs", "encode"): _Function(_codecs_encode),
+    # Protocol 2 names builtins `__builtin__` (Python 2's); nn.Module holds a set.
+    ("builtins", "set"): _Function(_set),
+    ("__builtin__", "set"): _Function(_set),
+    ("builtins", "frozenset"): _Function(_frozenset),
+    ("__builtin__", "frozenset"): _Function(_frozenset),
 }
 
 

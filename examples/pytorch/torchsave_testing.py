@@ -67,6 +67,14 @@ class Storage:
         return cls(a.astype(a.dtype.newbyteorder("<")).tobytes(), STORAGE_NAMES[a.dtype.name], a.size)
 
 
+class StorageView:
+    """Legacy format only: elements [offset, offset + numel) of a root storage."""
+
+    def __init__(self, root: Storage, offset: int, numel: int):
+        self.root, self.offset, self.numel = root, offset, numel
+        self.type_name = root.type_name
+
+
 class Tensor:
     """A tensor over a storage; by default a fresh contiguous storage of `array`."""
 
@@ -115,11 +123,16 @@ class _Pickler(pickle._Pickler):
         self.write(pickle.GLOBAL + f"{key[0]}\n{key[1]}\n".encode())
         self.memoize(obj)
 
+    def key(self, storage: Storage) -> str:
+        return self.storages.setdefault(id(storage), (str(len(self.storages)), storage))[0]
+
     def persistent_id(self, obj):
+        if isinstance(obj, StorageView):
+            view = (f"view{id(obj)}", obj.offset, obj.numel)
+            return ("storage", Global("torch", obj.type_name), self.key(obj.root), "cpu", obj.root.numel, view)
         if not isinstance(obj, Storage):
             return None
-        key = self.storages.setdefault(id(obj), (str(len(self.storages)), obj))[0]
-        pid = ("storage", Global("torch", obj.type_name), key, "cpu", obj.numel)
+        pid = ("storage", Global("torch", obj.type_name), self.key(obj), "cpu", obj.numel)
         return pid + (None,) if self.legacy else pid
 
 
@@ -130,9 +143,12 @@ def _pickle(obj, legacy=False):
     return buf.getvalue(), p.storages
 
 
-def zip_bytes(obj, *, prefix="archive", byteorder="little", extra=None) -> bytes:
-    """torch.save's zip format (torch >= 1.6)."""
-    pkl, storages = _pickle(obj)
+def zip_bytes(obj, *, prefix="archive", byteorder="little", data_order=None, extra=None, pkl=None) -> bytes:
+    """torch.save's zip format (torch >= 1.6); `pkl` replaces the pickle of obj by
+    hand-made bytes (obj then only supplies the storages); `data_order` writes the
+    storages in another byte order than the `byteorder` member declares."""
+    made, storages = _pickle(obj)
+    pkl = made if pkl is None else pkl
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         z.writestr(f"{prefix}/data.pkl", pkl)
@@ -140,7 +156,7 @@ def zip_bytes(obj, *, prefix="archive", byteorder="little", extra=None) -> bytes
             z.writestr(f"{prefix}/byteorder", byteorder)
         for key, st in storages.values():
             data = st.data
-            if byteorder == "big":
+            if (data_order or byteorder) == "big":
                 data = _swap(st)
             z.writestr(f"{prefix}/data/{key}", data)
         z.writestr(f"{prefix}/version", "3\n")
@@ -156,7 +172,7 @@ def _swap(st: Storage) -> bytes:
     return np.frombuffer(st.data, dtype=f"<u{size}").astype(f">u{size}").tobytes()
 
 
-def legacy_bytes(obj) -> bytes:
+def legacy_bytes(obj, pkl=None) -> bytes:
     """The stream of torch < 1.6: magic, protocol, sys info, the object, the storage
     keys, then every storage as <int64 element count><bytes>."""
     out = io.BytesIO()
@@ -164,8 +180,8 @@ def legacy_bytes(obj) -> bytes:
                    {"protocol_version": 1001, "little_endian": True,
                     "type_sizes": {"short": 2, "int": 4, "long": 4}}):
         out.write(pickle.dumps(header, protocol=2))
-    pkl, storages = _pickle(obj, legacy=True)
-    out.write(pkl)
+    made, storages = _pickle(obj, legacy=True)
+    out.write(made if pkl is None else pkl)
     out.write(pickle.dumps([key for key, _ in storages.values()], protocol=2))
     for _, st in storages.values():
         out.write(struct.pack("<q", st.numel) + st.data)
