@@ -46,9 +46,7 @@ guard). Exit status 2 and one line on stderr on bad input.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
 import struct
 import sys

@@ -21,14 +21,15 @@ same code on the CPU as a dry run (for small models: it checks the script, not a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import safeio  # noqa: E402
 
 try:
     import torch
@@ -36,7 +37,6 @@ except ModuleNotFoundError:
     print("cuda_bench.py: PyTorch is not installed; nothing to measure", file=sys.stderr)
     sys.exit(3)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parity import IResNet, load_spec, squeeze2x2  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,7 +177,7 @@ def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = safeio.ArgParser(prog="cuda_bench.py", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "models/cifar.toml"))
     ap.add_argument("--batch", default="1,64")
     ap.add_argument("--inverse-steps", type=int, default=10)
@@ -186,9 +186,13 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--precisions", default="fp32,tf32,bf16")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", default=None, help="write the rows here (checked before measuring)")
     ap.add_argument("--check", action="store_true", help="check inverse(forward(x)) = x first")
     a = ap.parse_args()
+    try:
+        outs = safeio.Outputs({"--json": a.json}, inputs={"--model": a.model})
+    except safeio.OutputError as e:
+        return safeio.fail("cuda_bench.py", e)
 
     if a.device == "cuda" and not torch.cuda.is_available():
         print(
@@ -254,7 +258,7 @@ def main() -> int:
             if not torch.isfinite(z.float()).all():
                 print("cuda_bench.py: warning: non-finite z", file=sys.stderr)
     if a.json:
-        a.json.write_text(json.dumps({"device": dev_name, "rows": rows}, indent=2))
+        outs.commit({Path(a.json): json.dumps({"device": dev_name, "rows": rows}, indent=2).encode()})
         print(f"wrote {a.json}")
     return 0
 

@@ -41,7 +41,6 @@ Exit status: 0 on PASS, 1 on FAIL, 2 on a usage or tool error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -58,11 +57,18 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import safeio  # noqa: E402
+
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from safetensors.torch import load_file, save, save_file
+except ModuleNotFoundError as e:
+    sys.exit(safeio.fail("parity.py", f"{e.name} is not installed: run `bash examples/pytorch/setup.sh` "
+                                      "and use examples/pytorch/.venv/bin/python"))
 
 REPO = Path(__file__).resolve().parents[2]
 LIPSWISH_DIV = 1.1
@@ -456,7 +462,7 @@ def fmt_s(t: float) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = safeio.ArgParser(prog="parity.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path, help="model file (.toml) or bundle directory")
     ap.add_argument("--weights", type=Path, help="safetensors file (default: the bundle's, else generated here)")
     ap.add_argument("--batch", type=int, default=8)
@@ -478,10 +484,18 @@ def main() -> int:
     ap.add_argument("--check-sigma", action="store_true",
                     help="also estimate each layer's sigma in PyTorch and compare with iresnetc's estimate")
     ap.add_argument("--workdir", type=Path, help="keep the arrays and weights here (default: a temp dir, removed)")
-    ap.add_argument("--json", type=Path, help="write the results as JSON here")
-    ap.add_argument("--save-normalized", type=Path,
+    # Strings, not Paths: the output guard refuses a trailing slash, which Path() drops.
+    ap.add_argument("--json", help="write the results as JSON here")
+    ap.add_argument("--save-normalized",
                     help="write the spectrally normalized weights (F32 safetensors, iresnetc's names) here")
     args = ap.parse_args()
+    try:
+        # Written together at the end, only if the comparison ran (PASS or FAIL).
+        outs = safeio.Outputs({"--json": args.json, "--save-normalized": args.save_normalized},
+                              inputs={"MODEL": args.model, "--weights": args.weights, "--iresnetc": args.iresnetc})
+    except safeio.OutputError as e:
+        return safeio.fail("parity.py", e)
+    pending = {}
 
     torch.set_num_threads(args.threads)
     exe = args.iresnetc
@@ -546,7 +560,7 @@ def main() -> int:
                 n_scaled += 1
                 layer.weight.div_(l["scale"])
         if args.save_normalized:
-            save_file({k: v.float().contiguous() for k, v in model.state_dict().items()}, str(args.save_normalized))
+            pending[Path(args.save_normalized)] = save({k: v.float().contiguous() for k, v in model.state_dict().items()})
 
         # Input: the same values on both sides (f64 .npy; iresnetc reads f32 or f64).
         rng = np.random.default_rng(args.seed + 7)
@@ -654,7 +668,11 @@ def main() -> int:
                   f"iresnetc run --estimator exact wall {fmt_s(t_ir_ld)}")
         print(("PASS" if ok else "FAIL") + f" (tolerance {args.tol:g} on max |err| / max(1, |ref|))")
         if args.json:
-            args.json.write_text(json.dumps(res, indent=2))
+            pending[Path(args.json)] = json.dumps(res, indent=2).encode()
+        try:
+            outs.commit(pending)
+        except (safeio.OutputError, OSError) as e:
+            return safeio.fail("parity.py", f"writing the outputs: {e}")
         return 0 if ok else 1
     finally:
         if not args.workdir:

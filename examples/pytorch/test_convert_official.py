@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -336,6 +337,39 @@ class ScriptBadInput(unittest.TestCase):
                 self.check("convert_official.py", ["sd.npz", "--out-weights", "w", "--out-model", "m",
                                                    flag, value], pattern)
         self.check("make_official_fixture.py", ["a", "b"], r"unrecognized arguments: b")
+
+
+class TorchTools(unittest.TestCase):
+    """The scripts that need torch fail in one line, with no traceback, whether torch is
+    there (a usage error, or an output refused before any work) or not (the install hint)."""
+
+    def test_one_line_without_or_with_torch(self):
+        have_torch = importlib.util.find_spec("torch") is not None
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            (d / "dir").mkdir()
+            before = snapshot(d)
+            runs = [("parity.py", ["models/x.toml", "--bogus"], r"unrecognized arguments: --bogus"),
+                    ("train_ref.py", ["m.toml", "--data", "8gaussians", "--metrics", "dir"], r"--metrics dir: is a directory"),
+                    ("torch_bench.py", ["m.toml", "--json", "o.json/"], r"--json 'o\.json/': names a directory"),
+                    ("cuda_bench.py", ["--bogus"], r"unrecognized arguments: --bogus")]
+            for script, args, pattern in runs:
+                with self.subTest(script):
+                    r = run_script(script, args, d)
+                    self.assertNotIn("Traceback", r.stderr)
+                    self.assertEqual(len(r.stderr.splitlines()), 1, r.stderr)
+                    if have_torch:
+                        self.assertEqual(r.returncode, 2, r.stderr)
+                        self.assertRegex(r.stderr, f"^{script}: error: {pattern}")
+                    elif script == "cuda_bench.py":
+                        # Its documented status when nothing can be measured.
+                        self.assertEqual(r.returncode, 3, r.stderr)
+                        self.assertRegex(r.stderr, r"^cuda_bench\.py: PyTorch is not installed")
+                    else:
+                        self.assertEqual(r.returncode, 2, r.stderr)
+                        self.assertRegex(r.stderr, rf"^{script}: error: torch is not installed: run `bash "
+                                                   r"examples/pytorch/setup\.sh`")
+            self.assertEqual(snapshot(d), before)
 
 
 class Fixture(unittest.TestCase):

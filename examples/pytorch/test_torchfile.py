@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import io
 import os
 import struct
@@ -27,12 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torchfile  # noqa: E402
 import torchsave_testing as W  # noqa: E402
 
-try:
-    import torch  # noqa: F401
-
-    HAVE_TORCH = True
-except ModuleNotFoundError:
-    HAVE_TORCH = False
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 DTYPES = ["float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool",
           "complex64", "complex128"]

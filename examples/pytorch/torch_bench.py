@@ -20,19 +20,22 @@ a model file with --weights; spectral normalization must already be applied
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import resource
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import safeio  # noqa: E402
+
+try:
+    import torch
+    from safetensors.torch import load_file
+except ModuleNotFoundError as e:
+    sys.exit(safeio.fail("torch_bench.py", f"{e.name} is not installed: run `bash examples/pytorch/setup.sh` "
+                                           "and use examples/pytorch/.venv/bin/python"))
 from parity import IResNet, load_spec, median_time, squeeze2x2  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 
 def forward_logdet(model: IResNet, x: torch.Tensor, terms: int, probes: int, gen: torch.Generator):
@@ -147,7 +150,7 @@ def unsqueeze_s2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = safeio.ArgParser(prog="torch_bench.py", description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("--weights", type=Path)
     ap.add_argument("--batch", type=int, default=8)
@@ -155,8 +158,12 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--entries", default="forward,forward+logdet,inverse")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", help="write the results here (a str: Path() would drop a trailing slash)")
     args = ap.parse_args()
+    try:
+        outs = safeio.Outputs({"--json": args.json}, inputs={"MODEL": args.model, "--weights": args.weights})
+    except safeio.OutputError as e:
+        return safeio.fail("torch_bench.py", e)
     torch.set_num_threads(args.threads)
     toml = args.model / "model.toml" if args.model.is_dir() else args.model
     weights = args.weights or (args.model / "weights.safetensors")
@@ -192,7 +199,7 @@ def main() -> int:
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(res))
     if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
+        outs.commit({Path(args.json): json.dumps(res, indent=1).encode()})
     return 0
 
 

@@ -6,7 +6,7 @@ without executing anything the file says.
     obj = torchfile.load(path, stubs={"resflows.*": torchfile.Stub})
 
 A checkpoint is a pickle, and an ordinary unpickler calls whatever function the file
-names: loading an untrusted `.pt` with `torch.load(..., weights_only=False)` runs code.
+names: loading an untrusted `.pt` with torch's unrestricted unpickler runs code.
 Here the unpickler's `find_class` resolves only an explicit allow-list:
 
   torch._utils._rebuild_tensor_v2 / _rebuild_tensor / _rebuild_parameter[_with_state]

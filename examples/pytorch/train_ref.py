@@ -19,8 +19,9 @@ the comparison table of the README.
     python3 examples/pytorch/train_ref.py models/fmnist-flow.toml \
         --data /usr/share/datasets/fashion-mnist --steps 1000
 
-Prints one JSON line per step (like RUN/metrics.jsonl) to --metrics, and at the
-end the held-out NLL (nats) or test bits/dim and the steps per second. Not run in
+Writes one JSON line per step (like RUN/metrics.jsonl) to --metrics when the run
+ends (through safeio.py's output guard), and prints the held-out NLL (nats) or
+test bits/dim and the steps per second. Not run in
 CI (torch is several GB; see setup.sh).
 """
 
@@ -34,14 +35,23 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import safeio  # noqa: E402
 
 try:
-    import tomllib
-except ImportError:  # Python < 3.11
-    import tomli as tomllib
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        import tomli as tomllib
+except ModuleNotFoundError as e:
+    sys.exit(safeio.fail("train_ref.py", f"{e.name} is not installed: run `bash examples/pytorch/setup.sh` "
+                                         "and use examples/pytorch/.venv/bin/python"))
 
 LIPSWISH_DIV = 1.1
 # Set from --dtype in main(): float32 matches iresnetc's CPU engine (f32 GEMMs).
@@ -461,7 +471,8 @@ def log_prob(model, x, est, rng, training):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = safeio.ArgParser(prog="train_ref.py", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int)
@@ -481,6 +492,12 @@ def main():
                     help="2-D flows: draw the training batches and the held-out sample from iresnetc's "
                          "random streams of --seed (the very points `iresnetc train --seed S` uses)")
     a = ap.parse_args()
+    try:
+        # --save-init exits before training: then it is the only output.
+        declared = {"--save-init": a.save_init} if a.save_init else {"--metrics": a.metrics}
+        outs = safeio.Outputs(declared, inputs={"MODEL": a.model, "--data": a.data, "--init-weights": a.init_weights})
+    except safeio.OutputError as e:
+        return safeio.fail("train_ref.py", e)
     global DTYPE
     DTYPE = getattr(torch, a.dtype)
     torch.set_num_threads(a.threads)
@@ -509,8 +526,9 @@ def main():
     lin = model.linears()
     given_uv = load_init(model, a.init_weights) if a.init_weights else False
     if a.save_init:
-        from safetensors.numpy import save_file
-        save_file({n: t.detach().to(torch.float64).numpy().copy() for n, t in model.named_iresnetc()}, a.save_init)
+        from safetensors.numpy import save
+        outs.commit({Path(a.save_init): save({n: t.detach().to(torch.float64).numpy().copy()
+                                              for n, t in model.named_iresnetc()})})
         return 0
     if not given_uv:
         for m in lin:
@@ -554,7 +572,8 @@ def main():
         nll = total / len(held)
         return nll / (dim * math.log(2)) + (8 if deq else 0) if len(spec["input"]) == 3 else nll
 
-    out = open(a.metrics, "w")
+    # The metrics are written when the run ends (all or nothing, like every output here).
+    metrics = []
     perm, pos, epoch = None, 0, 0
     start = time.time()
     for step in range(1, steps + 1):
@@ -594,10 +613,10 @@ def main():
                "samples_per_s": batch / (time.time() - t0)}
         if a.eval_every and step % a.eval_every == 0:
             rec["heldout"] = evaluate()
-        out.write(json.dumps(rec) + "\n")
-        out.flush()
+        metrics.append(json.dumps(rec) + "\n")
     elapsed = time.time() - start
     final = evaluate()
+    outs.commit({Path(a.metrics): "".join(metrics).encode()})
     unit = "bits/dim" if len(spec["input"]) == 3 else "nats"
     print(json.dumps({"steps": steps, "steps_per_s": steps / elapsed, "heldout": final, "unit": unit}))
 
