@@ -14,8 +14,8 @@ dict from `named_parameters()` names (the state_dict names of the parameters) to
 averaged values. Loading goes through torchfile's restricted unpickler: tensors,
 storages, OrderedDict and Namespace from its allow-list, plus stubs here for the
 classes such a file names (Residual Flows' own modules under `resflows.` or, for the
-2019 layout, `lib.`, torch's `torch.nn.modules.`, and python's `set`); a stub only
-records what the file gives it. Anything else is refused.
+2019 layout, `lib.`, and torch's `torch.nn.modules.`); a stub only records what the
+file gives it. Anything else is refused.
 
 Parameters (weights, biases, ActNorm weight / bias, LipSwish beta) come from the EMA
 by default (Residual Flows evaluates and samples with them), from the state_dict with
@@ -47,10 +47,6 @@ STUBS = {
     "resflows.*": torchfile.Stub,
     "lib.*": torchfile.Stub,
     "torch.nn.modules.*": torchfile.Stub,
-    # torch pickles with protocol 2, where a module's `_non_persistent_buffers_set`
-    # is a REDUCE of set (spelled `__builtin__` by a protocol-2 pickler)
-    "builtins.set": set,
-    "__builtin__.set": set,
 }
 OPTIONAL_BUFFERS = ("scale",)
 BLOCK_EXTRAS = ("geom_p", "lamb", "last_n_samples", "last_firmom", "last_secmom")

@@ -256,8 +256,10 @@ class Flow(unittest.TestCase):
         cfg, plan, sd, net = make_net(CONFIGS[name])
         rng = np.random.default_rng(5)
         x = rng.uniform(0.05, 0.95, (2,) + plan.input_shape)
-        z, ld = net.forward(x)
+        z, _ = net.forward(x, with_logdet=False)
         self.assertEqual(z.shape, (2, math.prod(plan.input_shape)))
+        z0, ld = net.forward(x[:1])
+        np.testing.assert_allclose(z0, z[:1], rtol=1e-12, atol=1e-12)  # batching changes only rounding
         sign, fd = fd_logdet(net, x[0])
         self.assertEqual(sign, 1.0)
         self.assertLess(abs(ld[0] - fd), fd_tol * max(1.0, abs(fd)), f"{name}: exact {ld[0]} vs fd {fd}")
@@ -395,3 +397,173 @@ class Options(unittest.TestCase):
         with self.assertRaisesRegex(R.RefError, "imagesize"):
             R.Plan(R.Config.from_args(dict(imagesize=3)))
         self.assertEqual(R.Config.from_args(dict(dropout=0.3)).dropout, 0.3)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+# Options of a train_img.py namespace beside the architecture's (kept as a real file has them).
+TRAIN_ARGS = dict(dataroot="data", nbits=8, block="resblock", coeff=0.98, vnorms="2222", n_lipschitz_iters=None,
+                  sn_tol=1e-3, learn_p=False, n_power_series=None, n_dist="poisson", n_samples=1, n_exact_terms=2,
+                  neumann_grad=True, mem_eff=True, quadratic=False, batchnorm=False, add_noise=True, cdim=256,
+                  optimizer="adam", lr=1e-3, save="experiment1", seed=1234, ema_val=True, task="density",
+                  padding_dist="uniform", resume=None, begin_epoch=0)
+
+
+def module_tree(names_params: dict, names_buffers: dict):
+    """A pickled nn.Module tree (stand-in classes) holding the given parameters and
+    buffers, each module's own entries before its children's, as torch keeps them."""
+    def node():
+        return {"_parameters": collections.OrderedDict(), "_buffers": collections.OrderedDict(),
+                "_modules": collections.OrderedDict()}
+
+    root = node()
+    for table, items in (("_parameters", names_params), ("_buffers", names_buffers)):
+        for name, value in items.items():
+            cur, parts = root, name.split(".")
+            for p in parts[:-1]:
+                cur = cur["_modules"].setdefault(p, node())
+            cur[table][parts[-1]] = value
+
+    def build(d, cls):
+        state = {"training": False, "_non_persistent_buffers_set": set(), "_forward_hooks": collections.OrderedDict(),
+                 "_parameters": d["_parameters"], "_buffers": d["_buffers"],
+                 "_modules": collections.OrderedDict((k, build(v, ("torch.nn.modules.container", "Sequential")))
+                                                     for k, v in d["_modules"].items())}
+        return W.Obj(cls[0], cls[1], state)
+
+    return build(root, ("resflows.resflow", "ResidualFlow"))
+
+
+class Checkpoints(unittest.TestCase):
+    ARCH = CONFIGS["cifar8"]  # factor-out, fc_end, dropout, fc_actnorm
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.dir = Path(self.tmp.name)
+        self.cfg = R.Config.from_args(self.ARCH)
+        self.plan = R.Plan(self.cfg)
+        rng = np.random.default_rng(10)
+        self.sd = {k: np.asarray(v, dtype=np.float32) for k, v in random_state_dict(self.plan, rng).items()}
+        self.sd = {k: (v.astype(np.int64) if k.endswith("initialized") else v) for k, v in self.sd.items()}
+        self.params = list(R.param_shapes(self.plan)) + [k for k in self.sd if k.endswith(("geom_p", "lamb"))]
+        order = [k for k in self.sd if k in self.params]  # state_dict order of the parameters
+        self.params = order
+        self.ema = {k: (self.sd[k] + rng.normal(0, 0.01, self.sd[k].shape)).astype(np.float32) for k in order}
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def write(self, args=None, sd=None, shadow=None, shadow_as_list=False, extra=None, name="checkpt.pth"):
+        args = dict(TRAIN_ARGS, **self.ARCH) if args is None else args
+        sd = self.sd if sd is None else sd
+        shadow = self.ema if shadow is None else shadow
+        params = {k: W.Tensor(sd[k], param=True) for k in self.params if k in sd}
+        buffers = {k: W.Tensor(v) for k, v in sd.items() if k not in params}
+        model = module_tree(params, buffers)
+        tensors = [W.Tensor(shadow[k]) for k in self.params if k in shadow]
+        ema = W.Obj("resflows.utils", "ExponentialMovingAverage", {
+            "module": model, "decay": 0.999, "nparams": 0,
+            "shadow_params": tensors if shadow_as_list else {k: W.Tensor(v) for k, v in shadow.items()}})
+        obj = {"state_dict": W.state_dict(sd), "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-3}]},
+               "args": W.Obj("argparse", "Namespace", args), "ema": ema, "test_bpd": 3.5}
+        obj.update(extra or {})
+        path = self.dir / name
+        path.write_bytes(W.zip_bytes(obj))
+        return path
+
+    def expected(self, params):
+        """Eval weights computed here: sigma = u^T M v with M the operator matrix."""
+        out = {}
+        for layer in self.plan.layers():
+            if isinstance(layer, R.ActNorm):
+                for k in ("weight", "bias"):
+                    out[layer.name + k] = params[layer.name + k].astype(np.float64)
+            for op in getattr(layer, "ops", []):
+                if isinstance(op, R.Act) and op.kind == "swish":
+                    out[op.name + "beta"] = params[op.name + "beta"].astype(np.float64)
+                if not isinstance(op, R.Lin):
+                    continue
+                wt = params[op.name + "weight"].astype(np.float64)
+                m = operator_matrix(op, wt, op.hw) if op.k > 1 else wt.reshape(op.cout, -1)
+                sigma = float(self.sd[op.name + "u"].astype(np.float64) @ m @ self.sd[op.name + "v"].astype(np.float64))
+                out[op.name + "weight"] = wt / max(1.0, sigma / self.cfg.coeff)
+                out[op.name + "bias"] = params[op.name + "bias"].astype(np.float64)
+        return out
+
+    def assert_weights(self, got, want):
+        self.assertEqual(sorted(got), sorted(want))
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-15, err_msg=k)
+
+    def test_ema_by_default_raw_with_no_ema(self):
+        path = self.write()
+        args, weights = C.load(path)
+        self.assertEqual(args["vnorms"], "2222")
+        self.assertEqual(args["nblocks"], self.ARCH["nblocks"])
+        self.assert_weights(weights, self.expected(self.ema))
+        _, raw = C.load(path, use_ema=False)
+        self.assert_weights(raw, self.expected(self.sd))
+        # the loaded weights drive the flow like the state dict with the EMA values does
+        sd = {k: v.astype(np.float64) for k, v in self.sd.items()}
+        sd.update({k: v.astype(np.float64) for k, v in self.ema.items()})
+        x = np.random.default_rng(11).uniform(0.1, 0.9, (1,) + self.plan.input_shape)
+        z1, ld1 = R.ResFlow(self.cfg, weights).forward(x)
+        z2, ld2 = R.ResFlow.from_state_dict(self.cfg, sd).forward(x)
+        np.testing.assert_allclose(z1, z2, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(ld1, ld2, rtol=1e-13)
+
+    def test_shadow_params_as_a_list_follow_parameter_order(self):
+        _, by_list = C.load(self.write(shadow_as_list=True))
+        self.assert_weights(by_list, self.expected(self.ema))
+
+    def test_unsupported_options_refused_naming_the_option(self):
+        for key, value in [("vnorms", "2122"), ("quadratic", True), ("batchnorm", True), ("learn_p", True),
+                           ("block", "coupling"), ("task", "classification")]:
+            path = self.write(args=dict(TRAIN_ARGS, **self.ARCH, **{key: value}), name=f"{key}.pth")
+            with self.assertRaises(C.CheckpointError) as cm:
+                C.load(path)
+            msg = str(cm.exception)
+            self.assertTrue(msg.startswith(str(path)), msg)
+            self.assertIn(f"args.{key}", msg)
+            self.assertNotIn("\n", msg)
+
+    def test_bad_state_refused_naming_the_key(self):
+        actnorm = next(l.name for l in self.plan.layers() if isinstance(l, R.ActNorm))
+        conv = next(op.name for l in self.plan.layers() for op in getattr(l, "ops", []) if isinstance(op, R.Lin))
+        cases = [
+            ({actnorm + "initialized": np.array(0)}, None, f"{actnorm}initialized: 0"),
+            ({conv + "initialized": np.array(0)}, None, f"{conv}initialized: 0"),
+            ({"classification_heads.0.0.weight": np.zeros(3, np.float32)}, None, "classification_heads.0.0.weight"),
+            ({conv + "v": np.zeros(5, np.float32)}, None, f"{conv}v"),
+            ({conv + "weight": None}, None, f"state_dict[{conv}weight]: missing"),
+            ({}, {}, "ema.shadow_params: empty"),
+            ({}, {conv + "bias": np.zeros(2, np.float32)}, f"ema.shadow_params[{conv}bias]: shape"),
+        ]
+        for i, (change, shadow_change, needle) in enumerate(cases):
+            sd = {k: v for k, v in {**self.sd, **change}.items() if v is not None}
+            shadow = {} if shadow_change == {} else {**self.ema, **(shadow_change or {})}
+            path = self.write(sd=sd, shadow=shadow, name=f"bad{i}.pth")
+            with self.assertRaises(C.CheckpointError) as cm:
+                C.load(path)
+            self.assertIn(needle, str(cm.exception))
+
+    def test_foreign_class_refused_and_not_run(self):
+        marker = self.dir / "ran"
+        path = self.write(extra={"hook": W.Reduce(W.Global("os", "system"), (f"touch {marker}",))})
+        with self.assertRaisesRegex(C.CheckpointError, "os.system"):
+            C.load(path)
+        self.assertFalse(marker.exists())
+
+    def test_command_line(self):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            self.assertEqual(C.main([str(self.write())]), 0)
+            self.assertEqual(C.main([str(self.dir / "absent.pth")]), 2)
+        self.assertIn("data cifar10, input [3, 8, 8], 2 scales", out.getvalue())
+        self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
+        self.assertIn("absent.pth", err.getvalue())
+
+
+if __name__ == "__main__":
+    unittest.main()
