@@ -73,6 +73,9 @@ class ConvertError(Exception):
 # code's (`models.*`) and torch's modules (`torch.nn.*`). They load as inert stubs whose
 # parameters and buffers are read back as a state dict; nothing in the file is run.
 MODEL_STUBS = {"models.*": torchfile.Stub, "torch.nn.*": torchfile.Stub}
+# What an .npz may unpack to (its members' declared sizes, checked before reading: a
+# compressed member can claim far more than the file holds).
+NPZ_MAX_BYTES = torchfile.DEFAULT_MAX_BYTES
 
 
 def checked_array(key, value) -> np.ndarray:
@@ -93,6 +96,10 @@ def load_state_dict(path: Path) -> dict:
                 magic = f.read(4)
             if magic != b"PK\x03\x04" and magic != b"PK\x05\x06":
                 raise ConvertError("not an .npz archive (no zip header; an .npy or another file renamed?)")
+            with zipfile.ZipFile(path) as z:
+                total = sum(i.file_size for i in z.infolist())
+            if total > NPZ_MAX_BYTES:
+                raise ConvertError(f"the .npz unpacks to {total} bytes, over the budget of {NPZ_MAX_BYTES}")
             with np.load(path, allow_pickle=False) as f:
                 if not isinstance(f, np.lib.npyio.NpzFile):
                     raise ConvertError("not an .npz archive")
@@ -380,8 +387,10 @@ def main(argv=None) -> int:
                               inputs={"CHECKPOINT": args.checkpoint})
     except safeio.OutputError as e:
         return safeio.fail(prog, e)
-    if not args.checkpoint.is_file():
+    if not args.checkpoint.exists():
         return safeio.fail(prog, f"{args.checkpoint}: no such file")
+    if not args.checkpoint.is_file():
+        return safeio.fail(prog, f"{args.checkpoint}: not a regular file")
     try:
         # Overflow in the sigma products is an error, not a warning on stderr.
         with np.errstate(all="raise"):

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -269,6 +270,18 @@ class ScriptBadInput(unittest.TestCase):
             with self.subTest(name):
                 self.convert(name, pattern)
         self.convert("missing.pt", r"missing\.pt: no such file")
+        (self.d / "adir.pt").mkdir()
+        self.convert("adir.pt", r"adir\.pt: not a regular file")
+
+    def test_npz_budget(self):
+        # 64 MB of zeros compress to a few hundred kB: the declared sizes are checked first.
+        path = self.d / "bomb.npz"
+        np.savez_compressed(path, w=np.zeros(8 << 20))
+        self.assertLess(path.stat().st_size, 1 << 20)
+        with mock.patch.object(convert_official, "NPZ_MAX_BYTES", 32 << 20):
+            with self.assertRaisesRegex(convert_official.ConvertError, r"unpacks to \d+ bytes, over the budget"):
+                convert_official.load_state_dict(path)
+        self.assertEqual(convert_official.load_state_dict(path)["w"].shape, (8 << 20,))
 
     def test_hostile_pickles(self):
         marker = self.d / "pwned"
