@@ -67,8 +67,9 @@ try:
     import torch.nn.functional as F
     from safetensors.torch import load_file, save, save_file
 except ModuleNotFoundError as e:
-    sys.exit(safeio.fail("parity.py", f"{e.name} is not installed: run `bash examples/pytorch/setup.sh` "
-                                      "and use examples/pytorch/.venv/bin/python"))
+    # Named after the script run (torch_bench.py and cuda_bench.py import this module).
+    sys.exit(safeio.fail(Path(sys.argv[0]).name, f"{e.name} is not installed: run `bash examples/pytorch/setup.sh` "
+                                                 "and use examples/pytorch/.venv/bin/python"))
 
 REPO = Path(__file__).resolve().parents[2]
 LIPSWISH_DIV = 1.1

@@ -185,17 +185,40 @@ class RoundTrip(Files):
         import torch
 
         t = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ELU(), torch.nn.BatchNorm2d(4))
+        opt = torch.optim.Adam(model.parameters())
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        opt.step()
+        dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                  torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128]
         obj = {"sd": collections.OrderedDict(a=t, b=t.t()[1:], c=torch.nn.Parameter(t[2])),
-               "h": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "ns": argparse.Namespace(k=1)}
+               "h": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "ns": argparse.Namespace(k=1),
+               "model": model, "opt": opt.state_dict(), "bytes": b"\x00\xff", "set": {1, 2},
+               "dtypes": {str(d): (torch.arange(6) % 3 - 1).to(d).reshape(2, 3).t() for d in dtypes}}
         for legacy in (False, True):
             path = self.dir / f"real{legacy}.pt"
             torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
-            got = torchfile.load(path)
+            with self.assertRaisesRegex(torchfile.TorchFileError, r"`torch\.nn\.modules\.container\.Sequential`"):
+                torchfile.load(path)
+            got = torchfile.load(path, stubs={"torch.nn.*": torchfile.Stub})
             self.assertTrue(np.array_equal(got["sd"]["a"], t.numpy()))
             self.assertTrue(np.array_equal(got["sd"]["b"], t.t()[1:].numpy()))
             self.assertTrue(np.array_equal(got["sd"]["c"], t[2].numpy()))
             self.assertTrue(np.array_equal(got["h"], [1.5, -2.0]))
             self.assertEqual(vars(got["ns"]), {"k": 1})
+            self.assertEqual((got["bytes"], got["set"]), (b"\x00\xff", {1, 2}))
+            sd = torchfile.module_state_dict(got["model"])
+            want = model.state_dict()
+            self.assertEqual(list(sd), list(want))
+            for key, value in want.items():
+                self.assertTrue(np.array_equal(sd[key], value.numpy()), key)
+            self.assertEqual(got["opt"]["param_groups"][0]["lr"], 1e-3)
+            self.assertTrue(np.array_equal(got["opt"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]))
+            for d in dtypes:
+                ref = obj["dtypes"][str(d)]
+                ref = ref.float().numpy() if d == torch.bfloat16 else ref.numpy()
+                self.assertEqual(got["dtypes"][str(d)].shape, ref.shape, d)
+                self.assertTrue(np.array_equal(got["dtypes"][str(d)], ref), d)
 
 
 class Refusals(Files):
