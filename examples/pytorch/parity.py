@@ -493,7 +493,10 @@ def main() -> int:
     try:
         # Written together at the end, only if the comparison ran (PASS or FAIL).
         outs = safeio.Outputs({"--json": args.json, "--save-normalized": args.save_normalized},
-                              inputs={"MODEL": args.model, "--weights": args.weights, "--iresnetc": args.iresnetc})
+                              inputs={"MODEL": args.model, "--weights": args.weights, "--iresnetc": args.iresnetc,
+                                      # A bundle's files are inputs too.
+                                      "MODEL/model.toml": args.model / "model.toml",
+                                      "MODEL/weights.safetensors": args.model / "weights.safetensors"})
     except safeio.OutputError as e:
         return safeio.fail("parity.py", e)
     pending = {}

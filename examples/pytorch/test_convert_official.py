@@ -80,9 +80,9 @@ def module_tree(sd: dict, module: str, name: str):
     """The state dict as a whole pickled nn.Module of class module.name: each dotted
     prefix a child module (torch.nn.Sequential), u and v buffers, the rest parameters."""
     def node(cls_module, cls_name):
-        return W.Obj(cls_module, cls_name, {"_parameters": collections.OrderedDict(),
-                                             "_buffers": collections.OrderedDict(),
-                                             "_modules": collections.OrderedDict(), "training": False})
+        return W.Obj(cls_module, cls_name, nn_module=True, state={
+            "_parameters": collections.OrderedDict(), "_buffers": collections.OrderedDict(),
+            "_modules": collections.OrderedDict(), "training": False})
 
     root = node(module, name)
     for key, value in sd.items():
@@ -205,6 +205,8 @@ class Converter(unittest.TestCase):
                 "dict.pt": W.zip_bytes({"state_dict": W.state_dict(sd), "epoch": 200,
                                         "optimizer": {"lr": 0.1}}),
                 "model.pt": W.zip_bytes({"model": module_tree(p, "models.conv_iResNet", "multiscale_conv_iResNet")}),
+                "model-legacy.pt": W.legacy_bytes({"model": module_tree(p, "models.conv_iResNet",
+                                                                        "multiscale_conv_iResNet")}),
             }
             for name, data in checkpoints.items():
                 with self.subTest(name):
@@ -214,6 +216,27 @@ class Converter(unittest.TestCase):
                     self.assertEqual(r.returncode, 0, r.stderr)
                     self.assertEqual((d / "out" / f"{name}.safetensors").read_bytes(), want_w)
                     self.assertEqual((d / "out" / f"{name}.toml").read_text(), want_t)
+
+    @unittest.skipUnless(importlib.util.find_spec("torch") is not None,
+                         "torch is not installed: the cross-check with real torch.save files needs it "
+                         "(bash examples/pytorch/setup.sh); CI runs without it")
+    def test_real_torch_checkpoints_match_the_npz(self):
+        import torch
+
+        _, p, _ = make_official_fixture.build()
+        sd = {"module." + k: v for k, v in p.items()}
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            rc, w, t = run_converter(sd, d)
+            self.assertEqual(rc, 0)
+            tensors = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items())
+            for legacy in (False, True):
+                torch.save({"state_dict": tensors, "epoch": 3}, d / "real.pt", _use_new_zipfile_serialization=not legacy)
+                r = run_script("convert_official.py", ["real.pt", "--input", "3,8,8", "--out-weights", "o.safetensors",
+                                                       "--out-model", "o.toml"], d)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                self.assertEqual((d / "o.safetensors").read_bytes(), w.read_bytes())
+                self.assertEqual((d / "o.toml").read_text(), t.read_text())
 
 
 class ScriptBadInput(unittest.TestCase):

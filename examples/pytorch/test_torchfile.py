@@ -154,7 +154,7 @@ class RoundTrip(Files):
 
     def test_stubs_and_module_state_dict(self):
         def module(params, buffers, children, non_persistent=()):
-            return W.Obj("resflows.layers", "Layer", {
+            return W.Obj("resflows.layers", "Layer", nn_module=True, state={
                 "_parameters": collections.OrderedDict(params), "_buffers": collections.OrderedDict(buffers),
                 "_modules": collections.OrderedDict(children), "_non_persistent_buffers_set": set(non_persistent),
                 "training": False})
@@ -165,10 +165,13 @@ class RoundTrip(Files):
         root = module({"g": W.Tensor(g, param=True)}, {}, {"0": conv, "skip": None})
         ema = W.Obj("resflows.utils", "ExponentialMovingAverage", {"module": root, "decay": 0.999})
         data = W.zip_bytes({"ema": ema})
+        legacy = W.legacy_bytes({"ema": ema})
+        self.assertIn(b"resflows/layers.py", legacy)  # the class went as torch's ('module', ...) id
         self.refused(data, r"`resflows\.utils\.ExponentialMovingAverage`")
+        self.refused(legacy, r"`resflows\.(utils\.ExponentialMovingAverage|layers\.Layer)`")
         exact = {"resflows.utils.ExponentialMovingAverage": torchfile.Stub, "resflows.layers.Layer": torchfile.Stub}
-        for stubs in (exact, {"resflows.*": torchfile.Stub}):
-            got = self.load_bytes(data, stubs=stubs)["ema"]
+        for stubs, blob in ((exact, data), ({"resflows.*": torchfile.Stub}, data), (exact, legacy)):
+            got = self.load_bytes(blob, stubs=stubs)["ema"]
             self.assertEqual(got.torch_class, "resflows.utils.ExponentialMovingAverage")
             self.assertEqual(got.decay, 0.999)
             sd = torchfile.module_state_dict(got.module)
@@ -219,6 +222,25 @@ class RoundTrip(Files):
                 ref = ref.float().numpy() if d == torch.bfloat16 else ref.numpy()
                 self.assertEqual(got["dtypes"][str(d)].shape, ref.shape, d)
                 self.assertTrue(np.array_equal(got["dtypes"][str(d)], ref), d)
+
+
+    @unittest.skipUnless(HAVE_TORCH, "torch is not installed: the cross-check against real torch.save files "
+                                     "needs it (bash examples/pytorch/setup.sh); CI runs without it")
+    def test_real_torch_save_of_a_hostile_object(self):
+        import torch
+
+        marker = self.dir / "ran"
+
+        class Hostile:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        for legacy in (False, True):
+            path = self.dir / f"hostile{legacy}.pt"
+            torch.save({"w": torch.zeros(2), "x": Hostile()}, path, _use_new_zipfile_serialization=not legacy)
+            with self.assertRaisesRegex(torchfile.TorchFileError, r"refuses class `(posix|os)\.system`"):
+                torchfile.load(path, stubs={"torch.nn.*": torchfile.Stub})
+        self.assertFalse(marker.exists())
 
 
 class Refusals(Files):

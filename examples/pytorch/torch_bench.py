@@ -161,7 +161,9 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here (a str: Path() would drop a trailing slash)")
     args = ap.parse_args()
     try:
-        outs = safeio.Outputs({"--json": args.json}, inputs={"MODEL": args.model, "--weights": args.weights})
+        outs = safeio.Outputs({"--json": args.json}, inputs={
+            "MODEL": args.model, "--weights": args.weights, "MODEL/model.toml": args.model / "model.toml",
+            "MODEL/weights.safetensors": args.model / "weights.safetensors"})
     except safeio.OutputError as e:
         return safeio.fail("torch_bench.py", e)
     torch.set_num_threads(args.threads)

@@ -38,9 +38,14 @@ def Global(module: str, name: str) -> type:
     return _GLOBALS[key]
 
 
-def Obj(module: str, name: str, state: dict):
-    """An instance of class module.name with attributes `state` (NEWOBJ + BUILD)."""
-    obj = Global(module, name).__new__(Global(module, name))
+def Obj(module: str, name: str, state: dict, nn_module: bool = False):
+    """An instance of class module.name with attributes `state` (NEWOBJ + BUILD). An
+    nn_module's class is written in the legacy format as torch does: a persistent id
+    ('module', class, source file, source)."""
+    cls = Global(module, name)
+    if nn_module:
+        cls._nn_module = True
+    obj = cls.__new__(cls)
     obj.__dict__.update(state)
     return obj
 
@@ -115,6 +120,7 @@ class _Pickler(pickle._Pickler):
         super().__init__(file, protocol=2)
         self.legacy = legacy
         self.storages: dict = {}
+        self.modules_seen: set = set()
 
     def save_global(self, obj, name=None):
         key = getattr(obj, "_fake_global", None)
@@ -127,6 +133,11 @@ class _Pickler(pickle._Pickler):
         return self.storages.setdefault(id(storage), (str(len(self.storages)), storage))[0]
 
     def persistent_id(self, obj):
+        if self.legacy and isinstance(obj, type) and getattr(obj, "_nn_module", False) \
+                and obj not in self.modules_seen:
+            # As torch: only the first mention (the class inside this very id is then a GLOBAL).
+            self.modules_seen.add(obj)
+            return ("module", obj, f"{obj._fake_global[0].replace('.', '/')}.py", "class ...: pass\n")
         if isinstance(obj, StorageView):
             view = (f"view{id(obj)}", obj.offset, obj.numel)
             return ("storage", Global("torch", obj.type_name), self.key(obj.root), "cpu", obj.root.numel, view)
