@@ -66,8 +66,7 @@ try:
     import torch.nn as nn
     import torch.nn.functional as F
     from safetensors.torch import load_file, save, save_file
-except ModuleNotFoundError as e:
-    # Named after the script run (torch_bench.py and cuda_bench.py import this module).
+except ModuleNotFoundError as e:  # named after the script run: torch_bench.py, cuda_bench.py import this
     sys.exit(safeio.fail(Path(sys.argv[0]).name, f"{e.name} is not installed: run `bash examples/pytorch/setup.sh` "
                                                  "and use examples/pytorch/.venv/bin/python"))
 
@@ -485,20 +484,14 @@ def main() -> int:
     ap.add_argument("--check-sigma", action="store_true",
                     help="also estimate each layer's sigma in PyTorch and compare with iresnetc's estimate")
     ap.add_argument("--workdir", type=Path, help="keep the arrays and weights here (default: a temp dir, removed)")
-    # Strings, not Paths: the output guard refuses a trailing slash, which Path() drops.
-    ap.add_argument("--json", help="write the results as JSON here")
+    ap.add_argument("--json", help="write the results as JSON here")  # a str: Path() drops a trailing slash
     ap.add_argument("--save-normalized",
                     help="write the spectrally normalized weights (F32 safetensors, iresnetc's names) here")
     args = ap.parse_args()
-    try:
-        # Written together at the end, only if the comparison ran (PASS or FAIL).
-        outs = safeio.Outputs({"--json": args.json, "--save-normalized": args.save_normalized},
-                              inputs={"MODEL": args.model, "--weights": args.weights, "--iresnetc": args.iresnetc,
-                                      # A bundle's files are inputs too.
-                                      "MODEL/model.toml": args.model / "model.toml",
-                                      "MODEL/weights.safetensors": args.model / "weights.safetensors"})
-    except safeio.OutputError as e:
-        return safeio.fail("parity.py", e)
+    # Written together at the end, if the comparison ran (PASS or FAIL); a bundle's files are inputs too.
+    outs = safeio.declare("parity.py", {"--json": args.json, "--save-normalized": args.save_normalized}, {
+        "MODEL": args.model, "--weights": args.weights, "--iresnetc": args.iresnetc,
+        "MODEL/model.toml": args.model / "model.toml", "MODEL/weights.safetensors": args.model / "weights.safetensors"})
     pending = {}
 
     torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@ are undone from hard-link backups, new files and created directories removed), s
 failed run leaves the disk as it found it.
 
 `ArgParser` is argparse with a one-line usage error (exit 2); `fail` prints one line
-and returns exit status 2.
+and returns exit status 2; `declare` is `Outputs` exiting with that line on a refusal.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def fail(prog: str, message) -> int:
     text = " ".join(str(message).split())
     print(f"{prog}: error: {text}", file=sys.stderr)
     return 2
+
+
+def declare(prog: str, outputs: dict, inputs: dict | None = None) -> "Outputs":
+    """Outputs(outputs, inputs), or the refusal as one line and exit status 2."""
+    try:
+        return Outputs(outputs, inputs)
+    except OutputError as e:
+        sys.exit(fail(prog, e))
 
 
 def _identity(path: Path):

@@ -123,6 +123,15 @@ class Guard(unittest.TestCase):
             outs.commit({a: b"fine", b: "not bytes"})
         self.assertEqual(snapshot(self.d), before)
 
+    def test_declare_exits_with_one_line(self):
+        with mock.patch("sys.stderr") as err, self.assertRaises(SystemExit) as cm:
+            safeio.declare("tool.py", {"--json": f"{self.d}/sub/"})
+        self.assertEqual(cm.exception.code, 2)
+        text = "".join(c.args[0] for c in err.write.call_args_list)
+        self.assertEqual(text.count("\n"), 1, text)
+        self.assertRegex(text, r"^tool\.py: error: --json '.*/sub/': names a directory")
+        self.assertIsInstance(safeio.declare("tool.py", {"--json": self.d / "new.json"}), safeio.Outputs)
+
     def test_argparser_error_is_one_line(self):
         ap = safeio.ArgParser(prog="tool.py")
         ap.add_argument("--n", type=int, required=True)
