@@ -83,6 +83,7 @@ DEFAULTS = {
 }
 FC_NBLOCKS = 4  # StackediResBlocks' fc_nblocks; train_img.py never changes it
 MAX_DIM = 1 << 31
+MAX_BLOCKS, MAX_KERNEL = 4096, 63  # bounds on what a file's options can make us build
 
 
 class RefError(ValueError):
@@ -92,32 +93,37 @@ class RefError(ValueError):
 # ------------------------------------------------------------------ options
 
 
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _bool(args, key):
     v = args.get(key, DEFAULTS[key])
     if not isinstance(v, (bool, np.bool_)):
-        raise RefError(f"args.{key} = {v!r}: expected True or False")
+        raise RefError(f"args.{key} = {_show(v)}: expected True or False")
     return bool(v)
 
 
 def _int(args, key, lo=0):
     v = args.get(key, DEFAULTS[key])
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or v > MAX_DIM:
-        raise RefError(f"args.{key} = {v!r}: expected an integer in [{lo}, {MAX_DIM}]")
+        raise RefError(f"args.{key} = {_show(v)}: expected an integer in [{lo}, {MAX_DIM}]")
     return int(v)
 
 
 def _float(args, key):
     v = args.get(key, DEFAULTS[key])
     if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v):
-        raise RefError(f"args.{key} = {v!r}: expected a finite number")
+        raise RefError(f"args.{key} = {_show(v)}: expected a finite number")
     return float(v)
 
 
-def _dashed(args, key):
+def _dashed(args, key, hi):
     v = args.get(key, DEFAULTS[key])
-    parts = v.split("-") if isinstance(v, str) else []
-    if not parts or not all(p.isdigit() and 0 < int(p) <= MAX_DIM for p in parts):
-        raise RefError(f"args.{key} = {v!r}: expected positive integers joined by '-'")
+    parts = v.split("-") if isinstance(v, str) and len(v) < 1000 else []
+    if not parts or not all(p.isdigit() and 0 < int(p) <= hi for p in parts):
+        raise RefError(f"args.{key} = {_show(v)}: expected integers in [1, {hi}] joined by '-'")
     return tuple(int(p) for p in parts)
 
 
@@ -161,38 +167,38 @@ class Config:
         that change the network in ways not re-implemented are refused by name."""
         block = args.get("block", DEFAULTS["block"])
         if block != "resblock":
-            raise RefError(f"args.block = {block!r}: only 'resblock' is supported (coupling blocks are not)")
+            raise RefError(f"args.block = {_show(block)}: only 'resblock' is supported (coupling blocks are not)")
         task = args.get("task", DEFAULTS["task"])
         if task != "density":
-            raise RefError(f"args.task = {task!r}: only 'density' is supported (classification heads are not)")
+            raise RefError(f"args.task = {_show(task)}: only 'density' is supported (classification heads are not)")
         vnorms = args.get("vnorms", DEFAULTS["vnorms"])
         if vnorms != "2222":
-            raise RefError(f"args.vnorms = {vnorms!r}: only '2222' (spectral norms) is supported")
+            raise RefError(f"args.vnorms = {_show(vnorms)}: only '2222' (spectral norms) is supported")
         for key in ("quadratic", "batchnorm", "learn_p"):
             if _bool(args, key):
                 raise RefError(f"args.{key} = True is not supported")
         data = args.get("data", DEFAULTS["data"])
         if data not in DATASETS:
-            raise RefError(f"args.data = {data!r}: expected one of {', '.join(DATASETS)}")
+            raise RefError(f"args.data = {_show(data)}: expected one of {', '.join(DATASETS)}")
         act = args.get("act", DEFAULTS["act"])
         if act not in ACTS:
-            raise RefError(f"args.act = {act!r}: expected one of {', '.join(ACTS)}")
+            raise RefError(f"args.act = {_show(act)}: expected one of {', '.join(ACTS)}")
         if not _bool(args, "add_noise"):
             raise RefError("args.add_noise = False is not supported (the density assumes dequantized data)")
         padding = _int(args, "padding")
         if padding > 0 and args.get("padding_dist", DEFAULTS["padding_dist"]) != "uniform":
-            raise RefError(f"args.padding_dist = {args.get('padding_dist')!r}: only 'uniform' is supported")
-        kernels = _dashed(args, "kernels")
+            raise RefError(f"args.padding_dist = {_show(args.get('padding_dist'))}: only 'uniform' is supported")
+        kernels = _dashed(args, "kernels", MAX_KERNEL)
         if len(kernels) != len(vnorms) - 1:
-            raise RefError(f"args.kernels = {args.get('kernels')!r}: expected {len(vnorms) - 1} kernel sizes")
+            raise RefError(f"args.kernels = {_show(args.get('kernels'))}: expected {len(vnorms) - 1} kernel sizes")
         if any(k % 2 == 0 for k in kernels):
-            raise RefError(f"args.kernels = {args.get('kernels')!r}: even kernels change the image size")
+            raise RefError(f"args.kernels = {_show(args.get('kernels'))}: even kernels change the image size")
         coeff = _float(args, "coeff")
         if coeff <= 0:
-            raise RefError(f"args.coeff = {coeff!r}: expected a positive number")
+            raise RefError(f"args.coeff = {_show(coeff)}: expected a positive number")
         dropout = _float(args, "dropout")
         if not 0 <= dropout < 1:
-            raise RefError(f"args.dropout = {dropout!r}: expected a number in [0, 1)")
+            raise RefError(f"args.dropout = {_show(dropout)}: expected a number in [0, 1)")
         im_dim, alpha = DATASETS[data]
         nbits = _int(args, "nbits", 1)
         if data == "celebahq" and nbits > 8:
@@ -200,7 +206,7 @@ class Config:
         nvals = 2 ** nbits if data == "celebahq" else 32 if data == "celeba_5bit" else 256
         cfg = cls(
             data=data, im_dim=im_dim, padding=padding, imagesize=_int(args, "imagesize", 1),
-            nblocks=_dashed(args, "nblocks"), idim=_int(args, "idim", 1), kernels=kernels, act=act,
+            nblocks=_dashed(args, "nblocks", MAX_BLOCKS), idim=_int(args, "idim", 1), kernels=kernels, act=act,
             fc=_bool(args, "fc"), fc_end=_bool(args, "fc_end"), fc_idim=_int(args, "fc_idim", 1),
             factor_out=_bool(args, "factor_out"), squeeze_first=_bool(args, "squeeze_first"),
             actnorm=_bool(args, "actnorm"), fc_actnorm=_bool(args, "fc_actnorm"), preact=_bool(args, "preact"),
