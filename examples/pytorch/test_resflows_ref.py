@@ -149,7 +149,8 @@ class Primitives(unittest.TestCase):
                 for dx in range(2):
                     for i in range(2):
                         for j in range(3):
-                            np.testing.assert_array_equal(y[:, 4 * c + 2 * dy + dx, i, j], x[:, c, 2 * i + dy, 2 * j + dx])
+                            got = y[:, 4 * c + 2 * dy + dx, i, j]
+                            np.testing.assert_array_equal(got, x[:, c, 2 * i + dy, 2 * j + dx])
         np.testing.assert_array_equal(R.unsqueeze(y), x)
 
     def test_conv_against_naive_loops_and_adjoint(self):
@@ -342,6 +343,40 @@ class Flow(unittest.TestCase):
             logpz = d * (-0.5 * math.log(2 * math.pi) - z0 * z0 / 2)
             bpd = -(logpz + d * math.log(dlogit) - math.log(256) * 64 * (3 + padding)) / (64 * 3) / math.log(2)
             self.assertAlmostEqual(R.bits_per_dim(cfg, z, ld)[0], bpd, delta=1e-11)
+
+    def test_actnorm_form_and_placement_by_hand(self):
+        # 1 x 8 x 8, blocks 1-1, g = 0, actnorm and fc_actnorm: scale 0 is logit,
+        # actnorm, fc-actnorm, block, actnorm, fc-actnorm, squeeze; scale 1 is block,
+        # actnorm, fc-actnorm. Each ActNorm is (x + b) exp(w), per channel or per
+        # element of the flattened (c, h, w) tensor.
+        cfg, plan, net = self.zero_branch_net(dict(data="mnist", imagesize=8, nblocks="1-1", idim=2, fc_end=False,
+                                                   actnorm=True, fc_actnorm=True))
+        names = [l.name for l in plan.layers() if isinstance(l, R.ActNorm)]
+        self.assertEqual(names, ["transforms.0.chain.1.", "transforms.0.chain.2.fc_module.", "transforms.0.chain.4.",
+                                 "transforms.0.chain.5.fc_module.", "transforms.1.chain.1.",
+                                 "transforms.1.chain.2.fc_module."])
+        p = {k: net.w[k] for k in net.w}
+        x = np.random.default_rng(12).uniform(0.1, 0.9, (1, 1, 8, 8))
+        a = cfg.alpha
+        v = np.log(a + (1 - 2 * a) * x[0, 0]) - np.log(1 - a - (1 - 2 * a) * x[0, 0])  # [8, 8]
+        logdet = float(np.sum(np.log((1 - 2 * a) / ((a + (1 - 2 * a) * x) * (1 - a - (1 - 2 * a) * x)))))
+        for chan, flat in ((names[0], names[1]), (names[2], names[3])):
+            v = (v + p[chan + "bias"][0]) * math.exp(p[chan + "weight"][0])
+            v = (v + p[flat + "bias"].reshape(8, 8)) * np.exp(p[flat + "weight"].reshape(8, 8))
+            logdet += 64 * p[chan + "weight"][0] + p[flat + "weight"].sum()
+        sq = np.zeros((4, 4, 4))
+        for dy in range(2):
+            for dx in range(2):
+                for i in range(4):
+                    for j in range(4):
+                        sq[2 * dy + dx, i, j] = v[2 * i + dy, 2 * j + dx]
+        sq = (sq + p[names[4] + "bias"][:, None, None]) * np.exp(p[names[4] + "weight"])[:, None, None]
+        sq = (sq + p[names[5] + "bias"].reshape(4, 4, 4)) * np.exp(p[names[5] + "weight"].reshape(4, 4, 4))
+        logdet += 16 * p[names[4] + "weight"].sum() + p[names[5] + "weight"].sum()
+        z, ld = net.forward(x)
+        np.testing.assert_allclose(z[0], sq.reshape(-1), rtol=1e-13, atol=1e-13)
+        self.assertAlmostEqual(ld[0], logdet, delta=1e-10 * abs(logdet))
+        np.testing.assert_allclose(net.inverse(z), x, rtol=0, atol=1e-13)
 
     def test_model_input_pads_then_squeezes(self):
         cfg = R.Config.from_args(dict(data="mnist", imagesize=8, padding=2, squeeze_first=True))
