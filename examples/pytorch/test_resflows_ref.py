@@ -294,6 +294,37 @@ class Flow(unittest.TestCase):
         np.testing.assert_allclose(net.block_jacobian(blk, x[0]), jac, atol=1e-8)
         self.assertAlmostEqual(net.block_logdet(blk, x)[0], np.linalg.slogdet(np.eye(d) + jac)[1], delta=1e-7)
 
+    def test_branches_by_hand(self):
+        # g of a conv block (first block of scale 0: no input activation; second block:
+        # with it) and of a dense fc_end block, written out layer by layer.
+        cfg, plan, sd, net = make_net(dict(data="cifar10", imagesize=8, nblocks="2-1", idim=3, fc_idim=4,
+                                           kernels="3-1-3", dropout=0.2))
+        w = net.w
+        sw = lambda t, name: R.activation("swish", t, w[name + "beta"][0])[0]  # noqa: E731
+        rng = np.random.default_rng(13)
+        x = rng.normal(size=(1, 3, 8, 8))
+        pre = "transforms.0.chain."
+        blocks = [l for l in plan.scales[0] if isinstance(l, R.Block)]
+        self.assertEqual([b.name for b in blocks], [pre + "2.", pre + "4."])
+
+        def conv(t, name, k):
+            return naive_conv(t, w[name + "weight"], k // 2) + w[name + "bias"][None, :, None, None]
+
+        n = pre + "2.nnet."  # conv, act, conv, act, dropout, conv
+        h = sw(conv(sw(conv(x, n + "0.", 3), n + "1."), n + "2.", 1), n + "3.")
+        np.testing.assert_allclose(net.g(blocks[0], x)[0], conv(h, n + "5.", 3), rtol=1e-12, atol=1e-12)
+        n = pre + "4.nnet."  # act, conv, act, conv, act, dropout, conv
+        h = sw(conv(sw(conv(sw(x, n + "0."), n + "1.", 3), n + "2."), n + "3.", 1), n + "4.")
+        np.testing.assert_allclose(net.g(blocks[1], x)[0], conv(h, n + "6.", 3), rtol=1e-12, atol=1e-12)
+        dense = next(l for l in plan.scales[1] if isinstance(l, R.Block) and l.dense)
+        n = dense.name + "nnet.nnet."  # act, linear, act, linear, act, dropout, linear on the flattened tensor
+        y = rng.normal(size=(1,) + dense.shape)
+        h = sw(y.reshape(1, -1), n + "0.")
+        for i in (1, 3):
+            h = sw(h @ w[n + f"{i}.weight"].T + w[n + f"{i}.bias"], n + f"{i + 1}.")
+        h = h @ w[n + "6.weight"].T + w[n + "6.bias"]
+        np.testing.assert_allclose(net.g(dense, y)[0], h.reshape(y.shape), rtol=1e-12, atol=1e-12)
+
     def zero_branch_net(self, args):
         """A flow whose residual branches are g = 0 (all weights and biases zero)."""
         cfg = R.Config.from_args(args)
