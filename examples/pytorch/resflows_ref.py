@@ -271,7 +271,8 @@ def unsqueeze(y):
 
 
 def sigmoid(x):
-    return np.exp(-np.logaddexp(0.0, -x))
+    e = np.exp(-np.abs(x))  # never overflows
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 def torch_softplus(x):

@@ -20,16 +20,23 @@ Oracles, each written apart from the code under test:
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import io
-import math
-import sys
-import tempfile
-import unittest
-from pathlib import Path
+import os
 
-import numpy as np
+# The matrices here are small: BLAS threads only add overhead, most of all on a shared
+# CI machine (set before numpy is imported; an explicit setting wins).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import collections  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import unittest  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import resflows_ckpt as C  # noqa: E402
