@@ -35,6 +35,7 @@ pub mod executor;
 pub mod fsread;
 pub mod logdet;
 pub mod modes;
+pub mod onnx_data;
 pub mod plan;
 pub mod rng;
 pub mod tract;

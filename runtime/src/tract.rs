@@ -22,7 +22,10 @@ use tract_onnx::prelude::*;
 use crate::bundle::{check_relative, load_plan, read_verified};
 use crate::error::{Result, RuntimeError};
 use crate::fsread::{clip, read_bounded, read_text_bounded, MAX_JSON_FILE};
+use crate::onnx_data::ONNX_DATA_FILE;
 use crate::rng::probe_vector;
+use prost::Message;
+use tract_onnx::pb::ModelProto;
 
 /// Name of the manifest next to the bundle's ONNX files.
 pub const MANIFEST_FILE: &str = "onnx.json";
@@ -359,12 +362,28 @@ impl TractGraph {
     /// Parses ONNX bytes and optimizes them with every input shape fixed
     /// (`input_shapes` include the batch). `label` names the graph in errors.
     pub fn load(bytes: &[u8], input_shapes: &[Vec<usize>], label: &str) -> Result<TractGraph> {
+        TractGraph::load_with_data(bytes, None, input_shapes, label)
+    }
+
+    /// [`TractGraph::load`] of a bundle's graph: `data` is the bundle's [`ONNX_DATA_FILE`],
+    /// which holds the initializers the graph references as external data (None: the graph
+    /// must embed all of them).
+    pub fn load_with_data(
+        bytes: &[u8],
+        data: Option<&[u8]>,
+        input_shapes: &[Vec<usize>],
+        label: &str,
+    ) -> Result<TractGraph> {
         threads();
         // Output shapes carry the symbolic batch; inputs pin it, so the declared
         // outputs are only a consistency check tract need not redo.
         let onnx = tract_onnx::onnx().with_ignore_output_shapes(true);
+        let mut proto = ModelProto::decode(bytes)
+            .map_err(|e| tract_err(format!("{label}: reading ONNX"), e))?;
+        crate::onnx_data::resolve(&mut proto, data)
+            .map_err(|reason| RuntimeError::corrupt(label, reason))?;
         let mut model = onnx
-            .model_for_read(&mut std::io::Cursor::new(bytes))
+            .model_for_proto_model(&proto)
             .map_err(|e| tract_err(format!("{label}: reading ONNX"), e))?;
         for (i, s) in input_shapes.iter().enumerate() {
             model = model
@@ -387,6 +406,7 @@ impl TractGraph {
             return Err(RuntimeError::MissingFile(path.to_path_buf()));
         }
         let bytes = read_bounded(path, crate::fsread::memory_budget()?, "ONNX graph")?;
+        // A standalone file (from `export-onnx`) embeds its weights.
         TractGraph::load(&bytes, input_shapes, &path.display().to_string())
     }
 
@@ -450,6 +470,9 @@ pub enum GraphFiles {
 pub struct TractBundle {
     pub files: GraphFiles,
     pub manifest: Manifest,
+    /// [`ONNX_DATA_FILE`]: the initializers every graph references, read (and hash-checked)
+    /// once when the bundle is opened.
+    data: Option<Arc<Vec<u8>>>,
 }
 
 impl TractBundle {
@@ -472,12 +495,21 @@ impl TractBundle {
                 ),
             ));
         }
+        let data =
+            if plan.integrity.contains_key(ONNX_DATA_FILE) || dir.join(ONNX_DATA_FILE).exists() {
+                let max = crate::fsread::memory_budget()?;
+                let bytes = read_verified(dir, &plan, ONNX_DATA_FILE, max, "ONNX weights")?;
+                Some(Arc::new(bytes))
+            } else {
+                None
+            };
         Ok(TractBundle {
             files: GraphFiles::Dir {
                 dir: dir.to_path_buf(),
                 plan: Box::new(plan),
             },
             manifest,
+            data,
         })
     }
 
@@ -486,9 +518,11 @@ impl TractBundle {
         manifest: Manifest,
         files: std::collections::BTreeMap<String, Vec<u8>>,
     ) -> TractBundle {
+        let data = files.get(ONNX_DATA_FILE).map(|d| Arc::new(d.clone()));
         TractBundle {
             files: GraphFiles::Memory(files),
             manifest,
+            data,
         }
     }
 
@@ -498,13 +532,24 @@ impl TractBundle {
                 // Hash-checked against plan.json and bounded by the memory budget.
                 let max = crate::fsread::memory_budget()?;
                 let bytes = read_verified(dir, plan, file, max, "ONNX graph")?;
-                TractGraph::load(&bytes, shapes, &dir.join(file).display().to_string())
+                let label = dir.join(file).display().to_string();
+                TractGraph::load_with_data(
+                    &bytes,
+                    self.data.as_deref().map(|d| &d[..]),
+                    shapes,
+                    &label,
+                )
             }
             GraphFiles::Memory(m) => {
                 let bytes = m
                     .get(file)
                     .ok_or_else(|| RuntimeError::MissingFile(PathBuf::from(file)))?;
-                TractGraph::load(bytes, shapes, file)
+                TractGraph::load_with_data(
+                    bytes,
+                    self.data.as_deref().map(|d| &d[..]),
+                    shapes,
+                    file,
+                )
             }
         }
     }

@@ -16,6 +16,7 @@
 //! per-block segments ([`segment`]), which tract loads in time linear in the model's size.
 
 mod build;
+mod external;
 mod proto;
 pub mod segment;
 
@@ -30,11 +31,13 @@ use crate::ir::Graph;
 use crate::pipeline::Model;
 use crate::spec::{Estimator, LogDetSpec, ModelKind, ProbeKind};
 use build::Emitter;
+use iresnetc_runtime::onnx_data::ONNX_DATA_FILE;
 use iresnetc_runtime::tract::{
     GraphEntry, LatentPart, Manifest, Port, ProbeBlock, ProbeLayout, Value, MANIFEST_FILE,
     MANIFEST_FORMAT, MANIFEST_VERSION,
 };
 use proto::{batched, Dim};
+use segment::NamedGraphs;
 
 /// Which log-det estimator the forward + log-det graph computes.
 #[derive(Clone, Debug, PartialEq)]
@@ -304,14 +307,14 @@ pub fn manifest(g: &Graph, ld: Option<&LogDetExport>, steps: &[usize]) -> Manife
 /// The graphs a bundle carries for tract, in memory: the whole `forward.onnx` (for other
 /// runtimes), and the model cut into per-block segments under `segments/` (forward; for
 /// flows forward + log-det with the model's estimator, left out when it cannot be exported,
-/// e.g. roulette; and the inverse with the certified step counts), with their manifest.
+/// e.g. roulette; and the inverse with the certified step counts), with their manifest. Their
+/// large initializers are stored once, in `onnx.bin` ([`external`]).
 pub fn bundle_graphs(
     model: &crate::pipeline::Model,
 ) -> crate::Result<(Manifest, std::collections::BTreeMap<String, Vec<u8>>)> {
     let g = &model.graph;
     let style = ConvStyle::default();
-    let mut files = std::collections::BTreeMap::new();
-    files.insert(FORWARD_FILE.to_string(), encode(&forward(g, style)?));
+    let mut graphs: NamedGraphs = vec![(FORWARD_FILE.to_string(), forward(g, style)?)];
     let flow = g.spec.kind == ModelKind::Flow;
     // A bundle of a roulette model still gets its forward and inverse graphs.
     let ld = if flow {
@@ -321,9 +324,13 @@ pub fn bundle_graphs(
     };
     let steps = if flow { certified_steps(model) } else { vec![] };
     let (segments, models) = segment::bundle_segments(g, ld.as_ref(), &steps, style)?;
-    for (name, m) in models {
-        files.insert(name, encode(&m));
-    }
+    graphs.extend(models);
+    let data = external::externalize(graphs.iter_mut().map(|(_, m)| m));
+    let mut files: std::collections::BTreeMap<String, Vec<u8>> = graphs
+        .iter()
+        .map(|(name, m)| (name.clone(), encode(m)))
+        .collect();
+    files.insert(ONNX_DATA_FILE.to_string(), data);
     let mut m = manifest(g, ld.as_ref(), &[]);
     m.forward_logdet = None;
     m.inverse_steps = steps;
