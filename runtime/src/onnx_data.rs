@@ -1,27 +1,37 @@
-//! The one file that holds the weights of every ONNX graph of a bundle.
+//! Where the weights of a bundle's ONNX graphs live.
 //!
 //! A bundle cuts a model into per-block segments, and each block has several graphs (forward,
 //! forward with log-det, the unrolled inverse); embedding the block's weights in each of them
 //! stored every weight three to five times. Instead every initializer of at least
-//! [`MIN_EXTERNAL_BYTES`] is stored once in [`ONNX_DATA_FILE`] and referenced with ONNX's
-//! standard external-data fields (`location`, `offset`, `length`), so other runtimes opening a
-//! bundle's `forward.onnx` by path read the same file. tract is never given a model directory:
-//! the loader resolves the references itself from bytes already checked against the bundle's
-//! hashes, so no file is read twice and none outside the bundle is read at all.
+//! [`MIN_EXTERNAL_BYTES`] is referenced with ONNX's standard external-data fields (`location`,
+//! `offset`, `length`): into the bundle's `weights.safetensors` when its bytes are a tensor
+//! stored there (safetensors keeps raw little-endian data), else into [`ONNX_DATA_FILE`], each
+//! distinct content once. Other runtimes opening a bundle's `forward.onnx` by path read the
+//! same files. tract is never given a model directory: the loader resolves the references
+//! itself from bytes already checked against the bundle's hashes, so no file is read twice
+//! and none outside the bundle is read at all.
 
 use tract_onnx::pb::tensor_proto::DataLocation;
 use tract_onnx::pb::ModelProto;
 
-/// The external-data file every reference must name (relative to the bundle directory).
+/// The external-data file for initializers that are not stored tensors (relative to the
+/// bundle directory).
 pub const ONNX_DATA_FILE: &str = "onnx.bin";
+
+/// The files a reference may name: [`ONNX_DATA_FILE`] and the bundle's weights.
+pub const DATA_FILES: [&str; 2] = [ONNX_DATA_FILE, crate::plan::WEIGHTS_FILE];
 
 /// Initializers smaller than this stay inline (shapes, axes, scalars).
 pub const MIN_EXTERNAL_BYTES: usize = 1024;
 
-/// Replaces every external initializer of `proto` by its bytes from `data` (the contents of
-/// [`ONNX_DATA_FILE`]). Refuses a reference to any other file, a range outside `data`, a length
-/// that disagrees with the tensor's shape, and external data when there is no data file.
-pub fn resolve(proto: &mut ModelProto, data: Option<&[u8]>) -> Result<(), String> {
+/// Replaces every external initializer of `proto` by its bytes from `data(file)` (the
+/// contents of one of [`DATA_FILES`], None when the bundle has none). Refuses a reference to
+/// any other file, a range outside the file, and a length that disagrees with the tensor's
+/// shape.
+pub fn resolve<'d>(
+    proto: &mut ModelProto,
+    data: &dyn Fn(&str) -> Option<&'d [u8]>,
+) -> Result<(), String> {
     let Some(graph) = proto.graph.as_mut() else {
         return Ok(());
     };
@@ -37,9 +47,9 @@ pub fn resolve(proto: &mut ModelProto, data: Option<&[u8]>) -> Result<(), String
         };
         let location = field("location")
             .ok_or_else(|| format!("initializer {:?}: external data without a location", t.name))?;
-        if location != ONNX_DATA_FILE {
+        if !DATA_FILES.contains(&location) {
             return Err(format!(
-                "initializer {:?}: external data in {location:?}, only {ONNX_DATA_FILE:?} is read",
+                "initializer {:?}: external data in {location:?}, only {DATA_FILES:?} are read",
                 t.name
             ));
         }
@@ -50,9 +60,9 @@ pub fn resolve(proto: &mut ModelProto, data: Option<&[u8]>) -> Result<(), String
                 .map_err(|_| format!("initializer {:?}: external {key} is not a size", t.name))
         };
         let (offset, length) = (number("offset")?, number("length")?);
-        let data = data.ok_or_else(|| {
+        let data = data(location).ok_or_else(|| {
             format!(
-                "initializer {:?}: external data but the bundle has no {ONNX_DATA_FILE}",
+                "initializer {:?}: external data but the bundle has no {location}",
                 t.name
             )
         })?;
@@ -61,7 +71,7 @@ pub fn resolve(proto: &mut ModelProto, data: Option<&[u8]>) -> Result<(), String
             .filter(|&e| e <= data.len())
             .ok_or_else(|| {
                 format!(
-                    "initializer {:?}: bytes {offset}..+{length} lie outside {ONNX_DATA_FILE} ({} bytes)",
+                    "initializer {:?}: bytes {offset}..+{length} lie outside {location} ({} bytes)",
                     t.name,
                     data.len()
                 )

@@ -22,7 +22,7 @@ use tract_onnx::prelude::*;
 use crate::bundle::{check_relative, load_plan, read_verified};
 use crate::error::{Result, RuntimeError};
 use crate::fsread::{clip, read_bounded, read_text_bounded, MAX_JSON_FILE};
-use crate::onnx_data::ONNX_DATA_FILE;
+use crate::onnx_data::DATA_FILES;
 use crate::rng::probe_vector;
 use prost::Message;
 use tract_onnx::pb::ModelProto;
@@ -362,15 +362,14 @@ impl TractGraph {
     /// Parses ONNX bytes and optimizes them with every input shape fixed
     /// (`input_shapes` include the batch). `label` names the graph in errors.
     pub fn load(bytes: &[u8], input_shapes: &[Vec<usize>], label: &str) -> Result<TractGraph> {
-        TractGraph::load_with_data(bytes, None, input_shapes, label)
+        TractGraph::load_with_data(bytes, &|_| None, input_shapes, label)
     }
 
-    /// [`TractGraph::load`] of a bundle's graph: `data` is the bundle's [`ONNX_DATA_FILE`],
-    /// which holds the initializers the graph references as external data (None: the graph
-    /// must embed all of them).
-    pub fn load_with_data(
+    /// [`TractGraph::load`] of a bundle's graph: `data` gives the contents of the bundle's
+    /// [`DATA_FILES`], which hold the initializers the graph references as external data.
+    pub fn load_with_data<'d>(
         bytes: &[u8],
-        data: Option<&[u8]>,
+        data: &dyn Fn(&str) -> Option<&'d [u8]>,
         input_shapes: &[Vec<usize>],
         label: &str,
     ) -> Result<TractGraph> {
@@ -470,9 +469,9 @@ pub enum GraphFiles {
 pub struct TractBundle {
     pub files: GraphFiles,
     pub manifest: Manifest,
-    /// [`ONNX_DATA_FILE`]: the initializers every graph references, read (and hash-checked)
-    /// once when the bundle is opened.
-    data: Option<Arc<Vec<u8>>>,
+    /// The files the graphs' external initializers live in ([`DATA_FILES`]), read (and
+    /// hash-checked) once when the bundle is opened.
+    data: std::collections::BTreeMap<&'static str, Arc<Vec<u8>>>,
 }
 
 impl TractBundle {
@@ -495,14 +494,14 @@ impl TractBundle {
                 ),
             ));
         }
-        let data =
-            if plan.integrity.contains_key(ONNX_DATA_FILE) || dir.join(ONNX_DATA_FILE).exists() {
+        let mut data = std::collections::BTreeMap::new();
+        for file in DATA_FILES {
+            if plan.integrity.contains_key(file) || dir.join(file).exists() {
                 let max = crate::fsread::memory_budget()?;
-                let bytes = read_verified(dir, &plan, ONNX_DATA_FILE, max, "ONNX weights")?;
-                Some(Arc::new(bytes))
-            } else {
-                None
-            };
+                let bytes = read_verified(dir, &plan, file, max, "ONNX weights")?;
+                data.insert(file, Arc::new(bytes));
+            }
+        }
         Ok(TractBundle {
             files: GraphFiles::Dir {
                 dir: dir.to_path_buf(),
@@ -518,7 +517,10 @@ impl TractBundle {
         manifest: Manifest,
         files: std::collections::BTreeMap<String, Vec<u8>>,
     ) -> TractBundle {
-        let data = files.get(ONNX_DATA_FILE).map(|d| Arc::new(d.clone()));
+        let data = DATA_FILES
+            .into_iter()
+            .filter_map(|f| Some((f, Arc::new(files.get(f)?.clone()))))
+            .collect();
         TractBundle {
             files: GraphFiles::Memory(files),
             manifest,
@@ -535,7 +537,7 @@ impl TractBundle {
                 let label = dir.join(file).display().to_string();
                 TractGraph::load_with_data(
                     &bytes,
-                    self.data.as_deref().map(|d| &d[..]),
+                    &|f| self.data.get(f).map(|d| d.as_slice()),
                     shapes,
                     &label,
                 )
@@ -546,7 +548,7 @@ impl TractBundle {
                     .ok_or_else(|| RuntimeError::MissingFile(PathBuf::from(file)))?;
                 TractGraph::load_with_data(
                     bytes,
-                    self.data.as_deref().map(|d| &d[..]),
+                    &|f| self.data.get(f).map(|d| d.as_slice()),
                     shapes,
                     file,
                 )

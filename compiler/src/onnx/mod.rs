@@ -32,6 +32,7 @@ use crate::pipeline::Model;
 use crate::spec::{Estimator, LogDetSpec, ModelKind, ProbeKind};
 use build::Emitter;
 use iresnetc_runtime::onnx_data::ONNX_DATA_FILE;
+use iresnetc_runtime::plan::WEIGHTS_FILE;
 use iresnetc_runtime::tract::{
     GraphEntry, LatentPart, Manifest, Port, ProbeBlock, ProbeLayout, Value, MANIFEST_FILE,
     MANIFEST_FORMAT, MANIFEST_VERSION,
@@ -308,7 +309,7 @@ pub fn manifest(g: &Graph, ld: Option<&LogDetExport>, steps: &[usize]) -> Manife
 /// runtimes), and the model cut into per-block segments under `segments/` (forward; for
 /// flows forward + log-det with the model's estimator, left out when it cannot be exported,
 /// e.g. roulette; and the inverse with the certified step counts), with their manifest. Their
-/// large initializers are stored once, in `onnx.bin` ([`external`]).
+/// large initializers are references into `weights.safetensors` or `onnx.bin` ([`external`]).
 pub fn bundle_graphs(
     model: &crate::pipeline::Model,
 ) -> crate::Result<(Manifest, std::collections::BTreeMap<String, Vec<u8>>)> {
@@ -325,12 +326,19 @@ pub fn bundle_graphs(
     let steps = if flow { certified_steps(model) } else { vec![] };
     let (segments, models) = segment::bundle_segments(g, ld.as_ref(), &steps, style)?;
     graphs.extend(models);
-    let data = external::externalize(graphs.iter_mut().map(|(_, m)| m));
+    // The weights file exactly as the bundle stores it, so the graphs can point into it.
+    let weights = crate::weights::to_safetensors(&g.params)?;
+    let data = external::externalize(graphs.iter_mut().map(|(_, m)| m), &weights)?;
     let mut files: std::collections::BTreeMap<String, Vec<u8>> = graphs
         .iter()
         .map(|(name, m)| (name.clone(), encode(m)))
         .collect();
-    files.insert(ONNX_DATA_FILE.to_string(), data);
+    // Every initializer a layout change derives from a stored weight is computed in the
+    // graph, so this file is usually empty, and then not written.
+    if !data.is_empty() {
+        files.insert(ONNX_DATA_FILE.to_string(), data);
+    }
+    files.insert(WEIGHTS_FILE.to_string(), weights);
     let mut m = manifest(g, ld.as_ref(), &[]);
     m.forward_logdet = None;
     m.inverse_steps = steps;
@@ -350,7 +358,11 @@ pub fn write_bundle_graphs(
         source: e,
     })?;
     for (name, bytes) in &files {
-        crate::fsutil::write_atomic(&dir.join(name), bytes)?;
+        // The bundle writes its weights itself (the same bytes: `to_safetensors` of the
+        // same parameters).
+        if name != WEIGHTS_FILE {
+            crate::fsutil::write_atomic(&dir.join(name), bytes)?;
+        }
     }
     let json = serde_json::to_string_pretty(&m).map_err(|e| Error::Unsupported {
         what: MANIFEST_FILE.into(),

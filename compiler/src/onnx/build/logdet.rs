@@ -97,7 +97,7 @@ impl Emitter<'_> {
                     }
                     // The adjoint of a stride-1 conv with padding p is the conv with the
                     // flipped, transposed kernel and padding k-1-p (same spatial size).
-                    let wa = self.adjoint_kernel(&n.name, geom.cout, geom.cin, geom.k)?;
+                    let wa = self.adjoint_kernel(&n.name)?;
                     let spec = ConvSpec {
                         cin: geom.cout,
                         cout: geom.cin,
@@ -107,8 +107,7 @@ impl Emitter<'_> {
                         h: geom.out_h(),
                         w: geom.out_w(),
                     };
-                    let wname = format!("{}.weight_adjoint", n.name);
-                    self.conv(&name, &dy, &spec, (&wname, &wa), None)
+                    self.conv(&name, &dy, &spec, &wa, None)
                 }
                 Op::Dense { .. } => {
                     let wt = self.init_param(&n.name, "weight")?;
@@ -132,27 +131,27 @@ impl Emitter<'_> {
         Ok(dy)
     }
 
-    /// `W'[ci, co, ky, kx] = W[co, ci, k-1-ky, k-1-kx]`.
-    pub(super) fn adjoint_kernel(
-        &self,
-        node: &str,
-        cout: usize,
-        cin: usize,
-        k: usize,
-    ) -> Result<Vec<f64>> {
-        let w = &self.param(node, "weight")?.data;
-        let mut wa = vec![0.0; w.len()];
-        for co in 0..cout {
-            for ci in 0..cin {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        wa[((ci * cout + co) * k + ky) * k + kx] =
-                            w[((co * cin + ci) * k + (k - 1 - ky)) * k + (k - 1 - kx)];
-                    }
-                }
-            }
-        }
-        Ok(wa)
+    /// `W'[ci, co, ky, kx] = W[co, ci, k-1-ky, k-1-kx]`, derived in the graph from the stored
+    /// weight (transposed, then both kernel axes read backwards), so the file keeps one copy.
+    pub(super) fn adjoint_kernel(&mut self, node: &str) -> Result<String> {
+        let w = self.init_param(node, "weight")?;
+        let t = self.derived(
+            "Transpose",
+            &format!("{w}_io"),
+            &[&w],
+            vec![attr_ints("perm", &[1, 0, 2, 3])],
+        );
+        // A negative step from the last index; an end below -dim clamps to "past index 0".
+        let starts = self.og.init_i64("flip.starts", &[-1, -1]);
+        let ends = self.og.init_i64("flip.ends", &[i64::MIN, i64::MIN]);
+        let axes = self.og.init_i64("flip.axes", &[2, 3]);
+        let steps = self.og.init_i64("flip.steps", &[-1, -1]);
+        Ok(self.derived(
+            "Slice",
+            &format!("{w}_adjoint"),
+            &[&t, &starts, &ends, &axes, &steps],
+            vec![],
+        ))
     }
 
     /// Per-sample `[B]` log-det of block `b`'s branch; `inputs` are the branch's

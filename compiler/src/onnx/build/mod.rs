@@ -24,6 +24,7 @@ use crate::ops::head::batchnorm_affine;
 use crate::ops::{actnorm, param_name, Op};
 use crate::spec::{Activation, ModelKind, SqueezeOrder};
 use crate::tensor::Tensor;
+use tract_onnx::pb::AttributeProto;
 
 /// How convolutions are written (the formulation changes tract's speed, not
 /// the math; every style is standard ONNX).
@@ -183,7 +184,7 @@ impl<'g> Emitter<'g> {
                 self.og.node("Add", name, &[&m, &bias], vec![])
             }
             Op::Conv2d { geom } => {
-                let w = self.param(&n.name, "weight")?;
+                let w = self.init_param(&n.name, "weight")?;
                 let b = self.param(&n.name, "bias")?;
                 let spec = ConvSpec {
                     cin: geom.cin,
@@ -194,9 +195,8 @@ impl<'g> Emitter<'g> {
                     h: geom.h,
                     w: geom.w,
                 };
-                let wname = param_name(&n.name, "weight");
                 let bname = param_name(&n.name, "bias");
-                self.conv(name, x, &spec, (&wname, &w.data), Some((&bname, &b.data)))
+                self.conv(name, x, &spec, &w, Some((&bname, &b.data)))
             }
             Op::Dense { .. } => {
                 let w = self.init_param(&n.name, "weight")?;
@@ -301,26 +301,45 @@ impl<'g> Emitter<'g> {
         Ok((h, inputs))
     }
 
-    /// A convolution `[B, cin, h, w] -> [B, cout, oh, ow]` with weight `[cout, cin, k, k]`,
-    /// written the way [`ConvStyle`] asks. Initializers derive their names from
-    /// `weight.0` / `bias.0`, and are stored once however often the conv is unrolled.
+    /// A value computed from constants only (a weight in another layout), made once per
+    /// graph under `name` however often the conv using it is unrolled. Runtimes fold it when
+    /// they load the graph, so the file stores only the weight it comes from.
+    pub(super) fn derived(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[&str],
+        attribute: Vec<AttributeProto>,
+    ) -> String {
+        if self.og.has(name) {
+            return name.to_string();
+        }
+        self.og.node(op, name, inputs, attribute)
+    }
+
+    /// A convolution `[B, cin, h, w] -> [B, cout, oh, ow]` with the kernel `weight`, a value
+    /// `[cout, cin, k, k]` of the graph (a stored initializer or one derived from it), written
+    /// the way [`ConvStyle`] asks: other layouts of the kernel are derived in the graph, so
+    /// every layout shares the one stored weight. The bias initializers derive their names
+    /// from `bias.0` and are stored once however often the conv is unrolled.
     fn conv(
         &mut self,
         name: &str,
         x: &str,
         c: &ConvSpec,
-        weight: (&str, &[f64]),
+        weight: &str,
         bias: Option<(&str, &[f64])>,
     ) -> String {
-        let (wname, w) = weight;
         let tuned = self.style != ConvStyle::Conv && c.stride == 1;
         let (oh, ow) = (c.h + 2 * c.pad + 1 - c.k, c.w + 2 * c.pad + 1 - c.k);
         if tuned && c.k == 1 && c.pad == 0 {
             // A 1x1 conv is W[cout, cin] @ x[B, cin, h*w]: one batched matrix product.
-            let wm = self.og.init_f32(
-                &format!("{wname}_matrix"),
-                &[c.cout, c.cin],
-                w.iter().copied(),
+            let shape = self.og.shape_const(&[c.cout as i64, c.cin as i64]);
+            let wm = self.derived(
+                "Reshape",
+                &format!("{weight}_matrix"),
+                &[weight, &shape],
+                vec![],
             );
             let flat = self.og.shape_const(&[-1, c.cin as i64, (c.h * c.w) as i64]);
             let xf = self
@@ -344,18 +363,22 @@ impl<'g> Emitter<'g> {
             // im2col + GEMM has M = cout rows and runs at a few GFLOP/s. Instead one
             // GEMM computes every tap's 1x1 contribution, Z[t*cout + co] = W[co, :, t] x,
             // and the k*k shifted windows of the zero-padded Z are summed.
+            // Row t * cout + co of the tap matrix is W[co, :, ky, kx] (t = ky * k + kx):
+            // the kernel transposed to [ky, kx, cout, cin] and flattened.
             let taps = c.k * c.k;
-            let mut wt = vec![0.0; taps * c.cout * c.cin];
-            for t in 0..taps {
-                for co in 0..c.cout {
-                    for ci in 0..c.cin {
-                        wt[(t * c.cout + co) * c.cin + ci] = w[(co * c.cin + ci) * taps + t];
-                    }
-                }
-            }
-            let wm = self
-                .og
-                .init_f32(&format!("{wname}_taps"), &[taps * c.cout, c.cin], wt);
+            let kkoi = self.derived(
+                "Transpose",
+                &format!("{weight}_kkoi"),
+                &[weight],
+                vec![attr_ints("perm", &[2, 3, 0, 1])],
+            );
+            let shape = self.og.shape_const(&[(taps * c.cout) as i64, c.cin as i64]);
+            let wm = self.derived(
+                "Reshape",
+                &format!("{weight}_taps"),
+                &[&kkoi, &shape],
+                vec![],
+            );
             let flat = self.og.shape_const(&[-1, c.cin as i64, (c.h * c.w) as i64]);
             let xf = self
                 .og
@@ -413,10 +436,7 @@ impl<'g> Emitter<'g> {
                 None => self.og.node("Identity", name, &[&acc], vec![]),
             };
         }
-        let wi = self
-            .og
-            .init_f32(wname, &[c.cout, c.cin, c.k, c.k], w.iter().copied());
-        let mut inputs = vec![x.to_string(), wi];
+        let mut inputs = vec![x.to_string(), weight.to_string()];
         if let Some((bname, b)) = bias {
             inputs.push(self.og.init_f32(bname, &[c.cout], b.iter().copied()));
         }
