@@ -34,8 +34,6 @@ fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         "moons",
         "-o",
         out,
-        "--threads",
-        "1",
         "--no-plots",
     ];
     v.extend_from_slice(extra);

@@ -285,6 +285,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     };
     let mut tr = Trainer::new(spec.clone(), init, cfg)?;
     let mut kept = String::new();
+    let mut resumed_from = None;
     if let Some(r) = &a.resume {
         let ck = r.join("checkpoint.safetensors");
         tr.restore(&ck)?;
@@ -307,7 +308,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 }
             }
         }
-        eprintln!("resumed {} at step {}", ck.display(), tr.step);
+        // Said once the command succeeded: a failing one prints its error line only.
+        resumed_from = Some(format!("resumed {} at step {}", ck.display(), tr.step));
     }
     // Only now, with the data and the checkpoint read, is anything written: into the staged
     // run directory, which replaces -o only when the whole command succeeded.
@@ -364,6 +366,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         });
     }
     pb.finish_and_clear();
+    if let Some(note) = &resumed_from {
+        eprintln!("{note}");
+    }
     iresnetc::train::checkpoint::save(&tr.checkpoint(), &out.join("checkpoint.safetensors"))?;
     if tr.step < steps {
         println!(
