@@ -206,9 +206,6 @@ pub fn check_target(o: &Output) -> Result<PathBuf> {
             ),
         ));
     }
-    if p.file_name().is_none() {
-        return Err(bad(p, format!("{}: not a usable output path", o.option)));
-    }
     let Some(target) = resolve(p) else {
         return Err(bad(
             p,
