@@ -40,6 +40,15 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 /// any other existing directory is refused, see [`crate::output`]). `plan.json` records the
 /// SHA-256 of every other file, so a loader can tell a bundle changed after compiling.
 pub fn write_bundle(model: &Model, dir: &Path, opts: &BundleOptions) -> Result<CodegenReport> {
+    // Everything in the bundle derives from the weights it stores (f32): a loader compiles
+    // them again and compares (`bundle_check`), so constants folded from the weights (ActNorm
+    // scales in the ONNX graphs) must come from the f32 values, not the f64 ones before
+    // rounding.
+    let mut stored = model.clone();
+    for t in stored.graph.params.values_mut() {
+        t.data.iter_mut().for_each(|v| *v = f64::from(*v as f32));
+    }
+    let model = &stored;
     let mut gen = codegen::generate(model, &opts.codegen)?;
     // Inside a command's output transaction the directory is staged there and renamed at
     // commit; otherwise (library use) here, with the same checks.
@@ -47,7 +56,7 @@ pub fn write_bundle(model: &Model, dir: &Path, opts: &BundleOptions) -> Result<C
     let tmp = match &staged {
         Some(t) => t.clone(),
         None => {
-            crate::output::check_target(&crate::output::Output::bundle(dir, "bundle", true))?;
+            crate::output::check_target(&crate::output::Output::bundle(dir, "bundle"))?;
             let tmp = tmp_dir(dir);
             if tmp.exists() {
                 std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
@@ -93,11 +102,11 @@ pub fn write_bundle(model: &Model, dir: &Path, opts: &BundleOptions) -> Result<C
             crate::netdesc::describe(model)?.to_json().as_bytes(),
         )?;
         gen.plan.integrity = hash_files(&tmp)?;
-        // Last: a directory with a plan.json is a bundle to the runtime.
-        write(
-            iresnetc_runtime::plan::PLAN_FILE,
-            json(&gen.plan)?.as_bytes(),
-        )?;
+        // Last: a directory with a plan.json is a bundle to the runtime. It is right by
+        // construction: a loader need not compile it again to check it.
+        let plan = json(&gen.plan)?;
+        write(iresnetc_runtime::plan::PLAN_FILE, plan.as_bytes())?;
+        crate::bundle_check::remember(plan.as_bytes());
         Ok(())
     })();
     if let Err(e) = result {
@@ -138,12 +147,30 @@ fn hash_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> 
 }
 
 /// Checks a bundle directory before anything relies on it: `plan.json` (format, version,
-/// consistency), file hashes present, and `model.toml` (read through its hash) agreeing with
-/// the plan (name, kind, input shape). Every command that takes a bundle goes through this,
+/// consistency), file hashes present, `model.toml` (read through its hash) agreeing with
+/// the plan (name, kind, input shape), and what every file means
+/// ([`crate::bundle_check`]: derived files agree with the model, weights contractive). Every command that takes a bundle goes through this,
 /// whatever the backend. Every other file is checked against its hash when it is read
 /// (`iresnetc_runtime::bundle::read_verified`, the one reader all loaders use), so each file
 /// is hashed once, and a file a backend does not use costs nothing.
 pub fn verify_bundle(dir: &Path) -> Result<iresnetc_runtime::Plan> {
+    let plan = verify_bytes(dir)?;
+    let spec = read_spec(dir, &plan)?;
+    crate::bundle_check::check_meaning_once(dir, &plan, &spec)?;
+    Ok(plan)
+}
+
+/// The model a bundle holds, after every check of [`verify_bundle`], with the certificate
+/// verified against its weights.
+pub fn load_verified(dir: &Path) -> Result<Model> {
+    let plan = verify_bytes(dir)?;
+    let spec = read_spec(dir, &plan)?;
+    crate::bundle_check::check_meaning(dir, &plan, &spec)
+}
+
+/// The byte-level half of [`verify_bundle`]: plan, hashes present, model.toml agreeing with
+/// the plan's name, kind and input.
+fn verify_bytes(dir: &Path) -> Result<iresnetc_runtime::Plan> {
     use iresnetc_runtime::bundle::{load_plan, require_integrity};
     let plan = load_plan(dir)?;
     require_integrity(dir, &plan)?;
@@ -186,6 +213,18 @@ pub fn read_spec(dir: &Path, plan: &iresnetc_runtime::Plan) -> Result<crate::spe
         message: "not UTF-8 text".into(),
     })?;
     crate::spec::ModelSpec::from_toml(&text, &path)
+}
+
+/// `report.json` of `model` with `codegen` as a JSON value (what a loader compares with).
+pub(crate) fn report_json(model: &Model, codegen: &CodegenReport) -> Result<serde_json::Value> {
+    serde_json::to_value(Report {
+        summary: model.summary(),
+        codegen,
+    })
+    .map_err(|e| Error::Codegen {
+        context: "report.json".into(),
+        message: e.to_string(),
+    })
 }
 
 /// `DIR.tmp-<pid>` next to `DIR`.

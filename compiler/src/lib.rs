@@ -5,6 +5,7 @@
 //! every backend is tested against.
 
 pub mod bundle;
+pub mod bundle_check;
 pub mod codegen;
 pub mod error;
 pub mod fsutil;

@@ -34,6 +34,12 @@ pub const MIN_GEOMETRIC_P: f64 = 0.01;
 pub const MAX_POISSON_MEAN: f64 = 100.0;
 /// `--num` and sample counts: samples generated in one command.
 pub const MAX_SAMPLES: usize = 1 << 20;
+/// Optimizer steps of one training run (`--steps`, `--epochs` converted, `train.steps`).
+pub const MAX_TRAIN_STEPS: u64 = 100_000_000;
+/// Power iterations per training step (`train.power_iters`): the persistent u, v need a few.
+pub const MAX_TRAIN_POWER_ITERS: usize = 1_000;
+/// Samples of one training batch (`train.batch`, `--batch`); the memory budget may say less.
+pub const MAX_BATCH: usize = 1 << 16;
 /// The exact log-det estimator costs one vjp per dimension of every block: refused above
 /// this total unless `IRESNETC_EXACT_MAX_VJPS` raises it.
 pub const EXACT_MAX_VJPS: u64 = 16_384;
@@ -201,6 +207,76 @@ pub fn check_exact(spec: &ModelSpec) -> Result<(), String> {
     if vjps > max {
         return Err(format!(
             "the exact log-det needs {vjps} vector-Jacobian products per sample (one per dimension of every block), more than the limit {max}; use the series or roulette estimator, or raise {EXACT_ENV}"
+        ));
+    }
+    Ok(())
+}
+
+/// The work and memory of a training or evaluation run, before its first step: `batch`
+/// samples in flight (activations kept for the backward pass), `held` samples of a held-out
+/// or evaluation set held in memory, `steps` optimizer steps. Errors are `(field, reason)`
+/// with the field of the model file; the caller names a flag instead where one set it.
+pub fn check_train(
+    spec: &ModelSpec,
+    batch: usize,
+    held: usize,
+    steps: u64,
+) -> Result<(), (String, String)> {
+    if steps == 0 || steps > MAX_TRAIN_STEPS {
+        return Err((
+            "train.steps".into(),
+            format!("{steps} steps is outside 1..={MAX_TRAIN_STEPS}"),
+        ));
+    }
+    if batch == 0 || batch > MAX_BATCH {
+        return Err((
+            "train.batch".into(),
+            format!("{batch} is outside 1..={MAX_BATCH}"),
+        ));
+    }
+    if held == 0 || held > MAX_SAMPLES {
+        return Err((
+            "train.heldout".into(),
+            format!("{held} samples is outside 1..={MAX_SAMPLES}"),
+        ));
+    }
+    let budget =
+        iresnetc_runtime::fsread::memory_budget().map_err(|e| ("memory".into(), e.to_string()))?;
+    let fp = spec.footprint().ok_or_else(|| {
+        (
+            "stages".to_string(),
+            "the model does not validate".to_string(),
+        )
+    })?;
+    // The backward pass keeps every node's activation of the batch: a few per layer.
+    let layers = fp.block_dims.len() as u64 * (MAX_LAYERS_PER_BRANCH as u64).min(8) + 8;
+    let need = fp
+        .max_activation
+        .checked_mul(8)
+        .and_then(|b| b.checked_mul(layers))
+        .and_then(|b| b.checked_mul(batch as u64))
+        .and_then(|b| b.checked_add(fp.bytes(1)?));
+    if need.is_none_or(|n| n > budget) {
+        return Err((
+            "train.batch".into(),
+            format!(
+                "a batch of {batch} needs about {} bytes of memory for its activations, more than the {budget} available (IRESNETC_MEMORY_LIMIT sets the budget)",
+                need.map_or("more than 2^64".to_string(), |n| n.to_string())
+            ),
+        ));
+    }
+    let dim = elems("input", &spec.input)?;
+    let held_bytes = dim
+        .checked_mul(8)
+        .and_then(|b| b.checked_mul(held as u64))
+        .and_then(|b| b.checked_mul(2));
+    if held_bytes.is_none_or(|n| n > budget) {
+        return Err((
+            "train.heldout".into(),
+            format!(
+                "{held} samples of {dim} values need about {} bytes, more than the {budget} available (IRESNETC_MEMORY_LIMIT sets the budget)",
+                held_bytes.map_or("more than 2^64".to_string(), |n| n.to_string())
+            ),
         ));
     }
     Ok(())

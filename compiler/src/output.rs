@@ -2,9 +2,11 @@
 //!
 //! A command declares its outputs (and the inputs they must not touch) up front with
 //! [`begin`], before any work: each output must be distinct from the others and from every
-//! input (compared after resolving symlinks, `.`/`..` and hard links), its directory must
-//! exist, an existing file output must be a regular file, and an existing directory given as
-//! a bundle output must already be an iresnetc bundle or be empty. Nothing is touched when a
+//! input (compared after resolving symlinks, `.`/`..` and hard links), is never a symbolic
+//! link, a file output never ends in `/`, an existing file output must be a regular file, and
+//! an existing directory given as a bundle output must already be an iresnetc bundle or be
+//! empty. Missing parent directories of an output are created when it is written (as users
+//! expect of `-o a/b/c`) and removed again if the command fails. Nothing is touched when a
 //! check fails.
 //!
 //! While the transaction is open, [`crate::fsutil::write_atomic`] and
@@ -29,6 +31,15 @@ pub enum OutputKind {
     File,
     /// A bundle directory (replaced as a whole).
     BundleDir,
+    /// A training run directory (replaced as a whole; staged as a copy of `Output::seed`
+    /// when a run continues in place).
+    RunDir,
+}
+
+impl OutputKind {
+    fn is_dir(self) -> bool {
+        self != OutputKind::File
+    }
 }
 
 /// One declared output.
@@ -39,8 +50,9 @@ pub struct Output {
     /// The command-line option it came from, e.g. `--output`.
     pub option: String,
     pub kind: OutputKind,
-    /// Create the parent directory at commit (only the default `build/<name>` of compile).
-    pub create_parent: bool,
+    /// A run directory's staged copy starts as a copy of this directory (the run resumed in
+    /// place), so a failure leaves the original exactly as it was.
+    pub seed: Option<PathBuf>,
 }
 
 impl Output {
@@ -49,16 +61,27 @@ impl Output {
             path: path.to_path_buf(),
             option: option.to_string(),
             kind: OutputKind::File,
-            create_parent: false,
+            seed: None,
         }
     }
 
-    pub fn bundle(path: &Path, option: &str, create_parent: bool) -> Output {
+    pub fn bundle(path: &Path, option: &str) -> Output {
         Output {
             path: path.to_path_buf(),
             option: option.to_string(),
             kind: OutputKind::BundleDir,
-            create_parent,
+            seed: None,
+        }
+    }
+
+    /// A training run directory; `resumed` is the run it continues when that is the same
+    /// directory.
+    pub fn run_dir(path: &Path, option: &str, resumed: Option<&Path>) -> Output {
+        Output {
+            path: path.to_path_buf(),
+            option: option.to_string(),
+            kind: OutputKind::RunDir,
+            seed: resumed.map(Path::to_path_buf),
         }
     }
 }
@@ -69,8 +92,8 @@ struct Entry {
     decl: Output,
     target: PathBuf,
     tmp: Option<PathBuf>,
-    /// A parent directory this command created (removed again on rollback when empty).
-    created: Option<PathBuf>,
+    /// Parent directories this command created, outermost first (removed again on rollback).
+    created: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -93,18 +116,46 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Absolute path with symlinks resolved: the path itself when it exists, else its resolved
-/// parent joined with its file name. None when the parent does not exist.
+/// Absolute path with symlinks resolved: the path itself when it exists, else its deepest
+/// existing ancestor, resolved, joined with the plain names below it. None when a name below
+/// the existing ancestor is not a plain name (`..` past a directory that does not exist).
 fn resolve(path: &Path) -> Option<PathBuf> {
     if let Ok(p) = std::fs::canonicalize(path) {
         return Some(p);
     }
-    let name = path.file_name()?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+    let mut rest = vec![path.file_name()?.to_os_string()];
+    let mut dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     };
-    Some(std::fs::canonicalize(parent).ok()?.join(name))
+    loop {
+        if let Ok(p) = std::fs::canonicalize(&dir) {
+            return Some(rest.iter().rev().fold(p, |acc, n| acc.join(n)));
+        }
+        match dir.components().next_back() {
+            Some(std::path::Component::Normal(n)) => rest.push(n.to_os_string()),
+            _ => return None,
+        }
+        dir = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+    }
+}
+
+/// The directories above `target` (resolved) that do not exist yet, outermost first.
+fn missing_parents(target: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut dir = target.parent();
+    while let Some(d) = dir {
+        if std::fs::symlink_metadata(d).is_ok() {
+            break;
+        }
+        out.push(d.to_path_buf());
+        dir = d.parent();
+    }
+    out.reverse();
+    out
 }
 
 /// The file's identity on disk (device, inode), when it exists: catches hard links.
@@ -144,38 +195,42 @@ pub fn check_target(o: &Output) -> Result<PathBuf> {
             ),
         ));
     }
-    let Some(target) = resolve(p).or_else(|| {
-        // The default bundle directory may create its (single) missing parent.
-        o.create_parent
-            .then(|| {
-                let parent = p.parent()?;
-                let grand = match parent.parent() {
-                    Some(g) if !g.as_os_str().is_empty() => g,
-                    _ => Path::new("."),
-                };
-                Some(
-                    std::fs::canonicalize(grand)
-                        .ok()?
-                        .join(parent.file_name()?)
-                        .join(p.file_name()?),
-                )
-            })
-            .flatten()
-    }) else {
+    // `out.npy/` names a directory: writing a file there would not be what was asked.
+    let bytes = p.as_os_str().as_encoded_bytes();
+    if o.kind == OutputKind::File && (bytes.ends_with(b"/") || bytes.ends_with(b"/.")) {
         return Err(bad(
             p,
-            format!("{}: the directory it would go in does not exist", o.option),
+            format!(
+                "{}: ends in '/', which names a directory; give a file name",
+                o.option
+            ),
+        ));
+    }
+    let Some(target) = resolve(p) else {
+        return Err(bad(
+            p,
+            format!(
+                "{}: its directory does not exist and the path climbs out of it with '..'",
+                o.option
+            ),
         ));
     };
-    let parent = target.parent().map(Path::to_path_buf).unwrap_or_default();
     if target.parent().is_none() || target.file_name().is_none() {
         return Err(bad(p, format!("{}: not a usable output path", o.option)));
     }
-    if parent.exists() && !parent.is_dir() {
-        return Err(bad(
-            p,
-            format!("{}: {} is not a directory", o.option, parent.display()),
-        ));
+    // The deepest existing ancestor must be a directory (missing ones are created).
+    let mut above = target.parent();
+    while let Some(d) = above {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(bad(
+                    p,
+                    format!("{}: {} is not a directory", o.option, d.display()),
+                ))
+            }
+            Err(_) => above = d.parent(),
+        }
     }
     match (o.kind, std::fs::symlink_metadata(&target)) {
         (_, Err(_)) => {}
@@ -195,15 +250,18 @@ pub fn check_target(o: &Output) -> Result<PathBuf> {
             ))
         }
         (OutputKind::File, Ok(_)) => {}
-        (OutputKind::BundleDir, Ok(m)) if !m.is_dir() => {
+        (OutputKind::BundleDir | OutputKind::RunDir, Ok(m)) if !m.is_dir() => {
             return Err(bad(
                 p,
                 format!(
-                    "{}: exists and is not a directory; refusing to replace it with a bundle",
+                    "{}: exists and is not a directory; refusing to replace it",
                     o.option
                 ),
             ))
         }
+        // What a run directory may be (new, empty, or the run resumed) is the train
+        // command's policy, checked before this.
+        (OutputKind::RunDir, Ok(_)) => {}
         (OutputKind::BundleDir, Ok(_)) => {
             let empty = std::fs::read_dir(&target)
                 .map(|mut d| d.next().is_none())
@@ -238,10 +296,17 @@ pub fn begin(outputs: Vec<Output>, inputs: &[PathBuf]) -> Result<()> {
             }
         }
         for (given, resolved, iid) in &input_ids {
-            let same = resolved.as_ref() == Some(&target) || (id.is_some() && id == *iid);
+            // A run resumed in place is staged as a copy: the original stays until commit.
+            let resumed_here = o
+                .seed
+                .as_ref()
+                .is_some_and(|s| resolve(s) == Some(target.clone()));
+            let same = !resumed_here
+                && (resolved.as_ref() == Some(&target) || (id.is_some() && id == *iid));
             // A bundle directory output holding an input, or an output replacing a file of
             // an input directory (a bundle's weights or plan): either destroys an input.
-            let inside = (o.kind == OutputKind::BundleDir
+            let inside = (o.kind.is_dir()
+                && !resumed_here
                 && resolved.as_ref().is_some_and(|r| r.starts_with(&target)))
                 || resolved
                     .as_ref()
@@ -261,7 +326,7 @@ pub fn begin(outputs: Vec<Output>, inputs: &[PathBuf]) -> Result<()> {
             decl: o,
             target,
             tmp: None,
-            created: None,
+            created: vec![],
         });
     }
     *lock() = Some(Transaction { entries });
@@ -294,7 +359,7 @@ fn staging_path(t: &mut Transaction, path: &Path, dir: bool) -> Result<Option<Pa
     let resolved = resolve(path);
     for e in t.entries.iter() {
         if let Some(tmp) = &e.tmp {
-            if e.decl.kind == OutputKind::BundleDir && path.starts_with(tmp) {
+            if e.decl.kind.is_dir() && path.starts_with(tmp) {
                 return Ok(None);
             }
         }
@@ -309,13 +374,21 @@ fn staging_path(t: &mut Transaction, path: &Path, dir: bool) -> Result<Option<Pa
             "internal error: this command did not declare that output; nothing was written",
         ));
     };
-    if (e.decl.kind == OutputKind::BundleDir) != dir {
+    if e.decl.kind.is_dir() != dir {
         return Err(bad(
             path,
             "internal error: output written as the wrong kind",
         ));
     }
     let tmp = tmp_name(&e.target, dir);
+    // Missing parents are created now, recorded so that a rollback removes them again.
+    for d in missing_parents(&e.target) {
+        std::fs::create_dir(&d).map_err(|err| Error::Io {
+            path: d.clone(),
+            source: err,
+        })?;
+        e.created.push(d);
+    }
     e.tmp = Some(tmp.clone());
     Ok(Some(tmp))
 }
@@ -348,27 +421,45 @@ pub fn stage_dir(dir: &Path) -> Result<Option<PathBuf>> {
     let Some(tmp) = staging_path(t, dir, true)? else {
         return Err(bad(dir, "internal error: a bundle inside a bundle"));
     };
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| Error::Io { path: p, source: e }
+    };
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::Io {
-            path: tmp.clone(),
-            source: e,
-        })?;
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    if let Some(parent) = tmp.parent().filter(|p| !p.exists()) {
-        // Only the default `build/` of compile gets here (checked in `begin`).
-        std::fs::create_dir(parent).map_err(|e| Error::Io {
-            path: parent.to_path_buf(),
-            source: e,
-        })?;
-        if let Some(e) = t.entries.iter_mut().find(|e| e.tmp.as_ref() == Some(&tmp)) {
-            e.created = Some(parent.to_path_buf());
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let seed = t
+        .entries
+        .iter()
+        .find(|e| e.tmp.as_ref() == Some(&tmp))
+        .and_then(|e| e.decl.seed.clone());
+    if let Some(from) = seed {
+        copy_tree(&from, &tmp)?;
+    }
+    Ok(Some(tmp))
+}
+
+/// Copies the regular files and directories under `from` into `to` (links are not
+/// followed: a run directory holds none of its own).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| Error::Io { path: p, source: e }
+    };
+    for entry in std::fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let ty = entry.file_type().map_err(io(&src))?;
+        if ty.is_dir() {
+            std::fs::create_dir(&dst).map_err(io(&dst))?;
+            copy_tree(&src, &dst)?;
+        } else if ty.is_file() {
+            std::fs::copy(&src, &dst).map_err(io(&src))?;
         }
     }
-    std::fs::create_dir(&tmp).map_err(|e| Error::Io {
-        path: tmp.clone(),
-        source: e,
-    })?;
-    Ok(Some(tmp))
+    Ok(())
 }
 
 /// Where the data of `path` is now: its temporary while staged, else `path` itself (for a
@@ -410,7 +501,7 @@ pub fn commit() -> Result<()> {
         };
         let r = match e.decl.kind {
             OutputKind::File => std::fs::rename(tmp, &e.target).map_err(io),
-            OutputKind::BundleDir => replace_dir(tmp, &e.target).map_err(io),
+            OutputKind::BundleDir | OutputKind::RunDir => replace_dir(tmp, &e.target).map_err(io),
         };
         if let Err(err) = r {
             remove_temporaries(&t);
@@ -447,10 +538,10 @@ fn remove_temporaries(t: &Transaction) {
         if let Some(tmp) = &e.tmp {
             let _ = match e.decl.kind {
                 OutputKind::File => std::fs::remove_file(tmp),
-                OutputKind::BundleDir => std::fs::remove_dir_all(tmp),
+                OutputKind::BundleDir | OutputKind::RunDir => std::fs::remove_dir_all(tmp),
             };
         }
-        if let Some(dir) = &e.created {
+        for dir in e.created.iter().rev() {
             // Fails (and keeps it) if anything else appeared there meanwhile.
             let _ = std::fs::remove_dir(dir);
         }

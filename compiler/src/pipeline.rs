@@ -56,51 +56,12 @@ pub fn load_spec(
     })
 }
 
-/// Loads a compiled bundle's model: its `model.toml`, its (already
-/// normalized) weights and the certificate stored in `report.json`, without
-/// running the Lipschitz pass again. Falls back to certifying when the report
-/// is missing or unreadable.
-pub fn load_bundle(dir: &Path, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Model> {
-    use iresnetc_runtime::bundle::read_verified;
-    use iresnetc_runtime::fsread::{memory_budget, MAX_JSON_FILE};
-    // Nothing in the bundle is believed before its hashes check out (see `verify_bundle`).
-    let plan = crate::bundle::verify_bundle(dir)?;
-    let spec = crate::bundle::read_spec(dir, &plan)?;
-    let weights = dir.join("weights.safetensors");
-    let weight_bytes = read_verified(
-        dir,
-        &plan,
-        "weights.safetensors",
-        memory_budget()?,
-        "weights file",
-    )?;
-    let stored = read_verified(dir, &plan, "report.json", MAX_JSON_FILE, "report")
-        .ok()
-        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
-        .and_then(|v| serde_json::from_value::<LipschitzReport>(v.get("lipschitz")?.clone()).ok());
-    let mut graph = ir::build(&spec)?;
-    graph.params = weights::load_bytes(&graph, &weight_bytes, &weights)?;
-    let Some(lipschitz) = stored else {
-        let shapes = passes::infer_shapes(&mut graph)?;
-        let lipschitz = passes::lipschitz::certify_with_progress(&mut graph, progress)?;
-        return Ok(Model {
-            graph,
-            shapes,
-            lipschitz,
-        });
-    };
-    let shapes = passes::infer_shapes(&mut graph)?;
-    if lipschitz.blocks.len() != graph.blocks.len() || !(lipschitz.max_block_bound < 1.0) {
-        return Err(crate::Error::WeightsFile {
-            file: dir.join("report.json"),
-            reason: "the stored certificate does not match the bundle's model".into(),
-        });
-    }
-    Ok(Model {
-        graph,
-        shapes,
-        lipschitz,
-    })
+/// Loads a compiled bundle's model: its `model.toml`, its (already normalized) weights and
+/// the certificate of `report.json`, checked against the weights themselves and every other
+/// file of the bundle ([`crate::bundle_check`]); the estimating half of the Lipschitz pass is
+/// not run again.
+pub fn load_bundle(dir: &Path, _progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Model> {
+    crate::bundle::load_verified(dir)
 }
 
 /// Cost and certificate summary (what `iresnetc inspect --json` prints and

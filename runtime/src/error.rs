@@ -103,6 +103,10 @@ pub enum RuntimeError {
     #[error("{what}: {reason}")]
     WorkBound { what: String, reason: String },
 
+    /// An inverse whose result does not map back to its input: never returned as a result.
+    #[error("the inverse did not converge: {0}")]
+    NotInverted(String),
+
     #[error("{}: {}", path.display(), crate::fsread::io_reason(.source))]
     Io {
         path: PathBuf,

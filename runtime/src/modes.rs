@@ -90,6 +90,7 @@ pub fn decode(
     let mut converged: Option<bool> = None;
     for (_, c) in chunks(z, chunk) {
         let d = be.decode(&c)?;
+        check_inverse(be, &c, &d)?;
         x.extend(d.x.data);
         if blocks.is_empty() {
             blocks = d.blocks;
@@ -113,6 +114,68 @@ pub fn decode(
         blocks,
         converged,
     })
+}
+
+/// Largest `max |forward(x) - z| / (1 + max |z|)` accepted of an inverse. The fixed point
+/// stops at `inverse.tol` per block; what is left is f32 rounding, amplified by the forward's
+/// Lipschitz constant. A diverged or cut-short inverse misses by orders of magnitude more.
+pub const MAX_INVERSE_MISMATCH: f64 = 1e-2;
+
+/// A result is checked, not believed: a block that reports a missed tolerance is named, and
+/// every inverse (on every backend, measured or not) is mapped forward again and compared
+/// with the `z` it came from, so weights that are not contractive never give exit code 0.
+fn check_inverse(be: &mut dyn Backend, z: &Batch, d: &Decoded) -> Result<()> {
+    if d.converged == Some(false) {
+        let worst = d
+            .blocks
+            .iter()
+            .max_by(|a, b| a.residual.total_cmp(&b.residual));
+        return Err(RuntimeError::NotInverted(match worst {
+            Some(b) => format!(
+                "block {:?} still moved by {:.3e} after {} fixed-point iterations (tolerance {:.1e}); the weights are not contractive enough for its inverse.max_iters",
+                crate::fsread::clip(&b.block, 60),
+                b.residual,
+                b.iters,
+                be.model().inverse_tol
+            ),
+            None => "a block missed the model's tolerance".to_string(),
+        }));
+    }
+    if let Some(i) = d.x.data.iter().position(|v| !v.is_finite()) {
+        return Err(RuntimeError::NotInverted(format!(
+            "x element {i} is {} (the fixed point diverged)",
+            d.x.data[i]
+        )));
+    }
+    let again = be.encode(&d.x, &LogDetMethod::None, 0)?;
+    let scale = 1.0 + z.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let miss = again.z.data.iter().zip(&z.data).fold(0.0f64, |m, (a, b)| {
+        let d = (a - b).abs();
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
+    if again.z.data.len() != z.data.len() || !(miss / scale <= MAX_INVERSE_MISMATCH) {
+        let worst = d
+            .blocks
+            .iter()
+            .max_by(|a, b| a.residual.total_cmp(&b.residual))
+            .map(|b| {
+                format!(
+                    " (largest last step: block {:?}, {:.3e})",
+                    crate::fsread::clip(&b.block, 60),
+                    b.residual
+                )
+            })
+            .unwrap_or_default();
+        return Err(RuntimeError::NotInverted(format!(
+            "forward(x) misses z by {miss:.3e} (relative {:.3e}, at most {MAX_INVERSE_MISMATCH:e} accepted){worst}; the weights are not contractive",
+            miss / scale
+        )));
+    }
+    Ok(())
 }
 
 /// Dequantization of 8-bit images in [0, 1]: `(255 x + u) / 256 - 0.5`, `u ~ U(0, 1)` from the

@@ -429,7 +429,7 @@ fn finish(a: &BenchArgs, rows: &[Row], profiles: &[super::profile::KernelProfile
     }
     if let Some(path) = &a.json_out {
         let json = serde_json::to_string_pretty(&rows).context("serializing")?;
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        iresnetc::fsutil::write_atomic(path, json.as_bytes())?;
     }
     if a.json {
         println!(

@@ -65,22 +65,54 @@ pub(super) fn begin(cmd: &Cmd) -> Result<()> {
                     iresnetc::bundle::verify_bundle(&dir)?;
                 }
             }
-            return Ok(());
+            // No outputs: any write would be an error.
+            (vec![], vec![])
         }
-        Cmd::Graph { .. } | Cmd::Devices | Cmd::Eval(_) => return Ok(()),
-        // A run directory fills up while training (checkpoints are what a long run is for),
-        // each file written atomically; what -o may be is checked before any step.
-        Cmd::Train(a) => return super::train::check_output(a),
-        Cmd::Bench(a) => return super::bench::check_args(a),
+        Cmd::Graph { .. } | Cmd::Devices => (vec![], vec![]),
+        Cmd::Eval(a) => {
+            super::train::check_eval_args(a)?;
+            (vec![], vec![])
+        }
+        // The run directory is staged whole (a copy of the run when it continues in place)
+        // and renamed into place when the command succeeds: a failing or refused run leaves
+        // the directory exactly as it was. What -o may be is the train command's policy.
+        Cmd::Train(a) => {
+            super::train::check_output(a)?;
+            let same = a.resume.as_deref().filter(|r| {
+                std::fs::canonicalize(r).ok() == std::fs::canonicalize(&a.output).ok() && r.exists()
+            });
+            let mut inputs = vec![a.model.clone()];
+            inputs.extend(a.weights.clone());
+            inputs.extend(a.labels.clone());
+            if Path::new(&a.data).exists() {
+                inputs.push(PathBuf::from(&a.data));
+            }
+            if let Some(r) = &a.resume {
+                if same.is_none() {
+                    inputs.push(r.clone());
+                }
+            }
+            (vec![Output::run_dir(&a.output, "-o", same)], inputs)
+        }
+        Cmd::Bench(a) => {
+            super::bench::check_args(a)?;
+            let mut outs = vec![];
+            if let Some(p) = &a.profile {
+                outs.push(Output::file(p, "--profile"));
+            }
+            if let Some(p) = &a.json_out {
+                outs.push(Output::file(p, "--json-out"));
+            }
+            (outs, a.model.clone())
+        }
         Cmd::Run(a) => run_io(a)?,
         Cmd::Compile(a) => {
             let spec = spec_of(&a.model)?;
             let out = match &a.output {
-                Some(o) => Output::bundle(o, "--output", false),
+                Some(o) => Output::bundle(o, "--output"),
                 None => Output::bundle(
                     &Path::new("build").join(&spec.name),
                     "default output build/<name>",
-                    true,
                 ),
             };
             let inputs = [Some(a.model.clone()), a.weights.weights.clone()]

@@ -31,9 +31,12 @@ pub struct Cli {
     cmd: Cmd,
 }
 
+// Every subcommand lets `-1` reach its flag as a value, so `--steps -1` is reported as the
+// flag's bad value rather than as an unknown argument.
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Shapes per stage, parameters, FLOPs and the Lipschitz certificate.
+    #[command(allow_negative_numbers = true)]
     Inspect {
         model: PathBuf,
         #[command(flatten)]
@@ -45,27 +48,35 @@ enum Cmd {
         cost: cost::CostArgs,
     },
     /// Print the IR (Graphviz DOT with --dot, else one line per node).
+    #[command(allow_negative_numbers = true)]
     Graph {
         model: PathBuf,
         #[arg(long)]
         dot: bool,
     },
     /// Run a model: forward, inverse, logdet, density, sample or classify.
+    #[command(allow_negative_numbers = true)]
     Run(run::RunArgs),
     /// Compile a model to a bundle: fused WGSL kernels, plan, weights, report, ONNX.
+    #[command(allow_negative_numbers = true)]
     Compile(compile::CompileArgs),
     /// Export the forward graph (and optionally log-det / inverse) to ONNX.
+    #[command(allow_negative_numbers = true)]
     ExportOnnx(export::ExportArgs),
     /// Train a model (maximum likelihood or cross-entropy) into a run directory.
+    #[command(allow_negative_numbers = true)]
     Train(train::TrainArgs),
     /// Evaluate a model or run on a data set: bits/dim, nats, or accuracy.
+    #[command(allow_negative_numbers = true)]
     Eval(train::EvalArgs),
     /// List the GPU adapters wgpu can see.
     Devices,
     /// Benchmark backends and entry points.
+    #[command(allow_negative_numbers = true)]
     Bench(bench::BenchArgs),
     /// Write a random input batch for a model (.npy): uniform [0, 1) pixels for
     /// dequantized image models, standard normal otherwise.
+    #[command(allow_negative_numbers = true)]
     RandomInput {
         /// A model file (.toml) or a bundle directory.
         model: PathBuf,

@@ -132,7 +132,7 @@ pub fn profile(
 
 pub fn write(path: &Path, rows: &[KernelProfile]) -> Result<()> {
     let json = serde_json::to_string_pretty(rows)?;
-    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    iresnetc::fsutil::write_atomic(path, json.as_bytes())?;
     eprintln!(
         "profile: {} kernel rows written to {}",
         rows.len(),

@@ -9,13 +9,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use super::bar;
-use iresnetc::ir;
 use iresnetc::spec::{Estimator, ModelKind, ModelSpec};
 use iresnetc::train::data::{self, Data, Fit};
 use iresnetc::train::optim::OptimKind;
 use iresnetc::train::trainer::{evaluate, init_lipswish_beta, Config, EvalMetrics, Trainer};
 use iresnetc::train::{plots, sample, Backend};
 use iresnetc::weights;
+use iresnetc::{ir, limits};
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -208,7 +208,21 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         t.checkpoint_every = c;
     }
     if let Err((field, reason)) = t.check() {
-        bail!("{}: flag for `{field}`: {reason}", a.model.display());
+        match flag_of(a, field) {
+            Some(flag) => bail!("{flag}: {reason}"),
+            None => bail!("{}: field `{field}`: {reason}", a.model.display()),
+        }
+    }
+    check_threads(a.threads)?;
+    if let Some(s) = a.steps {
+        if s == 0 || s > limits::MAX_TRAIN_STEPS {
+            bail!("--steps {s}: outside 1..={}", limits::MAX_TRAIN_STEPS);
+        }
+    }
+    if let Some(e) = a.epochs {
+        if !(e > 0.0 && e.is_finite()) {
+            bail!("--epochs {e}: must be a positive finite number of epochs");
+        }
     }
     let seed = a.seed.unwrap_or(spec.seed);
     // The data are checked against the model before anything is written.
@@ -226,7 +240,15 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let steps = match (a.steps, a.epochs, train_data.len()) {
         (Some(s), _, _) => s,
         (None, Some(e), Some(n)) if e > 0.0 => {
-            ((e * n as f64) / spec.train.batch as f64).ceil() as u64
+            let s = ((e * n as f64) / spec.train.batch as f64).ceil();
+            if !(s >= 1.0 && s <= limits::MAX_TRAIN_STEPS as f64) {
+                bail!(
+                    "--epochs {e}: {e} epochs of {n} samples at batch {} are {s:.3e} steps, outside 1..={}",
+                    spec.train.batch,
+                    limits::MAX_TRAIN_STEPS
+                );
+            }
+            s as u64
         }
         (None, Some(_), None) => bail!(
             "--epochs needs a finite data set ({} is a generator); use --steps",
@@ -235,6 +257,15 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         (None, Some(e), _) => bail!("--epochs must be positive, got {e}"),
         (None, None, _) => spec.train.steps,
     };
+    // The work and memory of the run, before its first step (the same budget as run/compile).
+    if let Err((field, reason)) =
+        limits::check_train(&spec, spec.train.batch, spec.train.heldout, steps)
+    {
+        match flag_of(a, &field) {
+            Some(flag) => bail!("{flag}: {reason}"),
+            None => bail!("{}: field `{field}`: {reason}", a.model.display()),
+        }
+    }
     let graph = ir::build(&spec)?;
     let init = match &a.weights {
         Some(w) => weights::load(&graph, w)?,
@@ -254,9 +285,17 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     };
     let mut tr = Trainer::new(spec.clone(), init, cfg)?;
     let mut kept = String::new();
+    let mut resumed_from = None;
     if let Some(r) = &a.resume {
         let ck = r.join("checkpoint.safetensors");
         tr.restore(&ck)?;
+        if tr.step > steps {
+            bail!(
+                "{}: the checkpoint is at step {}, past the {steps} steps of this run",
+                ck.display(),
+                tr.step
+            );
+        }
         // Keep the metrics of the steps the checkpoint covers.
         if let Ok(text) = std::fs::read_to_string(r.join("metrics.jsonl")) {
             for line in text.lines() {
@@ -269,11 +308,18 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 }
             }
         }
-        eprintln!("resumed {} at step {}", ck.display(), tr.step);
+        // Said once the command succeeded: a failing one prints its error line only.
+        resumed_from = Some(format!("resumed {} at step {}", ck.display(), tr.step));
     }
-    // Only now, with the data and the checkpoint read, is anything written.
-    let out = &a.output;
-    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    // Only now, with the data and the checkpoint read, is anything written: into the staged
+    // run directory, which replaces -o only when the whole command succeeded.
+    let out = &match iresnetc::output::stage_dir(&a.output)? {
+        Some(tmp) => tmp,
+        None => {
+            std::fs::create_dir_all(&a.output).with_context(|| a.output.display().to_string())?;
+            a.output.clone()
+        }
+    };
     let metrics_path = out.join("metrics.jsonl");
     iresnetc::fsutil::write_atomic(&metrics_path, kept.as_bytes())?;
     let model_text = toml::to_string(&spec).context("model spec")?;
@@ -320,12 +366,15 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         });
     }
     pb.finish_and_clear();
+    if let Some(note) = &resumed_from {
+        eprintln!("{note}");
+    }
     iresnetc::train::checkpoint::save(&tr.checkpoint(), &out.join("checkpoint.safetensors"))?;
     if tr.step < steps {
         println!(
             "stopped at step {} of {steps}; continue with --resume {}",
             tr.step,
-            out.display()
+            a.output.display()
         );
         return Ok(());
     }
@@ -354,7 +403,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         "trained {} for {steps} steps in {:.1} s -> {}: held-out {} (largest certified block bound {:.4})",
         spec.name,
         start.elapsed().as_secs_f64(),
-        out.display(),
+        a.output.display(),
         describe(&e, &spec),
         cert.max_block_bound
     );
@@ -436,6 +485,45 @@ fn pictures(
     Ok(())
 }
 
+/// The flag that set a `[train]` field in this invocation, if one did.
+fn flag_of(a: &TrainArgs, field: &str) -> Option<&'static str> {
+    match field {
+        "train.batch" if a.batch.is_some() => Some("--batch"),
+        "train.lr" if a.lr.is_some() => Some("--lr"),
+        "train.steps" if a.steps.is_some() => Some("--steps"),
+        "train.steps" if a.epochs.is_some() => Some("--epochs"),
+        "train.eval_every" if a.eval_every.is_some() => Some("--eval-every"),
+        "train.checkpoint_every" if a.checkpoint_every.is_some() => Some("--checkpoint-every"),
+        _ => None,
+    }
+}
+
+/// Most worker threads asked for (more than any machine has; a typo otherwise).
+const MAX_THREADS: usize = 4096;
+
+fn check_threads(t: Option<usize>) -> Result<()> {
+    match t {
+        Some(n) if n == 0 || n > MAX_THREADS => {
+            bail!("--threads {n}: outside 1..={MAX_THREADS}")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `eval`'s numbers, before anything is read.
+pub fn check_eval_args(a: &EvalArgs) -> Result<()> {
+    check_threads(a.threads)?;
+    if let Some(n) = a.num {
+        if n == 0 || n > limits::MAX_SAMPLES {
+            bail!(
+                "--num {n}: outside 1..={} (samples to evaluate)",
+                limits::MAX_SAMPLES
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn eval(a: &EvalArgs) -> Result<()> {
     keep_freed_memory();
     let (model_file, weights_file, run_seed) = if a.model.is_dir() {
@@ -460,6 +548,12 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         Data::Toy { .. } => spec.train.heldout,
         Data::Set { .. } => usize::MAX,
     });
+    if let Err((_, reason)) = limits::check_train(&spec, 1, n.min(d.len().unwrap_or(n)), 1) {
+        match a.num {
+            Some(n) => bail!("--num {n}: {reason}"),
+            None => bail!("{}: field `train.heldout`: {reason}", model_file.display()),
+        }
+    }
     let (xs, ys) = d.eval_set(seed, n);
     let e = evaluate(
         &m.graph,

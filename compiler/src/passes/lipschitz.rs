@@ -272,40 +272,20 @@ fn layer(
     mode: Normalize,
 ) -> Candidate {
     let layer_seed = iresnetc_runtime::rng::Rng::for_name(seed, name).next_u64();
-    let (est, bound_of): (spectral::PowerIteration, Box<dyn Fn(&[f64]) -> f64>) = match op {
+    let est = match op {
+        // A 1x1 conv applies the same [cout, cin] matrix at every pixel: its operator norm
+        // is that matrix's.
         Op::Conv2d { geom } if geom.k == 1 && geom.stride == 1 => {
-            // A 1x1 conv applies the same [cout, cin] matrix at every pixel: its
-            // operator norm is that matrix's, and the SVD bound is tight.
-            let g = *geom;
-            (
-                matrix_estimate(g.cin, g.cout, w, tol, max_iters, layer_seed),
-                Box::new(move |w: &[f64]| spectral::matrix_sigma_max(g.cout, g.cin, w)),
-            )
+            matrix_estimate(geom.cin, geom.cout, w, tol, max_iters, layer_seed)
         }
-        Op::Conv2d { geom } => {
-            let g = *geom;
-            // Lanczos is power iteration's Krylov acceleration: the same estimate
-            // from below, but conv spectra bunch up near the top and plain power
-            // iteration needs hundreds of steps (and stalls short of 1e-6) there.
-            (
-                spectral::conv_sigma_lanczos(&g, w, tol, max_iters, layer_seed),
-                Box::new(move |w: &[f64]| {
-                    // Exact (and certified) on small operators, where the circular
-                    // bound is loose; the circular bound elsewhere.
-                    spectral::conv_operator_sigma_exact(&g, w)
-                        .unwrap_or_else(|| spectral::conv_sigma_upper_bound(&g, w))
-                }),
-            )
-        }
-        Op::Dense { fin, fout } => {
-            let (fin, fout) = (*fin, *fout);
-            (
-                matrix_estimate(fin, fout, w, tol, max_iters, layer_seed),
-                Box::new(move |w: &[f64]| spectral::matrix_sigma_max(fout, fin, w)),
-            )
-        }
+        // Lanczos is power iteration's Krylov acceleration: the same estimate from below,
+        // but conv spectra bunch up near the top and plain power iteration needs hundreds of
+        // steps (and stalls short of 1e-6) there.
+        Op::Conv2d { geom } => spectral::conv_sigma_lanczos(geom, w, tol, max_iters, layer_seed),
+        Op::Dense { fin, fout } => matrix_estimate(*fin, *fout, w, tol, max_iters, layer_seed),
         _ => unreachable!("only linear layers are normalized"),
     };
+    let bound_of = |w: &[f64]| certified_bound(op, w);
     // Weights that are already normalized (a bundle's, or PyTorch's after
     // spectral_norm) come back through f32 with sigma a few ulps above c;
     // rescaling them by 1 + 1e-9 would only churn them, so within
@@ -338,6 +318,87 @@ fn layer(
         },
         raw_bound,
     }
+}
+
+/// A certified upper bound of a linear layer's operator norm with weight `w`: the SVD for
+/// dense and 1x1 layers (tight), exact on small kxk operators (where the circular bound is
+/// loose), the circular-embedding bound elsewhere. Infinite for anything else.
+pub fn certified_bound(op: &Op, w: &[f64]) -> f64 {
+    match op {
+        Op::Conv2d { geom } if geom.k == 1 && geom.stride == 1 => {
+            spectral::matrix_sigma_max(geom.cout, geom.cin, w)
+        }
+        Op::Conv2d { geom } => spectral::conv_operator_sigma_exact(geom, w)
+            .unwrap_or_else(|| spectral::conv_sigma_upper_bound(geom, w)),
+        Op::Dense { fin, fout } => spectral::matrix_sigma_max(*fout, *fin, w),
+        _ => f64::INFINITY,
+    }
+}
+
+/// Per block, `(name, product of its linear layers' certified bounds)` for the weights as
+/// they are now (nothing estimated, nothing scaled): what a loader checks a bundle's
+/// contraction with, whatever its report says. Layers run in parallel.
+pub fn block_bounds(g: &Graph) -> Vec<(String, f64)> {
+    let work: Vec<(usize, &Op, &[f64])> = g
+        .blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(bi, b)| b.body.iter().map(move |&ix| (bi, ix)))
+        .filter(|&(_, ix)| g.dag[ix].op.is_linear())
+        .map(|(bi, ix)| {
+            let w = g
+                .params
+                .get(&param_name(&g.dag[ix].name, "weight"))
+                .map_or(&[][..], |t| t.data.as_slice());
+            (bi, &g.dag[ix].op, w)
+        })
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let found: Vec<(usize, f64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = vec![];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(_, op, w)) = work.get(i) else {
+                            break;
+                        };
+                        // A missing weight cannot be certified: infinite.
+                        let b = if w.is_empty() {
+                            f64::INFINITY
+                        } else {
+                            certified_bound(op, w)
+                        };
+                        out.push((i, b));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    // A layer without a result (a worker that panicked) or a NaN counts as unbounded.
+    let mut per_layer = vec![f64::INFINITY; work.len()];
+    for (i, b) in found {
+        per_layer[i] = if b.is_nan() { f64::INFINITY } else { b };
+    }
+    let mut bounds = vec![1.0f64; g.blocks.len()];
+    for (&(bi, _, _), b) in work.iter().zip(per_layer) {
+        bounds[bi] *= b;
+    }
+    g.blocks
+        .iter()
+        .zip(bounds)
+        .map(|(b, l)| (b.name.clone(), l))
+        .collect()
 }
 
 /// Estimate for a `[fout, fin]` matrix: Lanczos-accelerated power iteration

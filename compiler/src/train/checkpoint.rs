@@ -55,6 +55,12 @@ pub fn save(c: &Checkpoint, path: &Path) -> Result<()> {
         context: path.display().to_string(),
         message: e.to_string(),
     };
+    // The model's name, so that another model's checkpoint of the same shapes is refused.
+    bufs.push((
+        "meta.model".to_string(),
+        vec![c.model.len()],
+        c.model.as_bytes().to_vec(),
+    ));
     for (name, v) in [
         ("meta.step", c.step),
         ("meta.seed", c.seed),
@@ -65,7 +71,9 @@ pub fn save(c: &Checkpoint, path: &Path) -> Result<()> {
     let views = bufs
         .iter()
         .map(|(n, s, b)| {
-            let dt = if n.starts_with("meta.") {
+            let dt = if n == "meta.model" {
+                Dtype::U8
+            } else if n.starts_with("meta.") {
                 Dtype::U64
             } else {
                 Dtype::F64
@@ -82,18 +90,28 @@ pub fn save(c: &Checkpoint, path: &Path) -> Result<()> {
     crate::fsutil::write_atomic(path, &out)
 }
 
-/// Reads a checkpoint into the state of a run (`params`, `sn` and `opt` come
-/// from the run's model, so every expected tensor must be there with its size).
+/// Parameters the optimizer never steps (statistics, not gradients).
+fn untrained(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+/// Reads a checkpoint of model `model` into the state of a run (`params`, `sn` and `opt`
+/// come from the run's model, so every expected tensor must be there with its size, and no
+/// other). Nothing of the run changes unless the whole checkpoint checks out: a step beyond
+/// [`crate::limits::MAX_TRAIN_STEPS`] or disagreeing with the optimizer's, a missing or
+/// extra optimizer tensor, another model's name are refused.
 pub fn load(
     path: &Path,
+    model: &str,
     params: &mut Params,
     sn: &mut SpecNorm,
     opt: &mut Optimizer,
 ) -> Result<(u64, u64)> {
-    let raw = std::fs::read(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
+    let raw = iresnetc_runtime::fsread::read_bounded(
+        path,
+        iresnetc_runtime::fsread::memory_budget()?,
+        "checkpoint",
+    )?;
     let bad = |reason: String| Error::WeightsFile {
         file: path.to_path_buf(),
         reason,
@@ -118,6 +136,27 @@ pub fn load(
         ]))
     };
     let (step, seed, t) = (num("step")?, num("seed")?, num("optimizer_steps")?);
+    if step > crate::limits::MAX_TRAIN_STEPS {
+        return Err(bad(format!(
+            "tensor `meta.step`: step {step} is beyond any run (at most {})",
+            crate::limits::MAX_TRAIN_STEPS
+        )));
+    }
+    if t != step {
+        return Err(bad(format!(
+            "tensor `meta.optimizer_steps`: {t} optimizer steps at step {step}; the checkpoint is inconsistent"
+        )));
+    }
+    // Older checkpoints carry no name; a present one must be this model's.
+    if let Ok(v) = st.tensor("meta.model") {
+        if v.dtype() != Dtype::U8 || v.data() != model.as_bytes() {
+            return Err(bad(format!(
+                "tensor `meta.model`: the checkpoint is of model {:?}, not {:?}",
+                iresnetc_runtime::fsread::clip(&String::from_utf8_lossy(v.data()), 40),
+                iresnetc_runtime::fsread::clip(model, 40)
+            )));
+        }
+    }
     let get = |name: &str, len: usize| -> Result<Vec<f64>> {
         let v = st.tensor(name).map_err(|_| {
             bad(format!(
@@ -157,6 +196,50 @@ pub fn load(
                     bad(format!("tensor `{name}` names no parameter of the model"))
                 })?;
                 slot.insert(p.to_string(), get(name, len)?);
+            }
+        }
+    }
+    // Every tensor is one this model's run writes.
+    let expected = |name: &str| {
+        [
+            "meta.step",
+            "meta.seed",
+            "meta.optimizer_steps",
+            "meta.model",
+        ]
+        .contains(&name)
+            || name
+                .strip_prefix("param.")
+                .is_some_and(|p| params.contains_key(p))
+            || ["sn.u.", "sn.v."].iter().any(|pre| {
+                name.strip_prefix(pre)
+                    .is_some_and(|l| sn.layers.iter().any(|x| x.name == l))
+            })
+            || ["opt.m.", "opt.v.", "opt.ema."]
+                .iter()
+                .any(|pre| name.starts_with(pre))
+    };
+    if let Some(extra) = st.names().into_iter().find(|n| !expected(n)) {
+        return Err(bad(format!(
+            "tensor `{}` is not one of this model's: the checkpoint is of another model",
+            iresnetc_runtime::fsread::clip(extra, 60)
+        )));
+    }
+    // After a step, the optimizer holds both moments of every trained parameter (and the
+    // EMA of every parameter when it is on).
+    if t > 0 {
+        for (n, _) in params.iter().filter(|(n, _)| !untrained(n)) {
+            for (prefix, slot) in [("opt.m", &nopt.m), ("opt.v", &nopt.v)] {
+                if !slot.contains_key(n) {
+                    return Err(bad(format!(
+                        "tensor `{prefix}.{n}` missing: the optimizer state is incomplete"
+                    )));
+                }
+            }
+            if nopt.cfg.ema > 0.0 && !nopt.ema.contains_key(n) {
+                return Err(bad(format!(
+                    "tensor `opt.ema.{n}` missing: the optimizer state is incomplete"
+                )));
             }
         }
     }

@@ -160,8 +160,13 @@ impl Trainer {
     }
 
     pub fn restore(&mut self, path: &std::path::Path) -> Result<()> {
-        let (step, seed) =
-            super::checkpoint::load(path, &mut self.raw, &mut self.sn, &mut self.opt)?;
+        let (step, seed) = super::checkpoint::load(
+            path,
+            &self.graph.spec.name,
+            &mut self.raw,
+            &mut self.sn,
+            &mut self.opt,
+        )?;
         self.step = step;
         self.cfg.seed = seed;
         Ok(())

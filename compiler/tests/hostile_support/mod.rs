@@ -88,6 +88,7 @@ pub fn fails(dir: &Path, args: &[&str], env: &[(&str, &str)], needles: &[&str]) 
         .args(args)
         .current_dir(dir)
         .env("XDG_RUNTIME_DIR", "/tmp")
+        .env("IRESNETC_CACHE_DIR", cache_dir())
         .env_remove("IRESNETC_THREADS")
         .env_remove("IRESNETC_MEMORY_LIMIT");
     for (k, v) in env {
@@ -120,14 +121,27 @@ pub fn fails(dir: &Path, args: &[&str], env: &[(&str, &str)], needles: &[&str]) 
     err
 }
 
+/// The cache of checked bundles the runs of this test process share (never the user's).
+pub fn cache_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("iresnetc-hostile-cache-{}", std::process::id()))
+}
+
 /// Runs and expects success; returns stderr.
 pub fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .args(args)
+    ok_env(dir, args, &[])
+}
+
+/// [`ok`] with extra environment variables.
+pub fn ok_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
         .current_dir(dir)
         .env("XDG_RUNTIME_DIR", "/tmp")
-        .output()
-        .unwrap();
+        .env("IRESNETC_CACHE_DIR", cache_dir());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "args {args:?}: {err}");
     err
