@@ -658,11 +658,21 @@ fn cli_resume_is_byte_identical() {
         "a stopped run has no final weights"
     );
     let stopped = std::fs::read(c.join("checkpoint.safetensors")).unwrap();
+    let stopped_lines = std::fs::read_to_string(c.join("metrics.jsonl")).unwrap();
+    assert_eq!(stopped_lines.lines().count(), 3);
     let c_str = c.to_str().unwrap();
     train(&c, &["--resume", c_str]);
     assert!(
         stopped != std::fs::read(c.join("checkpoint.safetensors")).unwrap(),
         "the resumed run did not move"
+    );
+    // The resumed invocation continued from the checkpoint rather than starting over (which,
+    // being deterministic, would write the same files): the first 3 steps' lines are the
+    // stopped invocation's own, wall-clock throughput included, which no rerun repeats.
+    let resumed_lines = std::fs::read_to_string(c.join("metrics.jsonl")).unwrap();
+    assert!(
+        resumed_lines.starts_with(&stopped_lines),
+        "steps 1-3 were not kept from the stopped run:\n{stopped_lines}\nvs\n{resumed_lines}"
     );
 
     // JSON lines with the throughput (a wall-clock figure) taken out; floats compare exactly.

@@ -267,12 +267,13 @@ fn files_changed_after_hashing_are_refused() {
         let last = bytes.len() - 1;
         bytes[last] ^= 0x01;
         std::fs::write(&path, &bytes).unwrap();
-        match Bundle::load(&dir).unwrap_err() {
-            RuntimeError::BundleCorrupt { file: f, reason } => {
+        match Bundle::load(&dir) {
+            Err(RuntimeError::BundleCorrupt { file: f, reason }) => {
                 assert!(f.ends_with(file), "{}", f.display());
                 assert!(reason.contains("SHA-256"), "{reason}");
             }
-            other => panic!("{file}: expected BundleCorrupt, got {other:?}"),
+            Err(other) => panic!("{file}: expected BundleCorrupt, got {other:?}"),
+            Ok(_) => panic!("{file}: changed after hashing, and the bundle loaded"),
         }
     }
     // A plan that vouches for the weights but not for a kernel's file.
@@ -281,12 +282,13 @@ fn files_changed_after_hashing_are_refused() {
     plan.integrity = hashes(&dir, &plan);
     plan.integrity.remove("affine.wgsl");
     write_plan_as_is(&dir, &plan);
-    match Bundle::load(&dir).unwrap_err() {
-        RuntimeError::BundleCorrupt { file, reason } => {
+    match Bundle::load(&dir) {
+        Err(RuntimeError::BundleCorrupt { file, reason }) => {
             assert!(file.ends_with("affine.wgsl"), "{}", file.display());
             assert!(reason.contains("no hash"), "{reason}");
         }
-        other => panic!("expected BundleCorrupt, got {other:?}"),
+        Err(other) => panic!("expected BundleCorrupt, got {other:?}"),
+        Ok(_) => panic!("a file the plan records no hash for was loaded"),
     }
 }
 
@@ -308,12 +310,13 @@ fn a_plan_without_hashes_loads_but_cannot_be_verified() {
         .shader_source("halve")
         .unwrap()
         .starts_with("// edited"));
-    match iresnetc_runtime::bundle::require_integrity(&dir, &bundle.plan).unwrap_err() {
-        RuntimeError::BundleCorrupt { file, reason } => {
+    match iresnetc_runtime::bundle::require_integrity(&dir, &bundle.plan) {
+        Err(RuntimeError::BundleCorrupt { file, reason }) => {
             assert!(file.ends_with("plan.json"), "{}", file.display());
             assert!(reason.contains("integrity"), "{reason}");
         }
-        other => panic!("expected BundleCorrupt, got {other:?}"),
+        Err(other) => panic!("expected BundleCorrupt, got {other:?}"),
+        Ok(()) => panic!("require_integrity accepted a plan without hashes"),
     }
     // The same bundle with hashes passes the requirement.
     write_plan(&dir, &plan);
