@@ -77,6 +77,36 @@ pub fn manifest(data: &[u8]) {
     }
 }
 
+/// Whether `target`'s loader accepts `data` as valid (`Err` says why not). Every committed
+/// seed must pass: a seed the loader refuses at its first check (an old format version, say)
+/// leaves the mutations almost nothing past that check to exercise.
+pub fn accepts(target: &str, data: &[u8]) -> Result<(), String> {
+    let text = || std::str::from_utf8(data).map_err(|e| format!("not UTF-8: {e}"));
+    match target {
+        "model_file" => ModelSpec::from_toml(text()?, Path::new("seed.toml"))
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        "weights" => {
+            crate::weights::load_bytes(graph(), data, Path::new("seed.safetensors"))
+                .map_err(|e| e.to_string())?;
+            iresnetc_runtime::bundle::parse_weights(data).map(|_| ())
+        }
+        "npy" => {
+            let p = Path::new("seed.npy");
+            // Either of the two shapes the target reads.
+            crate::npy::parse_batch(data, p, "x", &[4])
+                .map(|_| ())
+                .or_else(|_| crate::npy::parse_batch(data, p, "x", &[1, 2, 2]).map(|_| ()))
+                .map_err(|e| e.to_string())
+        }
+        "plan" => iresnetc_runtime::bundle::parse_plan(text()?)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        "manifest" => iresnetc_runtime::tract::Manifest::parse(text()?).map(|_| ()),
+        other => Err(format!("no fuzz target {other:?}")),
+    }
+}
+
 /// Every target by name (the harness and the README use these names).
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("model_file", model_file),

@@ -350,14 +350,22 @@ fn inspect_reports_certificate() {
     assert_eq!(v["lipschitz"]["blocks"].as_array().unwrap().len(), 6);
 }
 
-/// The CLI runs the reference in chunks; probes depend on the sample's index in
-/// the whole array, so the log-det equals one library call over all samples.
+/// The CLI runs a mode in chunks of `DEFAULT_CHUNK` samples; probes depend on the sample's
+/// index in the whole array, so the log-det of `2 * DEFAULT_CHUNK + 3` samples (two chunk
+/// boundaries) equals one library call over all of them.
 #[test]
 fn chunked_logdet_matches_one_call() {
+    use iresnetc_runtime::modes::DEFAULT_CHUNK;
+    let n = 2 * DEFAULT_CHUNK + 3;
     let d = tmpdir("chunks");
     let model = models().join("cifar-tiny.toml");
     let m = iresnetc::pipeline::load_model(&model, &Default::default(), &|_, _| {}).unwrap();
-    let xs: Vec<Vec<f64>> = (0..6)
+    let method = m.graph.spec.logdet.method();
+    assert!(
+        matches!(method, iresnetc::reference::LogDetMethod::Series { probes, .. } if probes > 0),
+        "the log-det must use probes: {method:?}"
+    );
+    let xs: Vec<Vec<f64>> = (0..n)
         .map(|s| {
             (0..m.graph.input_dim())
                 .map(|i| ((i * 13 + s * 7) % 17) as f64 / 17.0)
@@ -386,12 +394,175 @@ fn chunked_logdet_matches_one_call() {
         .unwrap();
     assert!(st.success());
     let got = read(&out, &[]);
-    let method = m.graph.spec.logdet.method();
+    assert_eq!(got.len(), n);
     let want = iresnetc::reference::Reference::new(&m.graph)
         .forward(&xs, &method)
         .unwrap()
         .logdet;
-    for (g, w) in got.iter().zip(&want) {
-        assert!((g[0] - w).abs() < 1e-12, "{} vs {w}", g[0]);
+    assert_eq!(want.len(), n);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g[0] - w).abs() < 1e-12, "sample {i}: {} vs {w}", g[0]);
     }
+}
+
+/// A one-block 2-D flow whose weights are written by hand, with `lipschitz.normalize` given.
+fn hand_made_flow(d: &Path, normalize: &str) -> PathBuf {
+    let toml = d.join(format!("flow-{normalize}.toml"));
+    std::fs::write(
+        &toml,
+        format!(
+            "name = \"hand\"\nkind = \"flow\"\ninput = [2]\n[lipschitz]\nnormalize = \"{normalize}\"\n[[stages]]\nblocks = 1\nhidden = [2]\nactivation = \"elu\"\n"
+        ),
+    )
+    .unwrap();
+    toml
+}
+
+/// The model's initial weights with every 2-D linear weight replaced by `gain` times the
+/// identity: each layer's largest singular value is exactly `gain`, so the block's Lipschitz
+/// bound is at least `gain^2` (two layers).
+fn diagonal_weights(toml: &Path, gain: f64, out: &Path) {
+    let spec = iresnetc::spec::ModelSpec::from_file(toml).unwrap();
+    let g = iresnetc::ir::build(&spec).unwrap();
+    let mut p = iresnetc::weights::init(&g, 1);
+    let mut replaced = 0;
+    for (name, t) in p.iter_mut() {
+        if name.ends_with(".weight") && t.shape.len() == 2 {
+            let cols = t.shape[1];
+            for (k, v) in t.data.iter_mut().enumerate() {
+                *v = if k / cols == k % cols { gain } else { 0.0 };
+            }
+            replaced += 1;
+        }
+    }
+    assert_eq!(replaced, 2, "expected two linear layers: {:?}", p.keys());
+    iresnetc::weights::save(&p, out).unwrap();
+}
+
+/// `normalize = "never"` keeps the given weights; a block whose certified bound is not below 1
+/// is refused (exit 2, one line naming the model, the block and the bound), and nothing is
+/// written. The same weights at gain 0.5 compile, and at gain 3 under `normalize = "always"`
+/// they are scaled down and compile too: the refusal is the weights' and the setting's.
+#[test]
+fn non_contractive_weights_are_refused_when_never_normalized() {
+    let d = tmpdir("contractive");
+    let never = hand_made_flow(&d, "never");
+    let always = hand_made_flow(&d, "always");
+    let (big, small) = (d.join("big.safetensors"), d.join("small.safetensors"));
+    diagonal_weights(&never, 3.0, &big);
+    diagonal_weights(&never, 0.5, &small);
+    let out = d.join("bundle");
+    let out_s = out.to_str().unwrap();
+    let args = |model: &Path, w: &Path| -> Vec<String> {
+        vec![
+            "compile".into(),
+            model.to_str().unwrap().into(),
+            "--weights".into(),
+            w.to_str().unwrap().into(),
+            "-o".into(),
+            out_s.into(),
+        ]
+    };
+    let a = args(&never, &big);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    fails_with(&a, &["hand", "stage0.block0", "not guaranteed invertible"]);
+    let err = String::from_utf8_lossy(&bin().args(&a).output().unwrap().stderr).into_owned();
+    // The certified bound is an upper bound of the true one, 3 * 3 (ELU is 1-Lipschitz).
+    let bound: f64 = err
+        .split("bound ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no bound in: {err}"));
+    eprintln!("refused: {err}");
+    assert!(bound >= 9.0 - 1e-9, "bound {bound} below the true 9: {err}");
+    assert!(!out.exists(), "a bundle was written for a refused model");
+
+    for (model, w) in [(&never, &small), (&always, &big)] {
+        let _ = std::fs::remove_dir_all(&out);
+        let o = bin().args(args(model, w)).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            model.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.join("plan.json").is_file());
+    }
+}
+
+/// `export-onnx --validate` fails (exit 2, nothing written) when the exported f32 graph is
+/// farther than 1e-4 from the f64 reference. Weights that make f32 lose the input are
+/// written by hand: the first block's output bias is -1e8 and the second block adds the
+/// constant +1e8 (ActNorm the identity), so the two cancel exactly in f64, while in f32
+/// `x - 1e8` keeps no digit of x (the spacing of f32 at 1e8 is 8, and |z| is about 1): the
+/// error is of the size of z itself, far above the tolerance. The initial weights validate.
+#[test]
+fn export_validate_fails_above_the_tolerance() {
+    let d = tmpdir("validate");
+    let toml = d.join("two.toml");
+    std::fs::write(
+        &toml,
+        "name = \"two\"\nkind = \"flow\"\ninput = [2]\n[[stages]]\nblocks = 2\nhidden = [4]\nactivation = \"elu\"\n",
+    )
+    .unwrap();
+    let spec = iresnetc::spec::ModelSpec::from_file(&toml).unwrap();
+    let g = iresnetc::ir::build(&spec).unwrap();
+    let clean = iresnetc::weights::init(&g, 1);
+    // The last linear layer of each block: its bias is added to the block's output.
+    let last_bias = |block: usize| -> String {
+        let prefix = format!("stage0.block{block}.");
+        clean
+            .keys()
+            .filter(|k| k.starts_with(&prefix) && k.ends_with(".bias") && k.contains("dense"))
+            .max()
+            .unwrap_or_else(|| panic!("no dense bias in block {block}: {:?}", clean.keys()))
+            .clone()
+    };
+    let mut tampered = clean.clone();
+    for (name, t) in tampered.iter_mut() {
+        // ActNorm the identity and the second block's map the constant of its bias, so the
+        // +1e8 cancels the -1e8 exactly in f64.
+        if name.contains("actnorm")
+            || (name.starts_with("stage0.block1.") && name.ends_with(".weight"))
+        {
+            t.data.iter_mut().for_each(|v| *v = 0.0);
+        }
+    }
+    for (block, shift) in [(0, -1e8), (1, 1e8)] {
+        let name = last_bias(block);
+        let t = tampered.get_mut(&name).unwrap();
+        assert_eq!(t.data.len(), 2, "{name}");
+        t.data.iter_mut().for_each(|v| *v = shift);
+    }
+    let (wc, wt) = (d.join("clean.safetensors"), d.join("tampered.safetensors"));
+    iresnetc::weights::save(&clean, &wc).unwrap();
+    iresnetc::weights::save(&tampered, &wt).unwrap();
+    let out = d.join("two.onnx");
+    let export = |w: &Path| {
+        bin()
+            .args(["export-onnx", toml.to_str().unwrap(), "--weights"])
+            .arg(w)
+            .args(["--validate", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = export(&wt);
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("tampered: {err}");
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(err.contains("1e-4") || err.contains("0.0001"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !out.exists(),
+        "an ONNX file was written despite failing validation"
+    );
+    assert!(!d.join("two.json").exists());
+
+    let o = export(&wc);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.is_file());
 }

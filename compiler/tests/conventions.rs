@@ -1,10 +1,13 @@
-//! Squeeze order and factor-out half, both conventions of each, on every backend,
+//! Squeeze order and factor-out half, both conventions of each, on every backend (the f64
+//! reference, tract on the ONNX export, wgpu, the native cpu engine),
 //! against index arithmetic written here (not the code under test).
 //!
 //! The model's blocks are made the identity (every weight, bias, ActNorm scale
 //! and shift zero), so that z is a pure rearrangement of x: squeeze 2x2, factor
 //! out half, squeeze again, z = [factored-out part, last part]. The expected z is
 //! built by reading, for each z position, the x position it must come from.
+
+mod common;
 
 use std::path::Path;
 
@@ -14,7 +17,7 @@ use iresnetc::pipeline::{load_spec, LoadOptions, Model};
 use iresnetc::reference::{LogDetMethod, Reference};
 use iresnetc::spec::{FactorOutHalf, ModelSpec, SqueezeOrder};
 use iresnetc_runtime::tract::TractGraph;
-use iresnetc_runtime::{GpuDevice, GpuExecutor};
+use iresnetc_runtime::GpuExecutor;
 
 const C: usize = 2;
 const H: usize = 4;
@@ -215,15 +218,8 @@ fn onnx_export_follows_both_conventions() {
 
 #[test]
 fn wgpu_follows_both_conventions() {
-    let dev = match GpuDevice::new() {
-        Ok(d) => d,
-        Err(e) => {
-            if std::env::var("IRESNETC_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("IRESNETC_REQUIRE_GPU=1 but no GPU device: {e}");
-            }
-            eprintln!("notice: no GPU adapter ({e}); skipping");
-            return;
-        }
+    let Some(dev) = common::device() else {
+        return;
     };
     for (order, half) in cases() {
         let m = identity_model(order, half);
@@ -234,7 +230,7 @@ fn wgpu_follows_both_conventions() {
             .collect();
         let (bundle, _) =
             codegen::compile_in_memory(&m, &CodegenOptions::default()).expect("codegen");
-        let mut ex = GpuExecutor::new(&dev, &bundle).expect("executor");
+        let mut ex = GpuExecutor::new(dev, &bundle).expect("executor");
         let z = ex
             .run(entries::ENCODE, 2, &[("x", &f32s(&x))])
             .expect("encode")
@@ -255,6 +251,36 @@ fn wgpu_follows_both_conventions() {
             max_diff(&widen(&back), &x.concat()),
             0.0,
             "{order:?} {half:?}: wgpu inverse"
+        );
+    }
+}
+
+#[test]
+fn cpu_engine_follows_both_conventions() {
+    use iresnetc::netdesc;
+    use iresnetc_runtime::cpu::CpuEngine;
+    for (order, half) in cases() {
+        let m = identity_model(order, half);
+        let x = xs(2);
+        let want: Vec<f64> = x
+            .iter()
+            .flat_map(|xi| expected_z(xi, order, half))
+            .collect();
+        let net = netdesc::describe(&m).expect("describable");
+        let mut e = CpuEngine::with_threads(net, &netdesc::weights_f32(&m.graph.params), 2)
+            .expect("engine builds");
+        let (z, _) = e.encode(&f32s(&x), 2, None).expect("encode");
+        assert_eq!(
+            max_diff(&widen(&z), &want),
+            0.0,
+            "{order:?} {half:?}: cpu forward"
+        );
+        let zin: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        let (back, _) = e.decode(&zin, 2).expect("decode");
+        assert_eq!(
+            max_diff(&widen(&back), &x.concat()),
+            0.0,
+            "{order:?} {half:?}: cpu inverse"
         );
     }
 }

@@ -6,6 +6,9 @@
 //! `IRESNETC_FUZZ_ITERS=1000000 cargo test --release -p iresnetc --test fuzz_smoke -- --nocapture`
 //! (`IRESNETC_FUZZ_TARGETS=manifest` runs only the targets named)
 //!
+//! The seeds are written by `examples/fuzz_seeds.rs` (see docs/testing.md) and must all be
+//! accepted by their loaders (`every_seed_is_accepted_by_its_loader`).
+//!
 //! A panic is caught, the offending input written to `target/fuzz-crash-<target>-<n>.bin`,
 //! and the test fails naming it.
 
@@ -122,6 +125,38 @@ fn corpus(target: &str) -> Vec<Vec<u8>> {
     files.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
+/// Every committed seed is a valid input of its target's loader, and every target has seeds:
+/// a format change that orphans the corpus fails here (regenerate it with
+/// `cargo run --release -p iresnetc --example fuzz_seeds -- fuzz/corpus`).
+#[test]
+fn every_seed_is_accepted_by_its_loader() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let mut refused = vec![];
+    let mut count = 0;
+    for (name, _) in iresnetc::fuzzing::TARGETS {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(name))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no seeds for {name}");
+        for f in files {
+            count += 1;
+            let bytes = std::fs::read(&f).unwrap();
+            if let Err(e) = iresnetc::fuzzing::accepts(name, &bytes) {
+                refused.push(format!("{}: {e}", f.display()));
+            }
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "seeds their loader refuses (regenerate: cargo run --release -p iresnetc --example \
+         fuzz_seeds -- fuzz/corpus):\n{}",
+        refused.join("\n")
+    );
+    eprintln!("{count} seeds, all accepted");
+}
+
 #[test]
 fn every_target_survives_mutations_of_its_corpus() {
     let iters: usize = std::env::var("IRESNETC_FUZZ_ITERS")
@@ -131,7 +166,14 @@ fn every_target_survives_mutations_of_its_corpus() {
     // Budget of each execution: a tiny budget keeps a bug that allocates by a size field
     // from hiding behind a big machine.
     std::env::set_var("IRESNETC_MEMORY_LIMIT", "256M");
-    std::panic::set_hook(Box::new(|_| {}));
+    // Silence the panics this thread catches; other tests' panics still print.
+    let fuzzing = std::thread::current().id();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != fuzzing {
+            default_hook(info);
+        }
+    }));
     let mut failures = vec![];
     // `IRESNETC_FUZZ_TARGETS=plan,npy` runs only those.
     let only = std::env::var("IRESNETC_FUZZ_TARGETS").ok();

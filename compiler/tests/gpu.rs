@@ -1,6 +1,6 @@
 //! The wgpu backend against the f64 reference executor, on whatever adapter wgpu finds
-//! (lavapipe in CI). Without an adapter the tests print a notice and return, unless
-//! `IRESNETC_REQUIRE_GPU=1`.
+//! (lavapipe in CI). Without an adapter the tests fail, unless the person running them set
+//! `IRESNETC_ALLOW_NO_GPU` (the rule of `tests/common/gpu_policy`).
 //!
 //! Tolerances are relative in the max norm: `max_i |gpu_i - ref_i| / max(1, max_i |ref_i|)`
 //! for arrays (z, x, logits), `|gpu - ref| / max(1, |ref|)` per sample for log-dets.

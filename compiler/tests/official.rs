@@ -10,8 +10,8 @@
 //! bound is below 1, as in real checkpoints.
 //!
 //! Tolerances (relative, max norm over the batch): 1e-9 on the f64 reference
-//! executor, 1e-5 on the f32 backends (tract through the ONNX export; wgpu when an
-//! adapter exists).
+//! executor, 1e-5 on the f32 backends (tract through the ONNX export; wgpu, under the GPU
+//! rule of `tests/common`: no adapter fails unless skipping was asked for).
 
 mod common;
 
@@ -24,7 +24,7 @@ use iresnetc::pipeline::{load_model, load_spec, LoadOptions, Model};
 use iresnetc::reference::{LogDetMethod, Reference};
 use iresnetc::spec::{ModelSpec, Normalize};
 use iresnetc_runtime::tract::TractGraph;
-use iresnetc_runtime::{GpuDevice, GpuExecutor};
+use iresnetc_runtime::GpuExecutor;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/official")
@@ -178,19 +178,16 @@ fn converted_official_weights_match_official_outputs_on_f32_backends() {
     eprintln!("tract vs official: z {ez:.1e}, inverse {ex:.1e}");
     assert!(ez < 1e-5 && ex < 1e-5);
 
-    // wgpu, when there is an adapter.
-    let dev = match GpuDevice::new() {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("notice: no GPU adapter ({e}); skipping the wgpu check");
-            return;
-        }
+    // wgpu (a missing adapter fails the test unless skipping was asked for: tests/common).
+    let _l = common::gpu_lock();
+    let Some(dev) = common::device() else {
+        return;
     };
     let mut gm = m.clone();
     gm.graph.spec.inverse.tol = 1e-30;
     gm.graph.spec.inverse.max_iters = 12;
     let (bundle, _) = codegen::compile_in_memory(&gm, &CodegenOptions::default()).expect("codegen");
-    let mut ex = GpuExecutor::new(&dev, &bundle).expect("executor");
+    let mut ex = GpuExecutor::new(dev, &bundle).expect("executor");
     let z = ex
         .run(entries::ENCODE, batch, &[("x", &f32s(&x))])
         .expect("encode")

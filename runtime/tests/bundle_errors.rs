@@ -72,11 +72,11 @@ fn not_a_bundle_is_corrupt() {
 fn missing_weight_tensor_is_named() {
     let dir = write_test_bundle("missing_weight");
     let other = vec![0.0f32; N];
-    std::fs::write(
-        dir.join("weights.safetensors"),
-        safetensors_bytes(&[("layer1.weight", vec![N], &other)]),
-    )
-    .unwrap();
+    replace_file(
+        &dir,
+        "weights.safetensors",
+        &safetensors_bytes(&[("layer1.weight", vec![N], &other)]),
+    );
     let err = Bundle::load(&dir).unwrap_err();
     match &err {
         RuntimeError::BundleCorrupt { file, reason } => {
@@ -91,19 +91,19 @@ fn missing_weight_tensor_is_named() {
 fn extra_and_misshapen_weights_are_named() {
     let dir = write_test_bundle("extra_weight");
     let w = test_weights();
-    std::fs::write(
-        dir.join("weights.safetensors"),
-        safetensors_bytes(&[(WEIGHT_TENSOR, vec![N], &w), ("stale.bias", vec![N], &w)]),
-    )
-    .unwrap();
+    replace_file(
+        &dir,
+        "weights.safetensors",
+        &safetensors_bytes(&[(WEIGHT_TENSOR, vec![N], &w), ("stale.bias", vec![N], &w)]),
+    );
     let err = Bundle::load(&dir).unwrap_err();
     assert!(err.to_string().contains("stale.bias"), "{err}");
 
-    std::fs::write(
-        dir.join("weights.safetensors"),
-        safetensors_bytes(&[(WEIGHT_TENSOR, vec![N - 1], &w[..N - 1])]),
-    )
-    .unwrap();
+    replace_file(
+        &dir,
+        "weights.safetensors",
+        &safetensors_bytes(&[(WEIGHT_TENSOR, vec![N - 1], &w[..N - 1])]),
+    );
     let err = Bundle::load(&dir).unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -111,7 +111,7 @@ fn extra_and_misshapen_weights_are_named() {
         "{msg}"
     );
 
-    std::fs::write(dir.join("weights.safetensors"), b"garbage").unwrap();
+    replace_file(&dir, "weights.safetensors", b"garbage");
     let err = Bundle::load(&dir).unwrap_err();
     assert!(matches!(err, RuntimeError::BundleCorrupt { .. }), "{err:?}");
 }
@@ -241,4 +241,85 @@ fn limits_name_the_buffer_and_bound_the_batch() {
             .contains("max_compute_workgroups_per_dimension"),
         "{err}"
     );
+}
+
+/// The test bundle records SHA-256 hashes like a compiled one: loading checks every file it
+/// reads against them, and a byte changed after the hashes were written, or a file the plan
+/// does not vouch for, is refused naming the file.
+#[test]
+fn files_changed_after_hashing_are_refused() {
+    let dir = write_test_bundle("integrity");
+    let plan = Bundle::load(&dir).expect("sealed bundle loads").plan;
+    // The recorded hashes are those of the files on disk (computed here with sha2).
+    assert_eq!(plan.integrity.len(), 3, "{:?}", plan.integrity);
+    for (file, hash) in &plan.integrity {
+        assert_eq!(
+            hash,
+            &sha256_of(&std::fs::read(dir.join(file)).unwrap()),
+            "{file}"
+        );
+    }
+    for file in ["halve.wgsl", "affine.wgsl", "weights.safetensors"] {
+        let dir = write_test_bundle("integrity-flip");
+        let path = dir.join(file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // One bit of the last byte: a change every parser would still accept.
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        match Bundle::load(&dir) {
+            Err(RuntimeError::BundleCorrupt { file: f, reason }) => {
+                assert!(f.ends_with(file), "{}", f.display());
+                assert!(reason.contains("SHA-256"), "{reason}");
+            }
+            Err(other) => panic!("{file}: expected BundleCorrupt, got {other:?}"),
+            Ok(_) => panic!("{file}: changed after hashing, and the bundle loaded"),
+        }
+    }
+    // A plan that vouches for the weights but not for a kernel's file.
+    let dir = write_test_bundle("integrity-unlisted");
+    let mut plan = test_plan();
+    plan.integrity = hashes(&dir, &plan);
+    plan.integrity.remove("affine.wgsl");
+    write_plan_as_is(&dir, &plan);
+    match Bundle::load(&dir) {
+        Err(RuntimeError::BundleCorrupt { file, reason }) => {
+            assert!(file.ends_with("affine.wgsl"), "{}", file.display());
+            assert!(reason.contains("no hash"), "{reason}");
+        }
+        Err(other) => panic!("expected BundleCorrupt, got {other:?}"),
+        Ok(_) => panic!("a file the plan records no hash for was loaded"),
+    }
+}
+
+/// Without `integrity` the library still loads a bundle (hand-made bundles like this one have
+/// no compiler to hash them) and, having nothing to compare with, does not notice an edited
+/// file; `require_integrity`, which every compiler entry point calls, refuses such a bundle.
+#[test]
+fn a_plan_without_hashes_loads_but_cannot_be_verified() {
+    let dir = write_test_bundle("no-integrity");
+    let mut plan = test_plan();
+    plan.integrity.clear();
+    write_plan_as_is(&dir, &plan);
+    // An edit the hashes would have caught (a comment in a kernel): accepted here.
+    let path = dir.join("halve.wgsl");
+    std::fs::write(&path, format!("// edited\n{HALVE_WGSL}")).unwrap();
+    let bundle = Bundle::load(&dir).expect("no hashes: the library loads it");
+    assert!(bundle.plan.integrity.is_empty());
+    assert!(bundle
+        .shader_source("halve")
+        .unwrap()
+        .starts_with("// edited"));
+    match iresnetc_runtime::bundle::require_integrity(&dir, &bundle.plan) {
+        Err(RuntimeError::BundleCorrupt { file, reason }) => {
+            assert!(file.ends_with("plan.json"), "{}", file.display());
+            assert!(reason.contains("integrity"), "{reason}");
+        }
+        Err(other) => panic!("expected BundleCorrupt, got {other:?}"),
+        Ok(()) => panic!("require_integrity accepted a plan without hashes"),
+    }
+    // The same bundle with hashes passes the requirement.
+    write_plan(&dir, &plan);
+    let sealed = Bundle::load(&dir).unwrap();
+    iresnetc_runtime::bundle::require_integrity(&dir, &sealed.plan).expect("hashes recorded");
 }

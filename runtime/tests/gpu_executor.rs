@@ -269,7 +269,7 @@ fn gpu_validation_errors_become_runtime_errors() {
         return;
     };
     let dir = write_test_bundle("validation");
-    std::fs::write(dir.join("affine.wgsl"), fixed).unwrap();
+    replace_file(&dir, "affine.wgsl", fixed.as_bytes());
     let bundle = Bundle::load(&dir).unwrap();
     let mut exec = GpuExecutor::new(&gpu, &bundle).unwrap();
     let a = inputs(1, 0.0);

@@ -1,4 +1,5 @@
-//! Shared test helpers: models from inline TOML or `models/`, inputs, the GPU device.
+//! Shared test helpers: models from inline TOML or `models/`, inputs, the GPU device (under
+//! the one rule of `gpu_policy`, shared with the runtime's tests).
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -47,23 +48,20 @@ width = 8
 kernels = [3, 1, 3]
 "#;
 
-/// The test process's GPU device (lavapipe in CI): None, with a notice, when there is no adapter,
-/// unless `IRESNETC_REQUIRE_GPU=1`, where a missing adapter fails the test.
+#[path = "../../../runtime/tests/common/gpu_policy.rs"]
+pub mod gpu_policy;
+
+/// The test process's GPU device (lavapipe in CI), opened once and shared by its tests; `None`
+/// only where [`gpu_policy`] says to skip (no adapter and `IRESNETC_ALLOW_NO_GPU` set by the
+/// person running the tests); otherwise a missing device fails the calling test.
 pub fn device() -> Option<&'static iresnetc_runtime::GpuDevice> {
-    static DEVICE: std::sync::OnceLock<Option<iresnetc_runtime::GpuDevice>> =
-        std::sync::OnceLock::new();
-    DEVICE
-        .get_or_init(|| match iresnetc_runtime::GpuDevice::new() {
-            Ok(d) => Some(d),
-            Err(e) => {
-                if std::env::var("IRESNETC_REQUIRE_GPU").as_deref() == Ok("1") {
-                    panic!("IRESNETC_REQUIRE_GPU=1 but no GPU device: {e}");
-                }
-                eprintln!("notice: no GPU adapter ({e}); skipping GPU checks");
-                None
-            }
-        })
-        .as_ref()
+    static DEVICE: std::sync::OnceLock<
+        Result<iresnetc_runtime::GpuDevice, iresnetc_runtime::RuntimeError>,
+    > = std::sync::OnceLock::new();
+    match DEVICE.get_or_init(iresnetc_runtime::GpuDevice::new) {
+        Ok(d) => Some(d),
+        Err(e) => gpu_policy::on_device_error(&gpu_policy::current_test(), e),
+    }
 }
 
 /// GPU work is serialized: lavapipe shares the machine's two cores with the other tests.

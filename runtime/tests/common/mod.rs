@@ -10,9 +10,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use iresnetc_runtime::{
-    BufferDecl, BufferInit, EntryPoint, GpuDevice, IoDecl, KernelDecl, ModelKind, Plan,
-    RuntimeError, Step, BUNDLE_FORMAT, BUNDLE_VERSION,
+    BufferDecl, BufferInit, EntryPoint, GpuDevice, IoDecl, KernelDecl, ModelKind, Plan, Step,
+    BUNDLE_FORMAT, BUNDLE_VERSION,
 };
+use sha2::{Digest, Sha256};
+
+pub mod gpu_policy;
 
 /// Elements of one sample.
 pub const N: usize = 300;
@@ -239,10 +242,10 @@ pub fn temp_dir(name: &str) -> TempDir {
     TempDir(dir)
 }
 
-/// Writes the test bundle (plan, both WGSL files, weights) into a fresh directory.
+/// Writes the test bundle (plan, both WGSL files, weights) into a fresh directory; the plan
+/// records every file's SHA-256 (`integrity`), as a compiled bundle's does.
 pub fn write_test_bundle(name: &str) -> TempDir {
     let dir = temp_dir(name);
-    write_plan(&dir, &test_plan());
     std::fs::write(dir.join("affine.wgsl"), AFFINE_WGSL).unwrap();
     std::fs::write(dir.join("halve.wgsl"), HALVE_WGSL).unwrap();
     let w = test_weights();
@@ -252,10 +255,43 @@ pub fn write_test_bundle(name: &str) -> TempDir {
     )
     .unwrap();
     std::fs::write(dir.join("report.json"), "{}").unwrap();
+    write_plan(&dir, &test_plan());
     dir
 }
 
+/// Lower-case hex SHA-256, computed here with `sha2` rather than by the runtime's helper.
+pub fn sha256_of(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The `integrity` table of `plan` for the files now in `dir`: every WGSL file the plan names
+/// and the weights file, each that exists.
+pub fn hashes(dir: &Path, plan: &Plan) -> BTreeMap<String, String> {
+    plan.kernels
+        .iter()
+        .map(|k| k.file.clone())
+        .chain(std::iter::once("weights.safetensors".to_string()))
+        .filter_map(|f| {
+            let bytes = std::fs::read(dir.join(&f)).ok()?;
+            Some((f, sha256_of(&bytes)))
+        })
+        .collect()
+}
+
+/// Writes `plan` with the hashes of the files now in `dir` (what a compiler that wrote those
+/// files would record), so a test that replaces a file on purpose reaches the check it is
+/// about rather than the hash check.
 pub fn write_plan(dir: &Path, plan: &Plan) {
+    let mut plan = plan.clone();
+    plan.integrity = hashes(dir, &plan);
+    write_plan_as_is(dir, &plan);
+}
+
+/// Writes `plan` exactly as given (its `integrity` included, empty or not).
+pub fn write_plan_as_is(dir: &Path, plan: &Plan) {
     std::fs::write(
         dir.join("plan.json"),
         serde_json::to_string_pretty(plan).unwrap(),
@@ -263,20 +299,16 @@ pub fn write_plan(dir: &Path, plan: &Plan) {
     .unwrap();
 }
 
-/// The device for GPU tests, or `None` (with a notice) when this machine has no adapter at
-/// all and `IRESNETC_REQUIRE_GPU` is unset. CI sets it, so there a missing adapter fails.
+/// Replaces `dir/file` by `bytes` and re-records the hashes in `plan.json`.
+pub fn replace_file(dir: &Path, file: &str, bytes: &[u8]) {
+    std::fs::write(dir.join(file), bytes).unwrap();
+    write_plan(dir, &test_plan());
+}
+
+/// The device for a GPU test, or `None` where [`gpu_policy`] says to skip (only when the person
+/// running the tests set `IRESNETC_ALLOW_NO_GPU` on a machine without an adapter).
 pub fn gpu_or_skip(test: &str) -> Option<GpuDevice> {
-    match GpuDevice::new() {
-        Ok(gpu) => Some(gpu),
-        Err(RuntimeError::NoAdapter) if std::env::var_os("IRESNETC_REQUIRE_GPU").is_none() => {
-            eprintln!(
-                "notice: {test} skipped: no wgpu adapter on this machine (install \
-                 mesa-vulkan-drivers for lavapipe; set IRESNETC_REQUIRE_GPU=1 to make this a failure)"
-            );
-            None
-        }
-        Err(e) => panic!("{test}: cannot open a GPU device: {e}"),
-    }
+    gpu_policy::open_gpu(test)
 }
 
 /// `|a - b| <= tol * (1 + |b|)` elementwise, with the first mismatch in the message.
