@@ -32,6 +32,9 @@ pub const MAX_TERMS_X_PROBES: usize = 10_000;
 /// Geometric roulette: expected extra terms are 1/p.
 pub const MIN_GEOMETRIC_P: f64 = 0.01;
 pub const MAX_POISSON_MEAN: f64 = 100.0;
+/// `run --repeats`: independent log-det estimates per sample (each a full log-det pass).
+pub const MAX_REPEATS: usize = 1000;
+
 /// `--num` and sample counts: samples generated in one command.
 pub const MAX_SAMPLES: usize = 1 << 20;
 /// Optimizer steps of one training run (`--steps`, `--epochs` converted, `train.steps`).

@@ -120,6 +120,28 @@ pub enum LogDetMethod {
 }
 
 impl LogDetMethod {
+    /// Whether the estimate is random (its probes or roulette draws come from a seed).
+    pub fn is_stochastic(&self) -> bool {
+        matches!(self, Self::Series { .. } | Self::Roulette { .. })
+    }
+
+    /// The same estimator with its probes and draws from `seed`.
+    pub fn with_seed(&self, seed: u64) -> LogDetMethod {
+        let mut m = self.clone();
+        if let Self::Series { seed: s, .. } | Self::Roulette { seed: s, .. } = &mut m {
+            *s = seed;
+        }
+        m
+    }
+
+    /// The probe seed (None for deterministic methods).
+    pub fn seed(&self) -> Option<u64> {
+        match *self {
+            Self::Series { seed, .. } | Self::Roulette { seed, .. } => Some(seed),
+            _ => None,
+        }
+    }
+
     /// The settings this method stands for (None for [`LogDetMethod::None`]); fields a method
     /// does not use keep their defaults. The inverse of [`LogDetSpec::method`].
     pub fn spec(&self) -> Option<LogDetSpec> {

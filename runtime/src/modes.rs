@@ -261,6 +261,79 @@ pub fn density(
     Ok(out)
 }
 
+/// A sample's density estimated `repeats` times with independent probes (and roulette
+/// draws): the mean, and its standard error (the spread of the repeats over `sqrt(repeats)`;
+/// zero for the exact log-det, which is not random).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DensityEstimate {
+    pub mean: Density,
+    pub stderr: Density,
+}
+
+/// [`density`] with an error bar: the log-det is estimated `repeats` times (repeat 0 with
+/// `method`'s own seed, so its values are [`density`]'s; repeat r with a seed derived from it),
+/// the dequantization noise is the same in every repeat. `repeats` >= 2 for a stochastic
+/// method; a deterministic one is run once.
+pub fn density_with_error(
+    be: &mut dyn Backend,
+    x: &Batch,
+    method: &LogDetMethod,
+    seed: u64,
+    repeats: usize,
+    chunk: usize,
+    progress: Progress<'_>,
+) -> Result<Vec<DensityEstimate>> {
+    let Some(base) = method.seed() else {
+        let d = density(be, x, method, seed, chunk, progress)?;
+        let zero = Density {
+            logp: 0.0,
+            bits_per_dim: 0.0,
+        };
+        return Ok(d
+            .into_iter()
+            .map(|mean| DensityEstimate { mean, stderr: zero })
+            .collect());
+    };
+    if repeats < 2 {
+        return Err(RuntimeError::bad_input(
+            "repeats",
+            format!("a standard error needs at least 2 repeats, got {repeats}"),
+        ));
+    }
+    let mut runs: Vec<Vec<Density>> = Vec::with_capacity(repeats);
+    for r in 0..repeats {
+        let m = if r == 0 {
+            method.clone()
+        } else {
+            method.with_seed(Rng::for_stream(base, &[streams::REPEAT, r as u64]).next_u64())
+        };
+        runs.push(density(be, x, &m, seed, chunk, &mut *progress)?);
+    }
+    let n = repeats as f64;
+    let stats = |values: &mut dyn Iterator<Item = f64>| -> (f64, f64) {
+        let v: Vec<f64> = values.collect();
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+        (mean, (var / n).sqrt())
+    };
+    Ok((0..x.batch)
+        .map(|i| {
+            let (logp, logp_se) = stats(&mut runs.iter().map(|r| r[i].logp));
+            let (bpd, bpd_se) = stats(&mut runs.iter().map(|r| r[i].bits_per_dim));
+            DensityEstimate {
+                mean: Density {
+                    logp,
+                    bits_per_dim: bpd,
+                },
+                stderr: Density {
+                    logp: logp_se,
+                    bits_per_dim: bpd_se,
+                },
+            }
+        })
+        .collect())
+}
+
 /// A NaN or infinite density is never a result: it means the weights or the input left the
 /// range where the model is defined.
 fn check_finite_densities(d: &[Density]) -> Result<()> {

@@ -109,6 +109,9 @@ pub mod streams {
     pub const ROULETTE: u64 = 2;
     pub const PRIOR_SAMPLE: u64 = 3;
     pub const DEQUANTIZE: u64 = 4;
+    /// The probe seed of repeat `r` of a stochastic log-det estimate (`r >= 1`; repeat 0
+    /// keeps the method's own seed).
+    pub const REPEAT: u64 = 5;
 }
 
 /// The Hutchinson probe of `(block, sample, probe)` for a seed: Gaussian or

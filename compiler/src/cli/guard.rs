@@ -211,6 +211,18 @@ fn run_io(a: &RunArgs) -> Result<(Vec<Output>, Vec<PathBuf>)> {
     } else if a.input.is_none() {
         bail!("--mode {mode} needs --input");
     }
+    if a.repeats != 1 {
+        if a.mode != Mode::Density {
+            bail!("--repeats is for --mode density (got --mode {mode})");
+        }
+        if a.repeats == 0 || a.repeats > limits::MAX_REPEATS {
+            bail!(
+                "--repeats {} is outside 1..={}",
+                a.repeats,
+                limits::MAX_REPEATS
+            );
+        }
+    }
     if a.logdet_out.is_some() {
         if a.mode != Mode::Forward {
             bail!(

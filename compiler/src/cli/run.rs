@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// Number of samples for --mode sample.
     #[arg(long, default_value_t = 16)]
     pub num: usize,
+    /// --mode density with a stochastic estimator: independent log-det estimates per sample,
+    /// averaged; their standard error becomes two more output columns (1: no error bar).
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
     /// wgpu kernel tiling when a model file is compiled for the run (default: from the adapter).
     #[arg(long, value_enum)]
     pub tiling: Option<TilingArg>,
@@ -208,14 +212,55 @@ fn run_mode(a: &RunArgs, be: &mut dyn Backend) -> Result<String> {
         Mode::Density => {
             let x = read_input(a, &info.input_shape, "input")?;
             pb.set_length(x.batch as u64);
-            let d = modes::density(be, &x, &method, seed, DEFAULT_CHUNK, &mut progress)?;
-            let rows: Vec<f64> = d.iter().flat_map(|d| [d.logp, d.bits_per_dim]).collect();
-            write(&a.output, &Batch::new(rows, 2)?, &[2])?;
-            let mean = d.iter().map(|d| d.bits_per_dim).sum::<f64>() / d.len().max(1) as f64;
-            format!(
-                "columns (log p(x) nats, bits/dim) of {} samples; mean bits/dim {mean:.4}",
-                d.len()
-            )
+            if a.repeats > 1 && method.is_stochastic() {
+                pb.set_length((x.batch * a.repeats) as u64);
+                let d = modes::density_with_error(
+                    be,
+                    &x,
+                    &method,
+                    seed,
+                    a.repeats,
+                    DEFAULT_CHUNK,
+                    &mut progress,
+                )?;
+                let rows: Vec<f64> = d
+                    .iter()
+                    .flat_map(|d| {
+                        let (m, e) = (d.mean, d.stderr);
+                        [m.logp, m.bits_per_dim, e.logp, e.bits_per_dim]
+                    })
+                    .collect();
+                write(&a.output, &Batch::new(rows, 4)?, &[4])?;
+                let means: Vec<f64> = d.iter().map(|d| d.mean.bits_per_dim).collect();
+                let n = means.len().max(1) as f64;
+                let mean = means.iter().sum::<f64>() / n;
+                // The mean's error from the estimator alone: the per-sample errors are independent.
+                let est = d
+                    .iter()
+                    .map(|d| d.stderr.bits_per_dim.powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+                    / n;
+                format!(
+                    "columns (log p(x) nats, bits/dim, their standard errors over {} log-det estimates) of {} samples; mean bits/dim {mean:.4} +- {est:.4} (estimator)",
+                    a.repeats,
+                    d.len()
+                )
+            } else {
+                let d = modes::density(be, &x, &method, seed, DEFAULT_CHUNK, &mut progress)?;
+                let rows: Vec<f64> = d.iter().flat_map(|d| [d.logp, d.bits_per_dim]).collect();
+                write(&a.output, &Batch::new(rows, 2)?, &[2])?;
+                let mean = d.iter().map(|d| d.bits_per_dim).sum::<f64>() / d.len().max(1) as f64;
+                let hint = if method.is_stochastic() {
+                    " (one stochastic log-det estimate each: --repeats R adds its standard error)"
+                } else {
+                    ""
+                };
+                format!(
+                    "columns (log p(x) nats, bits/dim) of {} samples; mean bits/dim {mean:.4}{hint}",
+                    d.len()
+                )
+            }
         }
         Mode::Inverse => {
             let z = read_input(a, &latent, "z")?;
