@@ -247,20 +247,12 @@ terms = 2
         }
     }
     // Every folded kernel, to swap one for another of the same kind where there is one.
-    let folded: Vec<String> = text
-        .match_indices("\"large_batch\"")
-        .count()
-        .gt(&0)
-        .then(|| {
-            let mut out = vec![];
-            let mut v = plan["entry_points"].clone();
-            while let Some(f) = first_folded(&mut v) {
-                out.push(f["kernel"].as_str().unwrap().to_string());
-                *f = serde_json::Value::Null;
-            }
-            out
-        })
-        .unwrap_or_default();
+    let mut folded: Vec<String> = vec![];
+    let mut v = plan["entry_points"].clone();
+    while let Some(f) = first_folded(&mut v) {
+        folded.push(f["kernel"].as_str().unwrap().to_string());
+        *f = serde_json::Value::Null;
+    }
     let f = first_folded(&mut swapped["entry_points"]).unwrap();
     let was = f["kernel"].as_str().unwrap().to_string();
     let other = folded.iter().chain(&kernels).find(|k| **k != was).unwrap();

@@ -157,7 +157,8 @@ fn check_inverse(be: &mut dyn Backend, z: &Batch, d: &Decoded) -> Result<()> {
             m.max(d)
         }
     });
-    if again.z.data.len() != z.data.len() || !(miss / scale <= MAX_INVERSE_MISMATCH) {
+    let relative = miss / scale;
+    if again.z.data.len() != z.data.len() || relative.is_nan() || relative > MAX_INVERSE_MISMATCH {
         let worst = d
             .blocks
             .iter()
@@ -171,8 +172,7 @@ fn check_inverse(be: &mut dyn Backend, z: &Batch, d: &Decoded) -> Result<()> {
             })
             .unwrap_or_default();
         return Err(RuntimeError::NotInverted(format!(
-            "forward(x) misses z by {miss:.3e} (relative {:.3e}, at most {MAX_INVERSE_MISMATCH:e} accepted){worst}; the weights are not contractive",
-            miss / scale
+            "forward(x) misses z by {miss:.3e} (relative {relative:.3e}, at most {MAX_INVERSE_MISMATCH:e} accepted){worst}; the weights are not contractive"
         )));
     }
     Ok(())
