@@ -354,7 +354,7 @@ fn family4_a_non_converged_inverse_is_an_error() {
     // A tolerance beyond f32 (cifar-tiny's 1e-9) is met as far as f32 goes: not an error.
     let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cifar-tiny.toml");
     let tiny = tiny.to_str().unwrap();
-    ok(&d, &["random-input", tiny, "--num", "3", "-o", "xi.npy"]);
+    ok(&d, &["random-input", tiny, "--num", "4", "-o", "xi.npy"]);
     for backend in ["cpu", "tract"] {
         ok(
             &d,
