@@ -65,7 +65,7 @@ pub fn check_meaning(dir: &Path, plan: &Plan, spec: &ModelSpec) -> Result<Model>
     // The contraction, from the weights alone.
     let bounds = block_bounds(&model.graph);
     for (name, bound) in &bounds {
-        if !(*bound < 1.0) {
+        if bound.is_nan() || *bound >= 1.0 {
             return Err(corrupt(
                 &weights_path,
                 format!(
@@ -231,7 +231,7 @@ fn check_certificate(
             ));
         }
         let l = b.lipschitz_bound;
-        if !(l < 1.0) || !(l >= ours * (1.0 - ROUNDING_SLACK)) {
+        if l.is_nan() || l >= 1.0 || l < ours * (1.0 - ROUNDING_SLACK) {
             return bad(format!(
                 "claims a Lipschitz bound of {l:.6}, the weights certify {ours:.6}"
             ));
@@ -247,7 +247,7 @@ fn check_certificate(
                     .unwrap_or(f64::NAN)
             })
             .product();
-        if !((layers - l).abs() <= 1e-9 * l.max(1e-300)) {
+        if !close(layers, l) {
             return bad(format!(
                 "bound {l:.6} is not the product of its layers' bounds ({layers:.6})"
             ));
@@ -258,7 +258,7 @@ fn check_certificate(
         if b.inverse_iters != iters
             || b.dim != dim
             || b.macs != g.block_macs(bi)
-            || !((b.logdet_truncation_bound - trunc).abs() <= 1e-9 * trunc.max(1e-300))
+            || !close(b.logdet_truncation_bound, trunc)
         {
             return bad(format!(
                 "inverse_iters {} / dim {} / macs {} do not follow from its bound and the model ({iters} / {dim} / {})",
@@ -284,6 +284,12 @@ fn check_certificate(
         ));
     }
     Ok(())
+}
+
+/// `a` equals `b` to 1e-9 relative (false for NaN).
+fn close(a: f64, b: f64) -> bool {
+    let d = (a - b).abs();
+    d.is_finite() && d <= 1e-9 * b.abs().max(1e-300)
 }
 
 /// The certificate `report.json` carries (read through its hash).
