@@ -125,11 +125,16 @@ fn corpus(target: &str) -> Vec<Vec<u8>> {
     files.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
+/// The mutation run sets a small `IRESNETC_MEMORY_LIMIT` for the whole process, under which
+/// the big shipped model files are refused; the seed check must not run meanwhile.
+static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Every committed seed is a valid input of its target's loader, and every target has seeds:
 /// a format change that orphans the corpus fails here (regenerate it with
 /// `cargo run --release -p iresnetc --example fuzz_seeds -- fuzz/corpus`).
 #[test]
 fn every_seed_is_accepted_by_its_loader() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     let mut refused = vec![];
     let mut count = 0;
@@ -165,6 +170,8 @@ fn every_target_survives_mutations_of_its_corpus() {
         .unwrap_or(3_000);
     // Budget of each execution: a tiny budget keeps a bug that allocates by a size field
     // from hiding behind a big machine.
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let limit_before = std::env::var_os("IRESNETC_MEMORY_LIMIT");
     std::env::set_var("IRESNETC_MEMORY_LIMIT", "256M");
     // Silence the panics this thread catches; other tests' panics still print.
     let fuzzing = std::thread::current().id();
@@ -218,5 +225,9 @@ fn every_target_survives_mutations_of_its_corpus() {
         );
     }
     let _ = std::panic::take_hook();
+    match limit_before {
+        Some(v) => std::env::set_var("IRESNETC_MEMORY_LIMIT", v),
+        None => std::env::remove_var("IRESNETC_MEMORY_LIMIT"),
+    }
     assert!(failures.is_empty(), "{failures:#?}");
 }
