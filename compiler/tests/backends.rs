@@ -213,9 +213,6 @@ fn prior_draw_by_hand(mean: &[f64], log_std: &[f64], seed: u64, index: usize) ->
 struct SelfTol {
     same: f64,
     inverse: f64,
-    /// Copies of a draw decoded in its own call (1, except where a backend has a known bug at
-    /// batch 1: see `tract_inverse_of_one_sample_matches_the_reference`).
-    decode_copies: usize,
 }
 
 /// Forward, log-det, density and sampling over `SPAN` samples in chunks of `DEFAULT_CHUNK`,
@@ -266,8 +263,7 @@ fn chunked_equals_one_call_per_sample(be: &mut dyn Backend, x: &Batch, tol: &Sel
     for (i, x_i) in xs.iter().enumerate() {
         let z = prior_draw_by_hand(&prior.mean, &prior.log_std, MODE_SEED, i);
         edraw = edraw.max(rel_row(one(&draws, i).data.as_slice(), &z));
-        let copies = tol.decode_copies;
-        let zb = Batch::new(z.repeat(copies), z.len()).expect("draw");
+        let zb = Batch::new(z.clone(), z.len()).expect("draw");
         let alone = be.decode(&zb).expect("decode one");
         edec = edec.max(rel_row(x_i, &alone.x.data[..z.len()]));
         let back = be
@@ -306,14 +302,12 @@ fn modes_over_several_chunks_match_one_call_per_sample_on_every_backend() {
     let f64_tol = SelfTol {
         same: 1e-12,
         inverse: 1e-7,
-        decode_copies: 1,
     };
     // f32: a batch of one may take other kernel paths (a few ulps); the inverse converges to
     // f32 precision.
     let f32_tol = SelfTol {
         same: 1e-5,
         inverse: 1e-4,
-        decode_copies: 1,
     };
     let mut reference =
         ReferenceBackend::new(load_bundle(&dir, &|_, _| {}).expect("bundle for the reference"));
@@ -323,13 +317,7 @@ fn modes_over_several_chunks_match_one_call_per_sample_on_every_backend() {
     let bundle = Bundle::load(&dir).expect("bundle loads");
     let mut tract =
         TractBackend::new(&bundle, TractBundle::open(&dir).expect("onnx")).expect("tract");
-    // tract decodes one sample wrongly (tract_inverse_of_one_sample_matches_the_reference):
-    // each draw is decoded in a call of its own as two copies.
-    let tract_tol = SelfTol {
-        decode_copies: 2,
-        ..f32_tol
-    };
-    chunked_equals_one_call_per_sample(&mut tract, &x, &tract_tol);
+    chunked_equals_one_call_per_sample(&mut tract, &x, &f32_tol);
     let _l = gpu_lock();
     if let Some(dev) = device() {
         let mut wgpu = WgpuBackend::new(dev, &bundle).expect("wgpu");
@@ -338,15 +326,10 @@ fn modes_over_several_chunks_match_one_call_per_sample_on_every_backend() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// KNOWN BUG, found by the test above: tract's inverse of a batch of one sample is wrong
-/// (relative error ~8e-2; batch 2 and more are right, the forward is right) for a model with
-/// two successive squeezes; the whole exported inverse ONNX shows it too, whatever the conv
-/// style. Narrowed down: with 0 fixed-point steps (layout and ActNorm only) batch 1 is right;
-/// zeroing the second stage's block (48 channels at 1x1 after the second squeeze) makes it
-/// right, zeroing the first stage's does not. Ignored so the suite stays green while the count
-/// of ignored tests shows it; run it with `--ignored`.
+/// Found by the test above: tract 0.23 computed `y - conv(x)` wrongly at batch 1 when the conv
+/// is a 3x3 "same" conv on a 1x1 image (the inverse step of a scale squeezed to 1x1). The ONNX
+/// export now writes such a conv as the 1x1 conv of its centre tap (`onnx/build/mod.rs`).
 #[test]
-#[ignore = "known bug: tract inverse at batch 1 after two squeezes (docs/testing.md)"]
 fn tract_inverse_of_one_sample_matches_the_reference() {
     let m = common::model_from_toml(
         "name = \"two-squeezes\"\nkind = \"flow\"\ninput = [3, 4, 4]\nsqueeze = true\n[[stages]]\nblocks = 1\nwidth = 16\n[[stages]]\nblocks = 1\nwidth = 16\nsqueeze = true\n",

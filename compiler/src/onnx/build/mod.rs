@@ -332,13 +332,34 @@ impl<'g> Emitter<'g> {
     ) -> String {
         let tuned = self.style != ConvStyle::Conv && c.stride == 1;
         let (oh, ow) = (c.h + 2 * c.pad + 1 - c.k, c.w + 2 * c.pad + 1 - c.k);
-        if tuned && c.k == 1 && c.pad == 0 {
+        // On a 1x1 image with "same" padding only the kernel's centre tap meets the pixel (all
+        // others read padding): the conv is the 1x1 conv of that tap. Written that way in every
+        // style, since tract 0.23 miscomputes such a Conv followed by a Sub at batch 1 (the
+        // inverse step `y - g(x)` of a 1x1 scale; tests/backends.rs decodes single samples).
+        let centre_only = c.stride == 1 && c.h == 1 && c.w == 1 && 2 * c.pad + 1 == c.k;
+        if centre_only || (tuned && c.k == 1 && c.pad == 0) {
+            let kernel = if c.k == 1 {
+                weight.to_string()
+            } else {
+                let p = c.pad as i64;
+                let starts = self.og.init_i64(&format!("centre[{p}].starts"), &[p, p]);
+                let ends = self
+                    .og
+                    .init_i64(&format!("centre[{p}].ends"), &[p + 1, p + 1]);
+                let axes = self.og.init_i64("axes[2,3]", &[2, 3]);
+                self.derived(
+                    "Slice",
+                    &format!("{weight}_centre"),
+                    &[weight, &starts, &ends, &axes],
+                    vec![],
+                )
+            };
             // A 1x1 conv is W[cout, cin] @ x[B, cin, h*w]: one batched matrix product.
             let shape = self.og.shape_const(&[c.cout as i64, c.cin as i64]);
             let wm = self.derived(
                 "Reshape",
-                &format!("{weight}_matrix"),
-                &[weight, &shape],
+                &format!("{kernel}_matrix"),
+                &[&kernel, &shape],
                 vec![],
             );
             let flat = self.og.shape_const(&[-1, c.cin as i64, (c.h * c.w) as i64]);
