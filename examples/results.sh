@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's CPU results table, in one run on this machine: iresnetc's native CPU engine
+# The CPU results table of docs/results.md, in one run on this machine: iresnetc's native CPU engine
 # (`--backend cpu`) and tract against PyTorch CPU (the parity script's implementation, f32,
 # 2 threads) and onnxruntime (running the ONNX iresnetc exports), on one CIFAR block (batch 8)
 # and the whole CIFAR flow `models/cifar.toml` (batch 1 and 8): forward, forward + 5-term

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turns the JSON that examples/results.sh wrote into the README's markdown tables.
+"""Turns the JSON that examples/results.sh wrote into the markdown tables of docs/results.md.
 
 usage: results_table.py OUT_DIR INVERSE_STEPS
 """

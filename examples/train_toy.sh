@@ -6,7 +6,7 @@
 #   MODEL=models/toy2d.toml bash examples/train_toy.sh checkerboard 2000
 #
 # MODEL defaults to models/toy2d-small.toml (8 blocks 2-64-64-2, Adam 1e-2,
-# batch 500, 1500 steps: about a minute of CPU; the README's heat map).
+# batch 500, 1500 steps: about a minute of CPU; the heat map in docs/training.md).
 # models/toy2d.toml is the Residual Flows toy architecture (10 blocks
 # 2-128-128-128-128-2), about 0.2-0.3 s per step at batch 500 on 2 cores.
 # Writes build/train-toy-DENSITY/: density.png (data | learned density |

@@ -1,5 +1,5 @@
 //! Limits on what a model file may ask for, and the memory estimate checked against the
-//! machine before anything is allocated (see the README, "Limits").
+//! machine before anything is allocated (see docs/reliability.md#limits).
 //!
 //! Every size derived from the model file is computed here with checked arithmetic, so a
 //! product that would wrap (`input = [4, 4294967296, 4294967296]`) is an error naming the

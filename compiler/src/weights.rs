@@ -1,6 +1,6 @@
 //! Weights: deterministic initialization from a seed, and safetensors I/O.
 //!
-//! Naming (see the README): `{node}.{param}`, e.g. `stage0.block3.conv1.weight`
+//! Naming (see docs/model-files.md#weights): `{node}.{param}`, e.g. `stage0.block3.conv1.weight`
 //! (`[cout, cin, k, k]`), `stage0.block3.actnorm.log_scale`, `prior.mean`.
 //! Files may hold F32 or F64 tensors; files we write are F32, the dtype every
 //! runtime (and PyTorch's default) reads.

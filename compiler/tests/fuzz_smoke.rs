@@ -1,7 +1,7 @@
 //! A deterministic mutation fuzzer on stable Rust, over the committed seed corpus
 //! (`fuzz/corpus/<target>/`), calling the same functions as the cargo-fuzz targets
 //! (`iresnetc::fuzzing`). CI runs a few thousand executions per target; the long runs of the
-//! README set `IRESNETC_FUZZ_ITERS`:
+//! docs/testing.md set `IRESNETC_FUZZ_ITERS`:
 //!
 //! `IRESNETC_FUZZ_ITERS=1000000 cargo test --release -p iresnetc --test fuzz_smoke -- --nocapture`
 //! (`IRESNETC_FUZZ_TARGETS=manifest` runs only the targets named)

@@ -12,7 +12,7 @@ use crate::kernels::ConvGeom;
 use crate::passes::fusion::ActRef;
 
 /// How convolution kernels split their work. The register-blocked variant is the one that is
-/// fast on lavapipe (DESIGN.md: barriers are expensive there); the split-K variant gives a
+/// fast on lavapipe (docs/design.md#kernel-tiling: barriers are expensive there); the split-K variant gives a
 /// real GPU enough invocations at batch 1 and short serial chains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "strategy", rename_all = "snake_case")]

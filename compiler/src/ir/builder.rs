@@ -1,4 +1,4 @@
-//! Spec -> graph. Names follow the weight naming scheme of the README:
+//! Spec -> graph. Names follow the weight naming scheme of docs/model-files.md#weights:
 //! `stage{s}.block{b}.{actnorm|conv{i}|dense{i}|act{i}}`, `pre.squeeze`,
 //! `stage{s}.squeeze`, `stage{s}.factor_out.{keep|out}`, `head.{bn,relu,pool,linear}`.
 

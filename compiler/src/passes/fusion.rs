@@ -1,6 +1,6 @@
 //! Fusion analysis on the IR: which ops the WGSL codegen runs as one kernel.
 //!
-//! The patterns are few and fixed (DESIGN.md), so this is a hand-written matcher over the
+//! The patterns are few and fixed (docs/design.md#fusion-patterns), so this is a hand-written matcher over the
 //! petgraph graph; it does not rewrite the graph (the reference executor keeps interpreting
 //! the original) but returns, per block, the residual branch as a chain of linear layers
 //! with the activation each one feeds, plus the cross-block fusions:

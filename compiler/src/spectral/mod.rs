@@ -1,7 +1,7 @@
 //! Spectral norms of the linear layers: *estimates* by power iteration or Lanczos
 //! (both approach `sigma` from below) and *certified upper bounds* (exact
-//! eigensolvers on small matrices plus a rounding margin). See DESIGN.md section 1,
-//! "Spectral normalization".
+//! eigensolvers on small matrices plus a rounding margin). See
+//! docs/design.md#spectral-normalization-and-certified-bounds.
 //!
 //! Which to use: [`conv_sigma_upper_bound`] / [`matrix_sigma_max`] certify; for an
 //! estimate of a 3x3 convolution [`conv_sigma_lanczos`] needs about a tenth of the

@@ -1,7 +1,7 @@
 //! IR -> ONNX nodes: the forward pass, the log-det series with the probe as
 //! an input, and the unrolled fixed-point inverse.
 //!
-//! Conventions (the README documents them for users of the files):
+//! Conventions (docs/onnx.md and docs/model-files.md document them for users of the files):
 //! - tensors are NCHW (images) or `[batch, d]` (vectors), f32, batch symbolic;
 //! - a node named after an IR node computes that node's value; helper nodes
 //!   are `{ir name}.{what}`; unrolled inverse copies of a branch are
