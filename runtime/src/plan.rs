@@ -74,6 +74,10 @@ pub struct Plan {
     /// What the model is (shapes, settings, certified inversion), for every backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<crate::engine::ModelInfo>,
+    /// The device limits the bundle needs (at batch 1), checked against the device before
+    /// anything is built. Optional: plans built by hand have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::limits::RequiredLimits>,
     /// Free-form data for tools (the runtime never reads it).
     #[serde(default)]
     pub meta: serde_json::Value,
@@ -124,6 +128,26 @@ pub enum BufferInit {
     /// One element holding the number of samples of the run (as f32), written when the
     /// buffers of a batch size are allocated: batch-folded kernels bound their rows with it.
     Batch,
+    /// Uploaded once: the named weight tensors (as stored) one after the other, in order.
+    /// Kernels read their small parameters (biases, ActNorm scales, ...) through one such
+    /// binding, which keeps them within WebGPU's default of 8 storage buffers per stage.
+    Packed { parts: Vec<String> },
+}
+
+impl BufferInit {
+    /// Filled from `weights.safetensors` once, never written by a run.
+    pub fn is_weight(&self) -> bool {
+        matches!(self, BufferInit::Weight { .. } | BufferInit::Packed { .. })
+    }
+
+    /// The weight tensors this buffer is filled from, in order.
+    pub fn tensors(&self) -> Vec<&str> {
+        match self {
+            BufferInit::Weight { tensor, .. } => vec![tensor.as_str()],
+            BufferInit::Packed { parts } => parts.iter().map(String::as_str).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// How a weight buffer arranges its tensor's values.
@@ -367,13 +391,7 @@ impl Plan {
 
     /// Names of the weight tensors the plan needs, each once.
     pub fn weight_tensors(&self) -> BTreeSet<&str> {
-        self.buffers
-            .iter()
-            .filter_map(|b| match &b.init {
-                BufferInit::Weight { tensor, .. } => Some(tensor.as_str()),
-                _ => None,
-            })
-            .collect()
+        self.buffers.iter().flat_map(|b| b.init.tensors()).collect()
     }
 
     /// Checks the plan's internal consistency: every name resolves, sizes agree, no count is
@@ -421,6 +439,14 @@ impl Plan {
                 if b.per_sample {
                     return bad(format!(
                         "buffer {:?} holds weight {tensor:?} but is per_sample (weights are shared by the batch)",
+                        b.name
+                    ));
+                }
+            }
+            if let BufferInit::Packed { parts } = &b.init {
+                if parts.is_empty() || b.per_sample {
+                    return bad(format!(
+                        "buffer {:?} packs weights but has no parts or is per_sample",
                         b.name
                     ));
                 }
@@ -508,7 +534,7 @@ impl Plan {
                             if b.per_sample { "sample" } else { "run" }
                         ));
                     }
-                    if role == "input" && matches!(b.init, BufferInit::Weight { .. }) {
+                    if role == "input" && b.init.is_weight() {
                         return bad(format!(
                             "entry point {ep_name:?} input {:?} would overwrite weight buffer {:?}",
                             io.name, b.name
@@ -546,7 +572,7 @@ impl Plan {
         let bad = |reason: String| Err(RuntimeError::corrupt(PLAN_FILE, reason));
         let writable = |name: &str, what: &str| -> Result<()> {
             let b = buffer(name, &|| format!("entry point {ep_name:?} {what}"))?;
-            if matches!(b.init, BufferInit::Weight { .. } | BufferInit::Batch) {
+            if b.init.is_weight() || b.init == BufferInit::Batch {
                 return bad(format!(
                     "entry point {ep_name:?} {what} writes read-only buffer {name:?}"
                 ));

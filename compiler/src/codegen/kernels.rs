@@ -195,6 +195,23 @@ pub struct NextActNorm {
     pub lead: Option<ActOut>,
 }
 
+/// The log-det's per-sample count of series terms started in the run, at
+/// `buffer[sample * stride + at]`: the slot after the sample's accumulator, so the kernels
+/// that read it bind no buffer for it (WebGPU allows 8 storage buffers per stage by default).
+#[derive(Clone, Debug)]
+pub struct TermCounter {
+    pub buffer: String,
+    pub stride: usize,
+    pub at: usize,
+}
+
+impl TermCounter {
+    /// The WGSL element of sample `sample` (the buffer is bound as `acc`).
+    fn element(&self) -> String {
+        format!("acc[sample * {}u + {}u]", self.stride, self.at)
+    }
+}
+
 /// Buffers and offsets the log-det accumulation reads.
 #[derive(Clone, Debug)]
 pub struct LogDetBindings {
@@ -204,7 +221,8 @@ pub struct LogDetBindings {
     pub acc_n: usize,
     pub coef: String,
     pub probes: String,
-    pub counter: String,
+    /// In `acc`, after each sample's `acc_n` values.
+    pub counter: TermCounter,
     /// The block's ActNorm `log_scale`: its log-det, `H*W*sum(log_scale)`, is added one
     /// channel value per element with the block's first term.
     pub log_scale: String,
@@ -232,7 +250,7 @@ pub struct Conv {
     pub epilogue: Epilogue,
     /// The log-det's term counter, advanced by one invocation per sample (the first vjp
     /// kernel of each term does it, instead of a one-invocation kernel of its own).
-    pub bump: Option<String>,
+    pub bump: Option<TermCounter>,
     /// Where the input sits when `src` is not a buffer of the input's own size: values per
     /// sample and the input's offset in each (the log-det's first vjp reads its probe
     /// straight from the `probes` input).
@@ -270,8 +288,8 @@ impl Conv {
 fn beta_setup(act: Option<&ActRef>, bindings: &mut Vec<Binding>) -> String {
     match act.and_then(|a| a.beta.as_ref()) {
         Some(t) => {
-            bindings.push(Binding::read("beta_raw", t.clone()));
-            "    let beta = softplus(beta_raw[0]);\n".to_string()
+            bindings.push(Binding::param("beta_raw", t.clone(), 1));
+            "    let beta = softplus(beta_raw(0u));\n".to_string()
         }
         None => "    let beta = 0.0;\n".to_string(),
     }
@@ -340,17 +358,22 @@ pub(super) fn conv_constants(c: &Conv) -> Vec<(&'static str, String)> {
 
 /// The statement that advances the log-det's term counter once per dispatch and sample;
 /// `first` is the WGSL condition true for exactly one invocation per sample.
-fn bump_statement(first: &str) -> String {
-    format!("    if ({first}) {{\n        counter[sample] += 1.0;\n    }}\n")
+fn bump_statement(counter: &TermCounter, first: &str) -> String {
+    format!(
+        "    if ({first}) {{\n        {} += 1.0;\n    }}\n",
+        counter.element()
+    )
 }
 
 pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
+    // Every per-channel parameter of the epilogue has one value per output channel.
+    let (_, cout, _, _, _) = conv_map(c);
     let mut b = vec![
         Binding::read("src", c.src.clone()),
         Binding::read("wgt", c.weight.clone()),
     ];
     if let Some(bias) = &c.bias {
-        b.push(Binding::read("bias", bias.clone()));
+        b.push(Binding::param("bias", bias.clone(), cout));
     }
     let mut body = String::new();
     let mut pre_epilogue = String::new();
@@ -393,9 +416,9 @@ pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
                     }
                 }
                 Some(n) => {
-                    b.push(Binding::read("an_scale", n.log_scale.clone()));
-                    b.push(Binding::read("an_bias", n.bias.clone()));
-                    body.push_str("let a = y * exp(an_scale[co]) + an_bias[co]; dst[o] = a;");
+                    b.push(Binding::param("an_scale", n.log_scale.clone(), cout));
+                    b.push(Binding::param("an_bias", n.bias.clone(), cout));
+                    body.push_str("let a = y * exp(an_scale(co)) + an_bias(co); dst[o] = a;");
                     if let Some(l) = &n.lead {
                         b.push(Binding::write("lead", l.buffer.clone()));
                         let _ = write!(body, " lead[o] = {};", act_call(&l.act, "a"));
@@ -416,10 +439,10 @@ pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
             match actnorm {
                 None => body.push_str("let out = x; dst[o] = out;"),
                 Some(an) => {
-                    b.push(Binding::read("an_scale", an.log_scale.clone()));
-                    b.push(Binding::read("an_bias", an.bias.clone()));
+                    b.push(Binding::param("an_scale", an.log_scale.clone(), cout));
+                    b.push(Binding::param("an_bias", an.bias.clone(), cout));
                     body.push_str(
-                        "let out = (x - an_bias[co]) * exp(-an_scale[co]); dst[o] = out;",
+                        "let out = (x - an_bias(co)) * exp(-an_scale(co)); dst[o] = out;",
                     );
                     if let Some(copy) = &an.copy {
                         b.push(Binding::write("x0", copy.clone()));
@@ -449,18 +472,18 @@ pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
                 }
                 None => body.push_str("let u = v; "),
             }
-            push_logdet_bindings(&mut b, ld);
+            push_logdet_bindings(&mut b, ld, cout);
             pre_epilogue = logdet_counters(ld);
             let _ = write!(
                 body,
-                "dst[o] = u; acc[sample * {}u + li] += coef[coef_at] * u * probes[probe_at + li] + select(0.0, ld_scale[co], first_term);",
-                ld.acc_n
+                "dst[o] = u; acc[sample * {}u + li] += coef[coef_at] * u * probes[probe_at + li] + select(0.0, ld_scale(co), first_term);",
+                ld.counter.stride
             );
         }
     }
     if let Some(counter) = &c.bump {
-        b.push(Binding::write("counter", counter.clone()));
-        pre_epilogue.push_str(&bump_statement(first_invocation));
+        b.push(Binding::write("acc", counter.buffer.clone()));
+        pre_epilogue.push_str(&bump_statement(counter, first_invocation));
     }
     let beta = beta_setup(act, &mut b);
     ConvParts {
@@ -542,7 +565,7 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
         }
     }
     let mut epilogue = pre_epilogue;
-    let bias = if c.bias.is_some() { " + bias[co]" } else { "" };
+    let bias = if c.bias.is_some() { " + bias(co)" } else { "" };
     for t in 0..tc {
         for j in 0..tp {
             let _ = writeln!(
@@ -608,12 +631,12 @@ pub(super) fn conv_bytes(c: &Conv, bindings: &[Binding]) -> (u64, u64) {
     (4 * per_sample as u64, 4 * shared as u64)
 }
 
-fn push_logdet_bindings(b: &mut Vec<Binding>, ld: &LogDetBindings) {
+/// `channels`: values of the ActNorm log-scale (one per channel of the block's output).
+fn push_logdet_bindings(b: &mut Vec<Binding>, ld: &LogDetBindings, channels: usize) {
     b.push(Binding::write("acc", ld.acc.clone()));
     b.push(Binding::read("coef", ld.coef.clone()));
     b.push(Binding::read("probes", ld.probes.clone()));
-    b.push(Binding::read("counter", ld.counter.clone()));
-    b.push(Binding::read("ld_scale", ld.log_scale.clone()));
+    b.push(Binding::param("ld_scale", ld.log_scale.clone(), channels));
 }
 
 /// `coef_at` and `probe_at` of the current term and probe, and whether it is the block's
@@ -623,12 +646,13 @@ fn push_logdet_bindings(b: &mut Vec<Binding>, ld: &LogDetBindings) {
 fn logdet_counters(ld: &LogDetBindings) -> String {
     let t = ld.terms.max(1);
     format!(
-        "    let started = (u32(counter[sample]) - 1u) % {per_block}u;\n    let term = started % {t}u;\n    let probe = started / {t}u;\n    let first_term = started == 0u;\n    let coef_at = sample * {}u + {}u + term;\n    let probe_at = sample * {}u + {}u + probe * OUT_N;\n",
+        "    let started = (u32({counter}) - 1u) % {per_block}u;\n    let term = started % {t}u;\n    let probe = started / {t}u;\n    let first_term = started == 0u;\n    let coef_at = sample * {}u + {}u + term;\n    let probe_at = sample * {}u + {}u + probe * OUT_N;\n",
         ld.coef_n,
         ld.coef_off,
         ld.probe_n,
         ld.probe_off,
         per_block = t * ld.probes_per_block.max(1),
+        counter = ld.counter.element(),
     )
 }
 
@@ -666,13 +690,20 @@ pub fn eltwise(
 
 /// The end of an entry point's log-det: each sample's accumulator summed into `logdet`
 /// (see `shaders/logdet_reduce.wgsl`).
-pub fn logdet_reduce(acc_n: usize, acc: &str, logdet: &str) -> Result<Generated> {
+/// `acc_stride`: values per sample of `acc` (its `acc_n` terms, then the term counter).
+pub fn logdet_reduce(
+    acc_n: usize,
+    acc_stride: usize,
+    acc: &str,
+    logdet: &str,
+) -> Result<Generated> {
     let bindings = vec![Binding::read("acc", acc), Binding::write("logdet", logdet)];
     let source = wgsl::render(
         wgsl::REDUCE_TEMPLATE,
         &[
             ("BINDINGS", wgsl::declare(&bindings)),
             ("D", acc_n.to_string()),
+            ("STRIDE", acc_stride.to_string()),
             ("WG", REDUCE_WORKGROUP.to_string()),
         ],
     )?;
@@ -698,14 +729,14 @@ const REDUCE_WORKGROUP: usize = 256;
 /// ActNorm term (channel `i / spatial`) on the block's first term.
 pub fn dot_body(ld: &LogDetBindings, dim: usize, spatial: usize) -> String {
     format!(
-        "{}    let o = sample * {dim}u + i;\n    acc[sample * {}u + i] += coef[coef_at] * w[o] * probes[probe_at + i] + select(0.0, ld_scale[i / {spatial}u], first_term);",
+        "{}    let o = sample * {dim}u + i;\n    acc[sample * {}u + i] += coef[coef_at] * w[o] * probes[probe_at + i] + select(0.0, ld_scale(i / {spatial}u), first_term);",
         logdet_counters(ld).replace("OUT_N", &format!("{dim}u")),
-        ld.acc_n
+        ld.counter.stride
     )
 }
 
-pub fn dot_bindings(ld: &LogDetBindings, w: &str) -> Vec<Binding> {
+pub fn dot_bindings(ld: &LogDetBindings, w: &str, channels: usize) -> Vec<Binding> {
     let mut b = vec![Binding::read("w", w)];
-    push_logdet_bindings(&mut b, ld);
+    push_logdet_bindings(&mut b, ld, channels);
     b
 }

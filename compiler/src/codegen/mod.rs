@@ -215,7 +215,7 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
             entry_points: BTreeMap::new(),
         },
     };
-    let plan = Plan {
+    let mut plan = Plan {
         format: BUNDLE_FORMAT.to_string(),
         version: BUNDLE_VERSION,
         compiler_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -231,10 +231,12 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
         }),
         logdet: Some(layout),
         info: Some(model.info()),
+        limits: None,
         // Filled in by `bundle::write_bundle` once the files' bytes exist.
         integrity: Default::default(),
     };
     plan.validate()?;
+    plan.limits = Some(iresnetc_runtime::required_limits(&plan, &builder.shaders)?);
     report.cost = cost::report(&plan, &kernel_costs, 1);
     Ok(Generated {
         plan,
