@@ -68,6 +68,13 @@ pub(super) fn begin(cmd: &Cmd) -> Result<()> {
             return Ok(());
         }
         Cmd::Graph { .. } | Cmd::Devices | Cmd::Eval(_) => return Ok(()),
+        // Served read-only: each bundle must be whole and unedited before the server starts.
+        Cmd::Serve(a) => {
+            for dir in &a.bundles {
+                iresnetc::bundle::verify_bundle(dir)?;
+            }
+            return Ok(());
+        }
         // A run directory fills up while training (checkpoints are what a long run is for),
         // each file written atomically; what -o may be is checked before any step.
         Cmd::Train(a) => return super::train::check_output(a),
