@@ -77,21 +77,17 @@ export class Executor {
     ex.bufferIndex = new Map(plan.buffers.map((b, i) => [b.name, i]));
     ex.kernelIndex = new Map(plan.kernels.map((k, i) => [k.name, i]));
 
-    const modules = new Map();
-    const pipelines = new Map();
-    ex.kernels = [];
-    for (const k of plan.kernels) {
-      // Kernels that differ only in the buffers they bind share a pipeline.
-      const key = JSON.stringify([k.file, k.entry, k.read_only]);
-      if (!pipelines.has(key)) {
-        if (!modules.has(k.file)) modules.set(k.file, device.createShaderModule({ label: k.file, code: bundle.shaders.get(k.file) }));
-        pipelines.set(key, ex.#pipeline(k.name, modules.get(k.file), k.entry, k.read_only));
-      }
-      ex.kernels.push(pipelines.get(key));
-    }
+    // Kernels that differ only in the buffers they bind share a pipeline. The batch-folded
+    // alternatives are built when a run first reaches their `min_batch` (they are the
+    // slowest to compile, and many plans never run batches that large).
+    const folded = new Set();
+    for (const ep of Object.values(plan.entry_points)) ex.#foldedKernels(ep.steps, folded);
+    ex.pipelines = new Map();
+    ex.kernels = plan.kernels.map((k) => (folded.has(k.name) ? null : ex.#kernel(k, bundle.shaders)));
     ex.fill = ex.#pipeline('builtin.fill', device.createShaderModule({ code: FILL_WGSL }), 'fill', [false, true]);
     ex.kernels = await Promise.all(ex.kernels);
     ex.fill = await ex.fill;
+    ex.shaders = bundle.shaders;
 
     ex.weights = plan.buffers.map((b) => {
       let data;
@@ -118,6 +114,23 @@ export class Executor {
     ex.fillValues = new Map();
     ex.cache = new Map();
     return ex;
+  }
+
+  #foldedKernels(steps, out) {
+    for (const s of steps) {
+      if (s.dispatch?.large_batch) out.add(s.dispatch.large_batch.kernel);
+      else if (s.repeat) this.#foldedKernels(s.repeat.steps, out);
+    }
+  }
+
+  /** The pipeline of kernel declaration `k` (a promise), shared by equal kernels. */
+  #kernel(k, shaders = this.shaders) {
+    const key = JSON.stringify([k.file, k.entry, k.read_only]);
+    if (!this.pipelines.has(key)) {
+      const module = this.device.createShaderModule({ label: k.file, code: shaders.get(k.file) });
+      this.pipelines.set(key, this.#pipeline(k.name, module, k.entry, k.read_only));
+    }
+    return this.pipelines.get(key);
   }
 
   async #pipeline(name, module, entry, readOnly) {
@@ -183,14 +196,24 @@ export class Executor {
       owned.push(buf);
       return buf;
     });
-    const group = (layout, bufs) =>
-      device.createBindGroup({ layout, entries: bufs.map((buffer, binding) => ({ binding, resource: { buffer } })) });
-    const groups = this.plan.kernels.map((k, i) =>
-      group(this.kernels[i].layout, k.bindings.map((n) => buffers[this.bufferIndex.get(n)])),
-    );
-    r = { buffers, groups, owned, fillGroups: new Map() };
+    r = { buffers, groups: new Map(), owned, fillGroups: new Map() };
     this.cache.set(batch, r);
     return r;
+  }
+
+  /** The bind group of kernel `k` over this batch's buffers, made on first use. */
+  #group(res, k) {
+    if (!res.groups.has(k)) {
+      const buffers = this.plan.kernels[k].bindings.map((n) => res.buffers[this.bufferIndex.get(n)]);
+      res.groups.set(
+        k,
+        this.device.createBindGroup({
+          layout: this.kernels[k].layout,
+          entries: buffers.map((buffer, binding) => ({ binding, resource: { buffer } })),
+        }),
+      );
+    }
+    return res.groups.get(k);
   }
 
   #fillGroup(res, buffer, value) {
@@ -255,6 +278,13 @@ export class Executor {
 
   async #runChunk(program, batch, inputs) {
     const device = this.device;
+    for (const op of program.ops) {
+      const f = op.op === 'dispatch' && op.d.large_batch;
+      if (f && batch >= f.min_batch) {
+        const k = this.kernelIndex.get(f.kernel);
+        if (!this.kernels[k]) this.kernels[k] = await this.#kernel(this.plan.kernels[k]);
+      }
+    }
     const res = this.#resources(batch);
     const { ep, ops } = program;
     const maxPerDim = device.limits.maxComputeWorkgroupsPerDimension;
@@ -277,7 +307,7 @@ export class Executor {
           const { kernel, grid } = dispatchAt(op.d, batch, maxPerDim);
           const k = this.kernelIndex.get(kernel);
           pass.setPipeline(this.kernels[k].pipeline);
-          pass.setBindGroup(0, res.groups[k]);
+          pass.setBindGroup(0, this.#group(res, k));
           pass.dispatchWorkgroups(grid[0], grid[1], grid[2]);
         } else if (op.op === 'fill') {
           pass.setPipeline(this.fill.pipeline);

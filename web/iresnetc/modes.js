@@ -166,8 +166,9 @@ export class Flow {
   }
 
   /**
-   * `log p(x)` in nats and bits/dim per sample; image models dequantize with the seed's noise.
-   * @returns {Promise<{logp: Float64Array, bitsPerDim: Float64Array}>}
+   * `log p(x)` in nats and bits/dim per sample, with the latents and log-dets behind them;
+   * image models dequantize with the seed's noise.
+   * @returns {Promise<{logp: Float64Array, bitsPerDim: Float64Array, z: Float32Array, logdet: Float64Array}>}
    */
   async density(x, opts = {}) {
     const method = logdetMethod(this.info, opts);
@@ -188,7 +189,7 @@ export class Flow {
       logp[i] = this.priorLogp(z.subarray(i * this.latentDim, (i + 1) * this.latentDim)) + logdet[i];
       bitsPerDim[i] = -logp[i] / (d * Math.LN2) + (this.info.dequantize ? 8.0 : 0.0);
     }
-    return { logp, bitsPerDim };
+    return { logp, bitsPerDim, z, logdet };
   }
 
   /** `num` prior draws `mean + exp(log_std) * N(0, 1)`, one stream per draw (modes.rs `prior_draws`). */
