@@ -156,6 +156,14 @@ impl RequiredLimits {
     }
 }
 
+/// Refuses a device below what `plan` records it needs (plans without `limits` pass).
+pub fn check_device(plan: &Plan, device: &wgpu::Limits) -> Result<()> {
+    match &plan.limits {
+        Some(needed) => needed.check(&RequiredLimits::of_device(device)),
+        None => Ok(()),
+    }
+}
+
 /// What one compute entry point of a parsed WGSL module needs: its storage buffers (the
 /// `var<storage>` globals it uses), workgroup size and `var<workgroup>` bytes; None when the
 /// module has no such entry point.

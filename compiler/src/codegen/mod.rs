@@ -7,6 +7,7 @@
 //! - [`kernels`]: the convolution kernel with its fused epilogues, elementwise kernels;
 //! - [`splitk`], [`gemm`]: the GPU tiling's convolutions (split reduction at small batches,
 //!   batch-folded shared-memory GEMM from the batch where it fills a GPU);
+//! - [`logdet_kernels`]: the log-det accumulation's bindings, term counter and dot kernel;
 //! - [`builder`]: buffers, kernels (deduplicated sources), FLOPs;
 //! - [`lower`]: graph -> steps of each entry point;
 //! - [`inputs`]: the CPU side of the log-det inputs (probes, series / roulette weights).
@@ -15,6 +16,7 @@ pub mod builder;
 pub mod cost;
 pub mod gemm;
 pub mod kernels;
+pub mod logdet_kernels;
 pub mod lower;
 pub mod splitk;
 mod vec4;
