@@ -33,9 +33,9 @@ function color(t) {
 
 async function density2d(flow, name) {
   const { canvas, timing } = panel(`${name}: density and samples`);
-  const n = 96;
+  const n = 48;
   const extent = 4;
-  const scale = 4;
+  const scale = 6;
   canvas.width = canvas.height = n * scale;
   const lines = [];
   const x = new Float32Array(n * n * 2);
@@ -45,8 +45,8 @@ async function density2d(flow, name) {
       x[2 * (i * n + j) + 1] = extent - (2 * extent * (i + 0.5)) / n;
     }
   }
-  const { logp } = await timed(`density (${n * n} pts)`, lines, () => flow.density(x, { chunk: 1024 }));
-  const samples = await timed('sample (1000)', lines, () => flow.sample(1000, { seed: 1, chunk: 1000 }));
+  const { logp } = await timed(`density (${n * n} pts)`, lines, () => flow.density(x, { chunk: n * n }));
+  const samples = await timed('sample (500)', lines, () => flow.sample(500, { seed: 1, chunk: 500 }));
   const ctx = canvas.getContext('2d');
   const img = ctx.createImageData(n, n);
   const p = Array.from(logp, Math.exp);
