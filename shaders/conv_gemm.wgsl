@@ -11,8 +11,11 @@
 // 1x1 convolution, 4 consecutive pixels of one channel), then each invocation accumulates a 4 x 4 register block:
 // rows tx + i * TM/4 and channels ty + j * TN/4, so lanes of a SIMD group read consecutive
 // A-tile entries and write consecutive pixels. The sum over kk runs in a fixed order: the
-// result does not depend on the schedule. The run's batch comes from `batch_n`; rows past
-// it load zeros and store nothing (no early exit: every lane reaches every barrier).
+// result does not depend on the schedule. The run's batch is the length of `dst` over OUT_N (the
+// runtime sizes every per-sample buffer to exactly the run's batch and binds it whole: no
+// binding of its own for the batch, so kernels stay within WebGPU's default of 8 storage
+// buffers); rows past it load zeros and store nothing (no early exit: every lane reaches
+// every barrier).
 //
 // The transposed convolution of the log-det's vjp is the same loop with swapped channels,
 // flipped taps and pad K-1-PAD (see `wt`), as in conv.wgsl.
@@ -38,7 +41,7 @@ fn main(
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    let rows = u32(batch_n[0]) * OHW;
+    let rows = arrayLength(&dst) / OUT_N * OHW;
     let r0 = (wg.z * groups.x + wg.x) * TM;
     let co0 = wg.y * TN;
     let tx = lane % (TM / 4u);

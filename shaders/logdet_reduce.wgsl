@@ -7,6 +7,8 @@
 // Specialized by iresnetc codegen: every double-braced placeholder is replaced before naga validates it.
 {{BINDINGS}}
 const D: u32 = {{D}}u;
+// Values per sample of `acc`: its D terms, then the log-det's term counter.
+const STRIDE: u32 = {{STRIDE}}u;
 const WG: u32 = {{WG}}u;
 
 var<workgroup> partial: array<f32, {{WG}}>;
@@ -16,7 +18,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let sample = wg.z;
     var sum = 0.0;
     for (var i = lane; i < D; i += WG) {
-        sum += acc[sample * D + i];
+        sum += acc[sample * STRIDE + i];
     }
     partial[lane] = sum;
     workgroupBarrier();

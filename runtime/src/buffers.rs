@@ -159,6 +159,20 @@ pub(crate) fn upload_weights(
                         }),
                 )
             }
+            BufferInit::Packed { parts } => {
+                let data: Vec<f32> = parts
+                    .iter()
+                    .flat_map(|t| bundle.weights[t].data.iter().copied())
+                    .collect();
+                Some(
+                    gpu.device
+                        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                            label: Some(&b.name),
+                            contents: bytemuck::cast_slice(&data),
+                            usage: PLAN_BUFFER_USAGE,
+                        }),
+                )
+            }
             _ => None,
         })
         .collect())

@@ -173,7 +173,7 @@ pub fn require_integrity(dir: &Path, plan: &Plan) -> Result<()> {
 fn max_weights_bytes(plan: &Plan) -> u64 {
     plan.buffers
         .iter()
-        .filter(|b| matches!(b.init, BufferInit::Weight { .. }))
+        .filter(|b| b.init.is_weight())
         .fold(16u64 << 20, |acc, b| {
             acc.saturating_add(b.elems.saturating_mul(4))
         })
@@ -260,11 +260,12 @@ fn check_weights(plan: &Plan, weights: &BTreeMap<String, WeightTensor>) -> Resul
     let missing: Vec<String> = plan
         .buffers
         .iter()
-        .filter_map(|b| match &b.init {
-            BufferInit::Weight { tensor, .. } if !weights.contains_key(tensor) => {
-                Some(format!("{tensor:?} (for buffer {:?})", b.name))
-            }
-            _ => None,
+        .flat_map(|b| {
+            b.init
+                .tensors()
+                .into_iter()
+                .filter(|t| !weights.contains_key(*t))
+                .map(move |t| format!("{t:?} (for buffer {:?})", b.name))
         })
         .collect();
     if !missing.is_empty() {
@@ -296,6 +297,17 @@ fn check_weights(plan: &Plan, weights: &BTreeMap<String, WeightTensor>) -> Resul
                 return Err(corrupt(format!(
                     "tensor {tensor:?} has {count} elements (shape {:?}) but buffer {:?} declares {}",
                     t.shape, b.name, b.elems
+                )));
+            }
+        }
+        if let BufferInit::Packed { parts } = &b.init {
+            let total = parts
+                .iter()
+                .fold(0u64, |a, t| a.saturating_add(weights[t].data.len() as u64));
+            if total != b.elems {
+                return Err(corrupt(format!(
+                    "tensors {parts:?} hold {total} elements together but buffer {:?} packs {}",
+                    b.name, b.elems
                 )));
             }
         }

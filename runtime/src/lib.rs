@@ -12,6 +12,8 @@
 //! - [`executor`]: [`GpuExecutor`], which builds every pipeline once and runs an entry point
 //!   as a single submission (steps recorded into one encoder, `Repeat` unrolled), splitting
 //!   batches that exceed the limits.
+//! - [`limits`]: the device limits a bundle needs ([`RequiredLimits`], reflected from its WGSL,
+//!   recorded in `plan.json`) and WebGPU's defaults, which every compiled bundle fits.
 //! - [`fsread`]: bounded file reads, the memory budget, SHA-256 of bundle files.
 //! - [`error`]: [`RuntimeError`], one-line messages naming the file, limit or input at fault.
 //! - [`tract`]: the bundle's ONNX graphs (`onnx.json`) loaded and run by tract;
@@ -33,6 +35,7 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod fsread;
+pub mod limits;
 pub mod logdet;
 pub mod modes;
 pub mod onnx_data;
@@ -52,6 +55,7 @@ pub use engine::{
 };
 pub use error::{Result, RuntimeError};
 pub use executor::{GpuExecutor, Outputs, TimedRun};
+pub use limits::{required_limits, RequiredLimits};
 pub use plan::{
     dispatch_at, BufferDecl, BufferInit, EntryPoint, Folded, IoDecl, KernelDecl, ModelKind, Plan,
     Step, WeightLayout, BUNDLE_FORMAT, BUNDLE_VERSION,

@@ -74,6 +74,10 @@ pub struct Plan {
     /// What the model is (shapes, settings, certified inversion), for every backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<crate::engine::ModelInfo>,
+    /// The device limits the bundle needs (at batch 1), checked against the device before
+    /// anything is built. Optional: plans built by hand have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::limits::RequiredLimits>,
     /// Free-form data for tools (the runtime never reads it).
     #[serde(default)]
     pub meta: serde_json::Value,
@@ -124,6 +128,26 @@ pub enum BufferInit {
     /// One element holding the number of samples of the run (as f32), written when the
     /// buffers of a batch size are allocated: batch-folded kernels bound their rows with it.
     Batch,
+    /// Uploaded once: the named weight tensors (as stored) one after the other, in order.
+    /// Kernels read their small parameters (biases, ActNorm scales, ...) through one such
+    /// binding, which keeps them within WebGPU's default of 8 storage buffers per stage.
+    Packed { parts: Vec<String> },
+}
+
+impl BufferInit {
+    /// Filled from `weights.safetensors` once, never written by a run.
+    pub fn is_weight(&self) -> bool {
+        matches!(self, BufferInit::Weight { .. } | BufferInit::Packed { .. })
+    }
+
+    /// The weight tensors this buffer is filled from, in order.
+    pub fn tensors(&self) -> Vec<&str> {
+        match self {
+            BufferInit::Weight { tensor, .. } => vec![tensor.as_str()],
+            BufferInit::Packed { parts } => parts.iter().map(String::as_str).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// How a weight buffer arranges its tensor's values.
@@ -367,13 +391,7 @@ impl Plan {
 
     /// Names of the weight tensors the plan needs, each once.
     pub fn weight_tensors(&self) -> BTreeSet<&str> {
-        self.buffers
-            .iter()
-            .filter_map(|b| match &b.init {
-                BufferInit::Weight { tensor, .. } => Some(tensor.as_str()),
-                _ => None,
-            })
-            .collect()
+        self.buffers.iter().flat_map(|b| b.init.tensors()).collect()
     }
 
     /// Checks the plan's internal consistency: every name resolves, sizes agree, no count is
@@ -421,6 +439,14 @@ impl Plan {
                 if b.per_sample {
                     return bad(format!(
                         "buffer {:?} holds weight {tensor:?} but is per_sample (weights are shared by the batch)",
+                        b.name
+                    ));
+                }
+            }
+            if let BufferInit::Packed { parts } = &b.init {
+                if parts.is_empty() || b.per_sample {
+                    return bad(format!(
+                        "buffer {:?} packs weights but has no parts or is per_sample",
                         b.name
                     ));
                 }
@@ -508,7 +534,7 @@ impl Plan {
                             if b.per_sample { "sample" } else { "run" }
                         ));
                     }
-                    if role == "input" && matches!(b.init, BufferInit::Weight { .. }) {
+                    if role == "input" && b.init.is_weight() {
                         return bad(format!(
                             "entry point {ep_name:?} input {:?} would overwrite weight buffer {:?}",
                             io.name, b.name
@@ -546,7 +572,7 @@ impl Plan {
         let bad = |reason: String| Err(RuntimeError::corrupt(PLAN_FILE, reason));
         let writable = |name: &str, what: &str| -> Result<()> {
             let b = buffer(name, &|| format!("entry point {ep_name:?} {what}"))?;
-            if matches!(b.init, BufferInit::Weight { .. } | BufferInit::Batch) {
+            if b.init.is_weight() || b.init == BufferInit::Batch {
                 return bad(format!(
                     "entry point {ep_name:?} {what} writes read-only buffer {name:?}"
                 ));
@@ -645,63 +671,5 @@ impl Plan {
 }
 
 #[cfg(test)]
-mod fold_tests {
-    use super::*;
-
-    /// Tiles counted apart from `folded_grid`: every row of every sample lies in exactly one
-    /// tile `z * x_count + x`, and no tile past the last row is launched beyond one grid row.
-    #[test]
-    fn folded_grid_covers_every_row_once() {
-        for (rows, per, batch, max) in [
-            (16, 64, 1, 65_535),
-            (16, 64, 5, 65_535),
-            (256, 64, 64, 65_535),
-            (49, 64, 3, 2),
-            (7, 2, 9, 6),
-        ] {
-            let [x, y, z] = folded_grid([rows, per, 4], batch, max).unwrap();
-            assert_eq!(y, 4);
-            assert!(x <= max && z <= max);
-            let total = rows as u64 * batch as u64;
-            let needed = total.div_ceil(per as u64);
-            let launched = x as u64 * z as u64;
-            assert!(
-                launched >= needed && launched < needed + x as u64,
-                "{rows} {per} {batch}: {x}x{z} for {needed}"
-            );
-        }
-        // 32 tiles do not fit 3 x 3; 2^40 rows do not fit 65,535^2 tiles of one.
-        assert_eq!(folded_grid([7, 2, 4], 9, 3), None);
-        assert_eq!(folded_grid([1 << 20, 1, 1], 1 << 20, 65_535), None);
-    }
-
-    /// The adjoint layout against its definition, index by index: out[i][o][ky][kx] =
-    /// w[o][i][k-1-ky][k-1-kx].
-    #[test]
-    fn adjoint_layout_transposes_and_flips() {
-        let (cout, cin, k) = (3usize, 5usize, 3usize);
-        let w: Vec<f32> = (0..cout * cin * k * k).map(|v| v as f32).collect();
-        let layout = WeightLayout::Adjoint {
-            cout: cout as u32,
-            k: k as u32,
-        };
-        let a = layout.arrange(&w).expect("fits");
-        for o in 0..cout {
-            for i in 0..cin {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let src = ((o * cin + i) * k + (k - 1 - ky)) * k + (k - 1 - kx);
-                        let dst = ((i * cout + o) * k + ky) * k + kx;
-                        assert_eq!(a[dst], w[src]);
-                    }
-                }
-            }
-        }
-        assert!(WeightLayout::Adjoint { cout: 4, k: 3 }
-            .arrange(&w)
-            .is_none());
-        assert!(WeightLayout::Adjoint { cout: 0, k: 3 }
-            .arrange(&w)
-            .is_none());
-    }
-}
+#[path = "plan_tests.rs"]
+mod fold_tests;

@@ -105,6 +105,13 @@ pub(super) fn begin(cmd: &Cmd) -> Result<()> {
             }
             (outs, a.model.clone())
         }
+        // Served read-only: each bundle must be whole and unedited before the server starts.
+        Cmd::Serve(a) => {
+            for dir in &a.bundles {
+                iresnetc::bundle::verify_bundle(dir)?;
+            }
+            (vec![], vec![])
+        }
         Cmd::Run(a) => run_io(a)?,
         Cmd::Compile(a) => {
             let spec = spec_of(&a.model)?;

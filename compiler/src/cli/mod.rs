@@ -9,6 +9,7 @@ mod export;
 mod guard;
 mod profile;
 mod run;
+mod serve;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -74,6 +75,8 @@ enum Cmd {
     /// Benchmark backends and entry points.
     #[command(allow_negative_numbers = true)]
     Bench(bench::BenchArgs),
+    /// Serve the browser demo and runtime (web/) and compiled bundles on 127.0.0.1.
+    Serve(serve::ServeArgs),
     /// Write a random input batch for a model (.npy): uniform [0, 1) pixels for
     /// dequantized image models, standard normal otherwise.
     #[command(allow_negative_numbers = true)]
@@ -116,6 +119,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(args) => train::eval(&args),
         Cmd::Devices => devices::run(),
         Cmd::Bench(args) => bench::run(&args),
+        Cmd::Serve(args) => serve::run(&args),
         Cmd::RandomInput {
             model,
             num,

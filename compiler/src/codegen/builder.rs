@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use iresnetc_runtime::{BufferDecl, BufferInit, KernelDecl, Step, WeightLayout};
 
-use super::wgsl::{self, Binding};
+use super::wgsl::{self, Binding, Slot};
 use crate::error::{Error, Result};
 
 #[derive(Default)]
@@ -140,13 +140,36 @@ impl PlanBuilder {
                 file
             }
         };
+        let mut bound = Vec::new();
+        let mut read_only = Vec::new();
+        for slot in wgsl::slots(bindings) {
+            match slot {
+                Slot::Buffer(b) => {
+                    bound.push(b.buffer.clone());
+                    read_only.push(!b.write);
+                }
+                Slot::Params(parts) => {
+                    let elems = parts.iter().map(|b| b.param.unwrap_or(0)).sum();
+                    let buffer = self.buffer(
+                        &wgsl::params_buffer(&parts),
+                        elems,
+                        false,
+                        BufferInit::Packed {
+                            parts: parts.iter().map(|b| b.buffer.clone()).collect(),
+                        },
+                    )?;
+                    bound.push(buffer);
+                    read_only.push(true);
+                }
+            }
+        }
         let decl = KernelDecl {
             name: name.to_string(),
             file,
             entry: "main".to_string(),
             workgroup_size: [workgroup_size, 1, 1],
-            bindings: bindings.iter().map(|b| b.buffer.clone()).collect(),
-            read_only: bindings.iter().map(|b| !b.write).collect(),
+            bindings: bound,
+            read_only,
         };
         if let Some(&i) = self.kernel_index.get(name) {
             let old = &self.kernels[i];

@@ -11,7 +11,7 @@ use super::kernels::{
     conv_bytes, conv_constants, conv_map, conv_parts, Conv, ConvParts, Generated, KernelKind,
     Tiling,
 };
-use super::wgsl::{self, Binding};
+use super::wgsl;
 use crate::error::Result;
 
 /// Output rows (pixels of any sample) per tile.
@@ -118,9 +118,9 @@ fn min_batch(rows: usize, groups_y: usize, target_groups: usize) -> Option<usize
         .find(|&b| (b * rows).div_ceil(TILE_ROWS) * groups_y >= target_groups)
 }
 
-/// The batch-folded GEMM form of `c` in the GPU tiling, reading the run's batch from buffer
-/// `batch`; None in the CPU tiling and for layers that keep the split-K kernel.
-pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel>> {
+/// The batch-folded GEMM form of `c` in the GPU tiling (the run's batch is the length of its
+/// output over a sample's); None in the CPU tiling and for layers that keep the split-K kernel.
+pub fn conv(c: &Conv, tiling: Tiling) -> Result<Option<FoldedKernel>> {
     let Tiling::SplitK { target_groups, .. } = tiling else {
         return Ok(None);
     };
@@ -163,12 +163,11 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
     };
     // The term counter's bump: the invocation holding pixel 0, channel 0 of each sample.
     let ConvParts {
-        mut bindings,
+        bindings,
         body,
         pre_epilogue,
         beta,
     } = conv_parts(c, "p == 0u && co == 0u");
-    bindings.push(Binding::read("batch_n", batch));
     let vec4_vars: Vec<&str> = [(vec4_weights, "wgt"), (vec4_input, "src")]
         .into_iter()
         .filter_map(|(on, var)| on.then_some(var))
@@ -200,7 +199,7 @@ pub fn conv(c: &Conv, tiling: Tiling, batch: &str) -> Result<Option<FoldedKernel
             );
         }
     }
-    let bias = if c.bias.is_some() { " + bias[co]" } else { "" };
+    let bias = if c.bias.is_some() { " + bias(co)" } else { "" };
     let pre = pre_epilogue.replace('\n', "\n    ");
     let mut epilogue = String::new();
     for i in 0..MICRO {

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+pub use super::logdet_kernels::{dot_bindings, dot_body, LogDetBindings, TermCounter};
+use super::logdet_kernels::{logdet_counters, push_logdet_bindings};
 use super::wgsl::{self, act_suffix, Binding};
 use crate::error::Result;
 use crate::kernels::ConvGeom;
@@ -195,31 +197,6 @@ pub struct NextActNorm {
     pub lead: Option<ActOut>,
 }
 
-/// Buffers and offsets the log-det accumulation reads.
-#[derive(Clone, Debug)]
-pub struct LogDetBindings {
-    /// One accumulator of `acc_n` values per sample for every block of the entry point,
-    /// summed once at its end.
-    pub acc: String,
-    pub acc_n: usize,
-    pub coef: String,
-    pub probes: String,
-    pub counter: String,
-    /// The block's ActNorm `log_scale`: its log-det, `H*W*sum(log_scale)`, is added one
-    /// channel value per element with the block's first term.
-    pub log_scale: String,
-    /// Terms per probe of the entry point and probes per block: the counter runs over every
-    /// block's probes x terms, never reset within a run.
-    pub terms: usize,
-    pub probes_per_block: usize,
-    /// Per-sample elements of `coef` and the offset of this block's terms.
-    pub coef_n: usize,
-    pub coef_off: usize,
-    /// Per-sample elements of `probes` and the offset of this block's first probe.
-    pub probe_n: usize,
-    pub probe_off: usize,
-}
-
 /// A convolution to generate: `geom` is the forward conv whose weights are bound; with
 /// `transposed`, the kernel computes its adjoint (stride 1, 'same' padding).
 #[derive(Clone, Debug)]
@@ -232,7 +209,7 @@ pub struct Conv {
     pub epilogue: Epilogue,
     /// The log-det's term counter, advanced by one invocation per sample (the first vjp
     /// kernel of each term does it, instead of a one-invocation kernel of its own).
-    pub bump: Option<String>,
+    pub bump: Option<TermCounter>,
     /// Where the input sits when `src` is not a buffer of the input's own size: values per
     /// sample and the input's offset in each (the log-det's first vjp reads its probe
     /// straight from the `probes` input).
@@ -270,8 +247,8 @@ impl Conv {
 fn beta_setup(act: Option<&ActRef>, bindings: &mut Vec<Binding>) -> String {
     match act.and_then(|a| a.beta.as_ref()) {
         Some(t) => {
-            bindings.push(Binding::read("beta_raw", t.clone()));
-            "    let beta = softplus(beta_raw[0]);\n".to_string()
+            bindings.push(Binding::param("beta_raw", t.clone(), 1));
+            "    let beta = softplus(beta_raw(0u));\n".to_string()
         }
         None => "    let beta = 0.0;\n".to_string(),
     }
@@ -340,17 +317,22 @@ pub(super) fn conv_constants(c: &Conv) -> Vec<(&'static str, String)> {
 
 /// The statement that advances the log-det's term counter once per dispatch and sample;
 /// `first` is the WGSL condition true for exactly one invocation per sample.
-fn bump_statement(first: &str) -> String {
-    format!("    if ({first}) {{\n        counter[sample] += 1.0;\n    }}\n")
+fn bump_statement(counter: &TermCounter, first: &str) -> String {
+    format!(
+        "    if ({first}) {{\n        {} += 1.0;\n    }}\n",
+        counter.element()
+    )
 }
 
 pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
+    // Every per-channel parameter of the epilogue has one value per output channel.
+    let (_, cout, _, _, _) = conv_map(c);
     let mut b = vec![
         Binding::read("src", c.src.clone()),
         Binding::read("wgt", c.weight.clone()),
     ];
     if let Some(bias) = &c.bias {
-        b.push(Binding::read("bias", bias.clone()));
+        b.push(Binding::param("bias", bias.clone(), cout));
     }
     let mut body = String::new();
     let mut pre_epilogue = String::new();
@@ -393,9 +375,9 @@ pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
                     }
                 }
                 Some(n) => {
-                    b.push(Binding::read("an_scale", n.log_scale.clone()));
-                    b.push(Binding::read("an_bias", n.bias.clone()));
-                    body.push_str("let a = y * exp(an_scale[co]) + an_bias[co]; dst[o] = a;");
+                    b.push(Binding::param("an_scale", n.log_scale.clone(), cout));
+                    b.push(Binding::param("an_bias", n.bias.clone(), cout));
+                    body.push_str("let a = y * exp(an_scale(co)) + an_bias(co); dst[o] = a;");
                     if let Some(l) = &n.lead {
                         b.push(Binding::write("lead", l.buffer.clone()));
                         let _ = write!(body, " lead[o] = {};", act_call(&l.act, "a"));
@@ -416,10 +398,10 @@ pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
             match actnorm {
                 None => body.push_str("let out = x; dst[o] = out;"),
                 Some(an) => {
-                    b.push(Binding::read("an_scale", an.log_scale.clone()));
-                    b.push(Binding::read("an_bias", an.bias.clone()));
+                    b.push(Binding::param("an_scale", an.log_scale.clone(), cout));
+                    b.push(Binding::param("an_bias", an.bias.clone(), cout));
                     body.push_str(
-                        "let out = (x - an_bias[co]) * exp(-an_scale[co]); dst[o] = out;",
+                        "let out = (x - an_bias(co)) * exp(-an_scale(co)); dst[o] = out;",
                     );
                     if let Some(copy) = &an.copy {
                         b.push(Binding::write("x0", copy.clone()));
@@ -449,18 +431,18 @@ pub(super) fn conv_parts(c: &Conv, first_invocation: &str) -> ConvParts {
                 }
                 None => body.push_str("let u = v; "),
             }
-            push_logdet_bindings(&mut b, ld);
+            push_logdet_bindings(&mut b, ld, cout);
             pre_epilogue = logdet_counters(ld);
             let _ = write!(
                 body,
-                "dst[o] = u; acc[sample * {}u + li] += coef[coef_at] * u * probes[probe_at + li] + select(0.0, ld_scale[co], first_term);",
-                ld.acc_n
+                "dst[o] = u; acc[sample * {}u + li] += coef[coef_at] * u * probes[probe_at + li] + select(0.0, ld_scale(co), first_term);",
+                ld.counter.stride
             );
         }
     }
     if let Some(counter) = &c.bump {
-        b.push(Binding::write("counter", counter.clone()));
-        pre_epilogue.push_str(&bump_statement(first_invocation));
+        b.push(Binding::write("acc", counter.buffer.clone()));
+        pre_epilogue.push_str(&bump_statement(counter, first_invocation));
     }
     let beta = beta_setup(act, &mut b);
     ConvParts {
@@ -542,7 +524,7 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
         }
     }
     let mut epilogue = pre_epilogue;
-    let bias = if c.bias.is_some() { " + bias[co]" } else { "" };
+    let bias = if c.bias.is_some() { " + bias(co)" } else { "" };
     for t in 0..tc {
         for j in 0..tp {
             let _ = writeln!(
@@ -608,30 +590,6 @@ pub(super) fn conv_bytes(c: &Conv, bindings: &[Binding]) -> (u64, u64) {
     (4 * per_sample as u64, 4 * shared as u64)
 }
 
-fn push_logdet_bindings(b: &mut Vec<Binding>, ld: &LogDetBindings) {
-    b.push(Binding::write("acc", ld.acc.clone()));
-    b.push(Binding::read("coef", ld.coef.clone()));
-    b.push(Binding::read("probes", ld.probes.clone()));
-    b.push(Binding::read("counter", ld.counter.clone()));
-    b.push(Binding::read("ld_scale", ld.log_scale.clone()));
-}
-
-/// `coef_at` and `probe_at` of the current term and probe, and whether it is the block's
-/// first term, from the per-sample count of terms started in the run (the term's first kernel
-/// has already advanced it; every block runs probes x terms of them), so one kernel serves
-/// every term of the series.
-fn logdet_counters(ld: &LogDetBindings) -> String {
-    let t = ld.terms.max(1);
-    format!(
-        "    let started = (u32(counter[sample]) - 1u) % {per_block}u;\n    let term = started % {t}u;\n    let probe = started / {t}u;\n    let first_term = started == 0u;\n    let coef_at = sample * {}u + {}u + term;\n    let probe_at = sample * {}u + {}u + probe * OUT_N;\n",
-        ld.coef_n,
-        ld.coef_off,
-        ld.probe_n,
-        ld.probe_off,
-        per_block = t * ld.probes_per_block.max(1),
-    )
-}
-
 /// An elementwise kernel over `n` elements per sample; `body` uses `sample`, `i` and `beta`.
 pub fn eltwise(
     n: usize,
@@ -666,13 +624,20 @@ pub fn eltwise(
 
 /// The end of an entry point's log-det: each sample's accumulator summed into `logdet`
 /// (see `shaders/logdet_reduce.wgsl`).
-pub fn logdet_reduce(acc_n: usize, acc: &str, logdet: &str) -> Result<Generated> {
+/// `acc_stride`: values per sample of `acc` (its `acc_n` terms, then the term counter).
+pub fn logdet_reduce(
+    acc_n: usize,
+    acc_stride: usize,
+    acc: &str,
+    logdet: &str,
+) -> Result<Generated> {
     let bindings = vec![Binding::read("acc", acc), Binding::write("logdet", logdet)];
     let source = wgsl::render(
         wgsl::REDUCE_TEMPLATE,
         &[
             ("BINDINGS", wgsl::declare(&bindings)),
             ("D", acc_n.to_string()),
+            ("STRIDE", acc_stride.to_string()),
             ("WG", REDUCE_WORKGROUP.to_string()),
         ],
     )?;
@@ -693,19 +658,3 @@ pub fn logdet_reduce(acc_n: usize, acc: &str, logdet: &str) -> Result<Generated>
 
 /// Lanes of the log-det's final sum (one workgroup per sample; a power of two).
 const REDUCE_WORKGROUP: usize = 256;
-
-/// Body of the log-det's elementwise `acc += coef_k * w * v_p` (unfused plans), with the
-/// ActNorm term (channel `i / spatial`) on the block's first term.
-pub fn dot_body(ld: &LogDetBindings, dim: usize, spatial: usize) -> String {
-    format!(
-        "{}    let o = sample * {dim}u + i;\n    acc[sample * {}u + i] += coef[coef_at] * w[o] * probes[probe_at + i] + select(0.0, ld_scale[i / {spatial}u], first_term);",
-        logdet_counters(ld).replace("OUT_N", &format!("{dim}u")),
-        ld.acc_n
-    )
-}
-
-pub fn dot_bindings(ld: &LogDetBindings, w: &str) -> Vec<Binding> {
-    let mut b = vec![Binding::read("w", w)];
-    push_logdet_bindings(&mut b, ld);
-    b
-}

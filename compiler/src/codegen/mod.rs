@@ -7,6 +7,7 @@
 //! - [`kernels`]: the convolution kernel with its fused epilogues, elementwise kernels;
 //! - [`splitk`], [`gemm`]: the GPU tiling's convolutions (split reduction at small batches,
 //!   batch-folded shared-memory GEMM from the batch where it fills a GPU);
+//! - [`logdet_kernels`]: the log-det accumulation's bindings, term counter and dot kernel;
 //! - [`builder`]: buffers, kernels (deduplicated sources), FLOPs;
 //! - [`lower`]: graph -> steps of each entry point;
 //! - [`inputs`]: the CPU side of the log-det inputs (probes, series / roulette weights).
@@ -15,6 +16,7 @@ pub mod builder;
 pub mod cost;
 pub mod gemm;
 pub mod kernels;
+pub mod logdet_kernels;
 pub mod lower;
 pub mod splitk;
 mod vec4;
@@ -215,7 +217,7 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
             entry_points: BTreeMap::new(),
         },
     };
-    let plan = Plan {
+    let mut plan = Plan {
         format: BUNDLE_FORMAT.to_string(),
         version: BUNDLE_VERSION,
         compiler_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -231,10 +233,12 @@ pub fn generate(model: &Model, opts: &CodegenOptions) -> Result<Generated> {
         }),
         logdet: Some(layout),
         info: Some(model.info()),
+        limits: None,
         // Filled in by `bundle::write_bundle` once the files' bytes exist.
         integrity: Default::default(),
     };
     plan.validate()?;
+    plan.limits = Some(iresnetc_runtime::required_limits(&plan, &builder.shaders)?);
     report.cost = cost::report(&plan, &kernel_costs, 1);
     Ok(Generated {
         plan,

@@ -157,7 +157,7 @@ pub fn conv(c: &Conv, tiling: Tiling) -> Result<Generated> {
             );
         }
     }
-    let bias = if c.bias.is_some() { " + bias[co]" } else { "" };
+    let bias = if c.bias.is_some() { " + bias(co)" } else { "" };
     let mut epilogue = pre_epilogue;
     for t in 0..tc {
         let _ = writeln!(

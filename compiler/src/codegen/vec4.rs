@@ -87,7 +87,7 @@ pub(super) fn conv1x1_vec4(
         )
     };
     let mut epilogue = pre_epilogue.to_string();
-    let bias = if c.bias.is_some() { " + bias[co]" } else { "" };
+    let bias = if c.bias.is_some() { " + bias(co)" } else { "" };
     for t in 0..tc {
         for (k, l) in lanes.iter().enumerate() {
             let _ = writeln!(

@@ -184,6 +184,7 @@ impl GpuExecutor {
         let plan = bundle.plan.clone();
         plan.validate()?;
         let limits = gpu.limits();
+        crate::limits::check_device(&plan, limits)?;
         let max_batch = max_batch_for_limits(&plan, limits);
         if max_batch == 0 {
             // Names the buffer or dispatch that does not fit even one sample.

@@ -182,6 +182,7 @@ pub fn test_plan() -> Plan {
         entry_points,
         logdet: None,
         info: None,
+        limits: None,
         meta: serde_json::json!({ "note": "hand-made test bundle" }),
         integrity: Default::default(),
     }

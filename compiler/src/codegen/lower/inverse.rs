@@ -95,7 +95,7 @@ impl Lowering<'_> {
                     let d = self.elems(ix);
                     let hw = spatial(&n.shape);
                     let body = format!(
-                        "    let o = sample * {d}u + i;\n    let c = i / {hw}u;\n    dst[o] = (src[o] - an_bias[c]) * exp(-an_scale[c]);"
+                        "    let o = sample * {d}u + i;\n    let c = i / {hw}u;\n    dst[o] = (src[o] - an_bias(c)) * exp(-an_scale(c));"
                     );
                     steps.push(self.eltwise(
                         &name,
@@ -103,8 +103,8 @@ impl Lowering<'_> {
                         vec![
                             Binding::read("src", y.buffer.clone()),
                             Binding::write("dst", dst.buffer),
-                            Binding::read("an_scale", param_name(&n.name, "log_scale")),
-                            Binding::read("an_bias", param_name(&n.name, "bias")),
+                            Binding::param("an_scale", param_name(&n.name, "log_scale"), d / hw),
+                            Binding::param("an_bias", param_name(&n.name, "bias"), d / hw),
                         ],
                         None,
                         &body,

@@ -11,7 +11,9 @@ impl Lowering<'_> {
 
     pub(super) fn ld_bindings(&mut self, b: usize, terms: usize) -> Result<LogDetBindings> {
         let acc_n = self.acc_elems();
-        let acc = self.b.buffer(names::ACC, acc_n, true, BufferInit::Zero)?;
+        let acc = self
+            .b
+            .buffer(names::ACC, acc_n + 1, true, BufferInit::Zero)?;
         let coef = self.b.buffer(
             names::COEF,
             self.layout.coef_elems(),
@@ -24,17 +26,20 @@ impl Lowering<'_> {
             true,
             BufferInit::Input,
         )?;
-        // Terms started in the run, over every block's probes (advanced by the first vjp
-        // kernel of each term; zeroed when a run starts).
-        let counter = self.b.buffer(names::COUNTER, 1, true, BufferInit::Zero)?;
         let log_scale = param_name(&self.g.node(self.g.blocks[b].actnorm).name, "log_scale");
         self.weight(&log_scale)?;
         Ok(LogDetBindings {
+            // Terms started in the run, over every block's probes (advanced by the first vjp
+            // kernel of each term; zeroed with the accumulator when a run starts).
+            counter: TermCounter {
+                buffer: acc.clone(),
+                stride: acc_n + 1,
+                at: acc_n,
+            },
             acc,
             acc_n,
             coef,
             probes,
-            counter,
             log_scale,
             terms,
             probes_per_block: self.layout.probes,
@@ -48,9 +53,11 @@ impl Lowering<'_> {
     /// The entry point's log-det: every sample's accumulator summed, once, at the end.
     pub(super) fn logdet_sum(&mut self, tag: &str) -> Result<Step> {
         let acc_n = self.acc_elems();
-        let acc = self.b.buffer(names::ACC, acc_n, true, BufferInit::Zero)?;
+        let acc = self
+            .b
+            .buffer(names::ACC, acc_n + 1, true, BufferInit::Zero)?;
         let logdet = self.b.buffer(names::LOGDET, 1, true, BufferInit::Zero)?;
-        let reduce = kernels::logdet_reduce(acc_n, &acc, &logdet)?;
+        let reduce = kernels::logdet_reduce(acc_n, acc_n + 1, &acc, &logdet)?;
         self.emit(&format!("{tag}.logdet.sum"), reduce)
     }
 
@@ -193,7 +200,7 @@ impl Lowering<'_> {
                 term.push(self.eltwise(
                     &format!("{prefix}.dot"),
                     d,
-                    kernels::dot_bindings(ld, w),
+                    kernels::dot_bindings(ld, w, d / spatial(&an.shape)),
                     None,
                     &kernels::dot_body(ld, d, spatial(&an.shape)),
                 )?);

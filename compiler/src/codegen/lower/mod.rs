@@ -15,7 +15,7 @@ use petgraph::stable_graph::NodeIndex;
 use super::builder::PlanBuilder;
 use super::kernels::{
     self, ActNormInverse, ActOut, Conv, Epilogue, Generated, LatentTaps, LogDetBindings, Mask,
-    NextActNorm, Tiling,
+    NextActNorm, TermCounter, Tiling,
 };
 use super::wgsl::{act_suffix, float, Binding};
 use crate::error::{Error, Result};
@@ -38,11 +38,9 @@ pub mod names {
     pub const Z_IN: &str = "z_in";
     pub const X_OUT: &str = "x_out";
     pub const LOGITS: &str = "logits";
-    pub const COUNTER: &str = "ld.counter";
-    /// The log-det's per-sample accumulator, shared by every block.
+    /// The log-det's per-sample accumulator, shared by every block, with its term counter
+    /// in the last slot of each sample.
     pub const ACC: &str = "ld.acc";
-    /// The run's batch size (`BufferInit::Batch`), read by batch-folded kernels.
-    pub const BATCH: &str = "batch";
 }
 
 /// Extra roulette terms a plan has room for beyond `logdet.terms` (the roulette entry point
@@ -137,7 +135,17 @@ impl<'a> Lowering<'a> {
     /// Declares the weight buffers a generated kernel binds (LipSwish betas, ActNorm params).
     fn declare_weights(&mut self, k: &Generated) -> Result<()> {
         for bind in &k.bindings {
-            if self.g.params.contains_key(&bind.buffer) {
+            if let Some(t) = self.g.params.get(&bind.buffer) {
+                if bind.param.is_some_and(|n| n != t.data.len()) {
+                    return Err(Error::Codegen {
+                        context: format!("tensor `{}`", bind.buffer),
+                        message: format!(
+                            "packed as {:?} values but holds {}",
+                            bind.param,
+                            t.data.len()
+                        ),
+                    });
+                }
                 self.weight(&bind.buffer)?;
             }
         }
@@ -178,8 +186,7 @@ impl<'a> Lowering<'a> {
         }
         let k = kernels::conv(&c, self.tiling)?;
         let mut step = self.emit(name, k)?;
-        if let Some(folded) = super::gemm::conv(&c, self.tiling, names::BATCH)? {
-            self.b.buffer(names::BATCH, 1, false, BufferInit::Batch)?;
+        if let Some(folded) = super::gemm::conv(&c, self.tiling)? {
             let gemm_name = format!("{name}.gemm");
             self.emit(&gemm_name, folded.generated)?;
             if let Step::Dispatch { large_batch, .. } = &mut step {
@@ -597,11 +604,11 @@ impl<'a> Lowering<'a> {
         let mut bindings = vec![
             Binding::read("src", src),
             Binding::write("dst", dst.clone()),
-            Binding::read("an_scale", param_name(&n.name, "log_scale")),
-            Binding::read("an_bias", param_name(&n.name, "bias")),
+            Binding::param("an_scale", param_name(&n.name, "log_scale"), d / hw),
+            Binding::param("an_bias", param_name(&n.name, "bias"), d / hw),
         ];
         let mut body = format!(
-            "{prelude}    let o = sample * {d}u + i;\n    let c = i / {hw}u;\n    let a = {load} * exp(an_scale[c]) + an_bias[c];\n    dst[o] = a;\n"
+            "{prelude}    let o = sample * {d}u + i;\n    let c = i / {hw}u;\n    let a = {load} * exp(an_scale(c)) + an_bias(c);\n    dst[o] = a;\n"
         );
         let mut steps = Vec::new();
         let name = format!("fwd.{}", n.name);
