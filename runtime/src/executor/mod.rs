@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod profile;
+use profile::{create_timestamps, Timestamps};
 mod resources;
 mod shader;
 mod steps;
@@ -151,14 +152,6 @@ struct BatchResources {
     /// MAP_READ copies of every buffer that some entry point outputs.
     staging: HashMap<usize, wgpu::Buffer>,
     last_used: u64,
-}
-
-struct Timestamps {
-    queries: wgpu::QuerySet,
-    resolve: wgpu::Buffer,
-    readback: wgpu::Buffer,
-    /// Nanoseconds per tick.
-    period: f64,
 }
 
 pub struct GpuExecutor {
@@ -686,28 +679,4 @@ fn entries<'a>(buffers: &[&'a wgpu::Buffer]) -> Vec<wgpu::BindGroupEntry<'a>> {
             resource: b.as_entire_binding(),
         })
         .collect()
-}
-
-fn create_timestamps(gpu: &GpuDevice) -> Timestamps {
-    let device = &gpu.device;
-    Timestamps {
-        queries: device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("run timestamps"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2,
-        }),
-        resolve: device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timestamp resolve"),
-            size: 16,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        }),
-        readback: device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timestamp read-back"),
-            size: 16,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        }),
-        period: f64::from(gpu.queue.get_timestamp_period()),
-    }
 }

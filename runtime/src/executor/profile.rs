@@ -247,3 +247,37 @@ impl GpuExecutor {
         })
     }
 }
+
+/// The two timestamps of a whole run (where the adapter has timestamp queries) and their
+/// read-back.
+pub(super) struct Timestamps {
+    pub(super) queries: wgpu::QuerySet,
+    pub(super) resolve: wgpu::Buffer,
+    pub(super) readback: wgpu::Buffer,
+    /// Nanoseconds per tick.
+    pub(super) period: f64,
+}
+
+pub(super) fn create_timestamps(gpu: &GpuDevice) -> Timestamps {
+    let device = &gpu.device;
+    Timestamps {
+        queries: device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("run timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        }),
+        resolve: device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamp resolve"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        }),
+        readback: device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamp read-back"),
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }),
+        period: f64::from(gpu.queue.get_timestamp_period()),
+    }
+}
