@@ -18,7 +18,7 @@ pub fn write_grid(path: &Path, x: &[f64], shape: &[usize], offset: f64) -> Resul
         )));
     };
     let per = c * h * w;
-    if per == 0 || x.len() % per != 0 {
+    if per == 0 || !x.len().is_multiple_of(per) {
         return Err(bad(format!(
             "{} values are not whole images of {shape:?}",
             x.len()

@@ -69,7 +69,7 @@ pub struct Batch {
 impl Batch {
     /// A batch from flat data; the length must be a multiple of `per_sample`.
     pub fn new(data: Vec<f64>, per_sample: usize) -> Result<Batch> {
-        if per_sample == 0 || data.len() % per_sample != 0 {
+        if per_sample == 0 || !data.len().is_multiple_of(per_sample) {
             return Err(RuntimeError::bad_input(
                 "batch",
                 format!(

@@ -97,15 +97,8 @@ pub fn print(m: &Model, a: &CostArgs, json: bool) -> Result<()> {
             shapes.entry(key).or_insert((0, r)).0 += r.dispatches;
         }
         println!(
-            "  {:>6} {:>9} {:>6} {:>10} {:>7} {:>10} {:>11}  {}",
-            "disp.",
-            "wgroups",
-            "wg",
-            "invoc.",
-            "chain",
-            "KB",
-            "MFLOP",
-            "kernel (first of its shape)"
+            "  {:>6} {:>9} {:>6} {:>10} {:>7} {:>10} {:>11}  kernel (first of its shape)",
+            "disp.", "wgroups", "wg", "invoc.", "chain", "KB", "MFLOP"
         );
         let mut lines: Vec<_> = shapes.into_values().collect();
         lines.sort_by_key(|(_, r)| (r.parallel_enough(), std::cmp::Reverse(r.chain)));

@@ -207,18 +207,12 @@ impl Default for InverseSpec {
 // without the compiler); the model file's `[logdet]` table deserializes straight into them.
 pub use iresnetc_runtime::logdet::{Estimator, LogDetSpec, ProbeKind, RouletteDist};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSpec {
     /// Inputs are 8-bit images scaled to [0, 1]: density mode dequantizes
     /// `x <- (255 x + U(0,1)) / 256 - 0.5` and reports bits/dim.
     pub dequantize: bool,
-}
-
-impl Default for DataSpec {
-    fn default() -> Self {
-        Self { dequantize: false }
-    }
 }
 
 impl ModelSpec {
@@ -531,7 +525,7 @@ impl ModelSpec {
                         "the last stage keeps all its channels (they are the final latent)".into(),
                     ));
                 }
-                if shape[0] % 2 != 0 || shape[0] < 2 {
+                if !shape[0].is_multiple_of(2) || shape[0] < 2 {
                     return Err(bad(
                         &f("factor_out"),
                         format!("cannot factor out half of {} channels", shape[0]),

@@ -256,7 +256,7 @@ pub(super) fn tridiagonal_eigvec_last(a: &[f64], b: &[f64], lambda: f64) -> f64 
             d[i + 1] = t - f * d[i + 1];
             if i + 2 < n {
                 du2[i] = du[i + 1];
-                du[i + 1] = -f * du[i + 1];
+                du[i + 1] *= -f;
             }
             swap[i] = true;
         }

@@ -30,7 +30,7 @@ use crate::spec::Activation;
 pub type Grads = BTreeMap<String, Vec<f64>>;
 
 /// The accumulator of a parameter's gradient, created zeroed on first use.
-pub fn grad_slot<'a>(grads: &'a mut Grads, name: String, len: usize) -> &'a mut [f64] {
+pub fn grad_slot(grads: &mut Grads, name: String, len: usize) -> &mut [f64] {
     grads.entry(name).or_insert_with(|| vec![0.0; len])
 }
 

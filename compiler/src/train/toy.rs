@@ -49,7 +49,7 @@ fn point(name: &str, i: usize, n: usize, r: &mut Rng) -> Option<[f64; 2]> {
         }
         "2spirals" => {
             let t = r.uniform().sqrt() * 540.0 * 2.0 * PI / 360.0;
-            let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
+            let sign = if i.is_multiple_of(2) { 1.0 } else { -1.0 };
             let x = sign * (-t.cos() * t + 0.5 * r.uniform());
             let y = sign * (t.sin() * t + 0.5 * r.uniform());
             [x / 3.0 + 0.1 * r.normal(), y / 3.0 + 0.1 * r.normal()]
@@ -64,7 +64,7 @@ fn point(name: &str, i: usize, n: usize, r: &mut Rng) -> Option<[f64; 2]> {
         }
         "moons" => {
             let t = r.uniform() * PI;
-            let (x, y) = if i % 2 == 0 {
+            let (x, y) = if i.is_multiple_of(2) {
                 (t.cos(), t.sin())
             } else {
                 (1.0 - t.cos(), 0.5 - t.sin())
@@ -83,7 +83,7 @@ fn point(name: &str, i: usize, n: usize, r: &mut Rng) -> Option<[f64; 2]> {
             ]
         }
         "circles" => {
-            let rad = if i % 2 == 0 { 1.0 } else { 0.5 };
+            let rad = if i.is_multiple_of(2) { 1.0 } else { 0.5 };
             let a = r.uniform() * 2.0 * PI;
             [
                 3.0 * (rad * a.cos() + 0.08 * r.normal()),
